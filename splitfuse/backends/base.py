@@ -1,0 +1,132 @@
+"""The backend contract, version 1.
+
+A backend owns a device: it allocates the paged KV cache there and runs the ops models are written
+against. Every op has a default here built from plain torch ops (the reference, see torch_ops.py),
+so a new backend overrides only what it accelerates. Shapes use T tokens of one ragged batch,
+S sequences, H query heads, Hkv key/value heads, D head size.
+
+KV cache: one tensor per layer, [2, num_blocks, block_size, Hkv, D] (index 0 keys, 1 values);
+a token at position p of a sequence lives in slot block_table[p // block_size] * block_size +
+p % block_size.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from splitfuse.backends import torch_ops
+from splitfuse.core.batch import BatchMeta
+from splitfuse.core.sampler import SamplingBatch, sample_tokens
+
+CONTRACT_VERSION = 1
+
+
+class Backend:
+    """Base class of every backend; subclasses set `name`, `priority` and the device hooks."""
+
+    name: ClassVar[str] = "base"
+    priority: ClassVar[int] = 0  # `auto` picks the highest-priority available backend
+    dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.bfloat16, torch.float16)
+    contract_version: ClassVar[int] = CONTRACT_VERSION
+
+    # ---- discovery -------------------------------------------------------------------------
+    @classmethod
+    def is_available(cls) -> bool:
+        return cls.unavailable_reason() == ""
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        """Empty when usable, else one line that tells the user why not."""
+        return ""
+
+    def __init__(self) -> None:
+        self.device = torch.device("cpu")
+
+    # ---- memory ----------------------------------------------------------------------------
+    def default_dtype(self) -> torch.dtype:
+        """The dtype used for dtype="auto"."""
+        return torch.float32
+
+    def kv_block_size(self, head_dim: int) -> int:
+        """Tokens per KV block when the user does not set one."""
+        return 16
+
+    def num_kv_blocks(self, config, bytes_per_block: int) -> int:
+        """How many KV blocks fit; the default sizes the cache to `config.kv_cache_gib`."""
+        return max(1, int(config.kv_cache_gib * (1 << 30)) // bytes_per_block)
+
+    def allocate_kv_cache(
+        self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+        dtype: torch.dtype,
+    ) -> list[torch.Tensor]:
+        shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+        return [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+
+    def prepare_batch(self, meta: BatchMeta) -> BatchMeta:
+        """Move step metadata built on the host to the device (one copy per step)."""
+        return meta if self.device.type == "cpu" else meta.to(self.device)
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (for timing); nothing to do on the CPU."""
+
+    # ---- model ops -------------------------------------------------------------------------
+    def embedding(self, input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.embedding(input_ids, weight)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.nn.functional.linear(x, weight, bias)
+
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, meta: BatchMeta,
+        scale: float, sliding_window: int | None = None, logit_softcap: float | None = None,
+    ) -> torch.Tensor:
+        """Write k/v [T, Hkv, D] at meta.slot_mapping, then causal paged attention of q [T, H, D]
+        over each sequence's cached keys; prompt chunks and decodes in one call. Returns [T, H, D].
+        sliding_window: a query at position p sees keys at positions > p - sliding_window."""
+        torch_ops.write_kv(kv_layer, k, v, meta.slot_mapping)
+        return torch_ops.paged_attention(q, kv_layer, meta, scale, sliding_window, logit_softcap)
+
+    def rotary(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+        rotary_dim: int | None = None, interleaved: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate the first rotary_dim features of q [T, H, D] and k [T, Hkv, D]; cos_sin is
+        [max_positions, rotary_dim] holding cos then sin of each frequency (see torch_ops)."""
+        return torch_ops.rotary(q, k, positions, cos_sin, rotary_dim, interleaved)
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+        weight_offset: float = 0.0,
+    ):
+        """RMSNorm of x (or of x + residual, returning (normed, x + residual)); weight_offset 1
+        gives Gemma's (1 + weight) scaling."""
+        return torch_ops.rms_norm(x, weight, eps, residual, weight_offset)
+
+    def layer_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+        residual: torch.Tensor | None = None,
+    ):
+        return torch_ops.layer_norm(x, weight, bias, eps, residual)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., 2I] = [gate | up] -> silu(gate) * up."""
+        return torch_ops.silu_and_mul(x)
+
+    def gelu_and_mul(self, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+        """x [..., 2I] = [gate | up] -> gelu(gate) * up (GeGLU)."""
+        return torch_ops.gelu_and_mul(x, approximate)
+
+    def gelu(self, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+        return torch.nn.functional.gelu(x, approximate=approximate)
+
+    def relu(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x)
+
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Next token per row of logits [S', V] (float32), one int64 per row."""
+        return sample_tokens(logits, batch)
+
+    def describe(self) -> str:
+        return f"{self.name} on {self.device}"

@@ -1,0 +1,136 @@
+"""Command line: `splitfuse generate | backends | models | make-tiny-model` (also `python -m splitfuse`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import typing
+
+from pydantic import BaseModel, ValidationError
+
+from splitfuse.config import EngineConfig, SamplingParams
+
+
+def _add_model_fields(parser: argparse.ArgumentParser, model: type[BaseModel], title: str) -> None:
+    """One --flag per pydantic field, so the CLI and the Python API share names and validation."""
+    group = parser.add_argument_group(title)
+    for name, info in model.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        annotation = info.annotation
+        args = typing.get_args(annotation)
+        help_text = info.description or ""
+        if annotation is bool:
+            group.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
+        elif typing.get_origin(annotation) is list:
+            item = args[0] if args else str
+            group.add_argument(flag, dest=name, action="append", type=item, default=None,
+                               help=(help_text + " (repeat for several)").strip())
+        else:
+            kinds = [a for a in args if a is not type(None)] or [annotation]
+            kind = kinds[0] if kinds[0] in (int, float) else str
+            group.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
+
+
+def _picked(args: argparse.Namespace, model: type[BaseModel]) -> dict:
+    return {n: getattr(args, n) for n in model.model_fields if getattr(args, n, None) is not None}
+
+
+def _split_model_and_prompts(positional: list[str], model_flag: str | None) -> tuple[str | None, list[str]]:
+    """`generate [MODEL] PROMPT...`: the first word is the model when it names a directory."""
+    if model_flag is not None:
+        return model_flag, positional
+    if len(positional) >= 2 and (os.path.isdir(positional[0]) or os.sep in positional[0]):
+        return positional[0], positional[1:]
+    return None, positional
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from splitfuse.pipeline import pipeline
+
+    model, prompts = _split_model_and_prompts(args.words, args.model)
+    if not prompts:
+        print("error: give at least one prompt", file=sys.stderr)
+        return 2
+    pipe = pipeline(model, backend=args.backend, **_picked(args, EngineConfig))
+    sampling = _picked(args, SamplingParams)
+    if args.stream and len(prompts) == 1:
+        for piece in pipe.stream(prompts[0], **sampling):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    for prompt, response in zip(prompts, pipe(prompts, **sampling)):
+        print(f"{prompt}{response.text}")
+        print(f"[{response.generated_length} tokens, finish_reason={response.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    from splitfuse.backends import list_backends
+
+    for info in list_backends():
+        state = "available" if info.available else f"unavailable: {info.reason}"
+        print(f"{info.name:<12} priority {info.priority:>4}  {state}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from splitfuse.models import supported_architectures
+
+    for arch in supported_architectures():
+        print(arch)
+    return 0
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from splitfuse.testing.tiny_model import make_tiny_model
+
+    path = make_tiny_model(
+        args.dir, args.arch, num_layers=args.layers, hidden_size=args.hidden_size, num_heads=args.heads,
+        num_kv_heads=args.kv_heads, intermediate_size=args.intermediate_size, seed=args.seed,
+    )
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitfuse", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for prompts (MODEL omitted: the embedded default)")
+    gen.add_argument("words", nargs="+", metavar="[MODEL] PROMPT", help="model directory (optional), then prompts")
+    gen.add_argument("--model", default=None, help="model directory (instead of the first positional word)")
+    gen.add_argument("--backend", default=None, help="auto, cpu, cuda, xpu or a plugin's name (env SPLITFUSE_BACKEND)")
+    gen.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
+    _add_model_fields(gen, EngineConfig, "engine")
+    _add_model_fields(gen, SamplingParams, "sampling")
+    gen.set_defaults(func=cmd_generate)
+
+    sub.add_parser("backends", help="list registered backends and whether each can run here").set_defaults(
+        func=cmd_backends)
+    sub.add_parser("models", help="list supported model architectures").set_defaults(func=cmd_models)
+
+    tiny = sub.add_parser("make-tiny-model", help="write a random-weight HF model with a tokenizer (tests, demos)")
+    tiny.add_argument("dir")
+    tiny.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2"])
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--hidden-size", type=int, default=64)
+    tiny.add_argument("--heads", type=int, default=4)
+    tiny.add_argument("--kv-heads", type=int, default=2)
+    tiny.add_argument("--intermediate-size", type=int, default=128)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_make_tiny_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, ValidationError, RuntimeError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Validated settings: how the engine is shaped (EngineConfig) and how each request samples."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class EngineConfig(BaseModel):
+    """Knobs of one engine instance; names match the pipeline's keyword arguments."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    token_budget: int = Field(768, ge=1, description="tokens per forward pass (FastGen's default)")
+    max_seqs: int = Field(256, ge=1, description="sequences per forward pass")
+    kv_block_size: int | None = Field(None, ge=1, description="tokens per KV block; None = backend's choice")
+    num_kv_blocks: int | None = Field(None, ge=1, description="KV blocks; None = sized from memory")
+    kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size where the device has no free-memory query (cpu)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="fraction of device memory to use")
+    dtype: DType = "auto"
+    max_model_len: int | None = Field(None, ge=1, description="longest prompt + generation; None = model's limit")
+
+
+class SamplingParams(BaseModel):
+    """Per-request generation settings; temperature 0 means greedy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(64, ge=1)
+    min_new_tokens: int = Field(0, ge=0)
+    temperature: float = Field(1.0, ge=0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20, description="top alternatives to return per token")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string(cls, value):
+        if isinstance(value, str):
+            return [value]
+        return [] if value is None else value
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: list[str]) -> list[str]:
+        if any(s == "" for s in value):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _min_not_above_max(self) -> "SamplingParams":
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})"
+            )
+        return self
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def split_kwargs(kwargs: dict) -> tuple[dict, dict]:
+    """Split pipeline keyword arguments into engine and sampling fields; unknown names raise."""
+    engine, sampling = {}, {}
+    for key, value in kwargs.items():
+        if key in EngineConfig.model_fields:
+            engine[key] = value
+        elif key in SamplingParams.model_fields:
+            sampling[key] = value
+        else:
+            known = sorted(set(EngineConfig.model_fields) | set(SamplingParams.model_fields))
+            raise TypeError(f"unknown argument {key!r}; expected one of: {', '.join(known)}")
+    return engine, sampling

@@ -1,0 +1,1 @@
+"""Hardware-agnostic engine core: requests, KV blocks, scheduler, batch metadata, sampler."""

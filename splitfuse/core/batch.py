@@ -1,0 +1,87 @@
+"""StepPlan -> ragged batch metadata: the flat tensors every backend op reads.
+
+Tokens of all scheduled sequences are laid end to end (T tokens, S sequences). Everything is
+built on the CPU with plain torch and handed to the backend, which moves it to its device once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from splitfuse.core.scheduler import StepPlan
+
+
+@dataclass
+class BatchMeta:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64, position of each token in its sequence
+    query_start: torch.Tensor  # [S+1] int32, cu_seqlens of the new tokens
+    context_lens: torch.Tensor  # [S] int32, tokens in the cache after this step (new ones included)
+    block_tables: torch.Tensor  # [S, max_blocks] int32, padded with 0
+    slot_mapping: torch.Tensor  # [T] int64, block * block_size + offset of each new token's K/V
+    token_seq: torch.Tensor  # [T] int64, index of the sequence each token belongs to
+    sample_index: torch.Tensor  # [S'] int64, token rows whose logits are sampled this step
+    # Host-side sizes, so kernels can be launched without reading tensors back.
+    num_tokens: int
+    num_seqs: int
+    max_query_len: int
+    max_context_len: int
+    block_size: int
+    is_decode_only: bool
+
+    def to(self, device: torch.device | str) -> "BatchMeta":
+        """The same metadata with every tensor on `device` (non-blocking where it can)."""
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        return BatchMeta(**moved)
+
+
+def build_batch(plan: StepPlan, block_size: int) -> BatchMeta:
+    """Flatten a scheduled step into BatchMeta (CPU tensors)."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    token_seq: list[int] = []
+    query_start = [0]
+    context_lens: list[int] = []
+    sample_index: list[int] = []
+    tables = []
+    for seq_idx, item in enumerate(plan.items):
+        seq = item.sequence
+        start = seq.num_computed
+        end = start + item.num_tokens
+        input_ids.extend(seq.token_ids[start:end])
+        positions.extend(range(start, end))
+        table = seq.block_table
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+        token_seq.extend([seq_idx] * item.num_tokens)
+        query_start.append(len(input_ids))
+        context_lens.append(end)
+        tables.append(table)
+        if item.samples:
+            sample_index.append(len(input_ids) - 1)
+    max_blocks = max(len(t) for t in tables)
+    block_tables = torch.zeros((len(tables), max_blocks), dtype=torch.int32)
+    for row, table in enumerate(tables):
+        block_tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
+    query_lens = [b - a for a, b in zip(query_start, query_start[1:])]
+    return BatchMeta(
+        input_ids=torch.tensor(input_ids, dtype=torch.int64),
+        positions=torch.tensor(positions, dtype=torch.int64),
+        query_start=torch.tensor(query_start, dtype=torch.int32),
+        context_lens=torch.tensor(context_lens, dtype=torch.int32),
+        block_tables=block_tables,
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        token_seq=torch.tensor(token_seq, dtype=torch.int64),
+        sample_index=torch.tensor(sample_index, dtype=torch.int64),
+        num_tokens=len(input_ids),
+        num_seqs=len(tables),
+        max_query_len=max(query_lens),
+        max_context_len=max(context_lens),
+        block_size=block_size,
+        is_decode_only=max(query_lens) == 1,
+    )

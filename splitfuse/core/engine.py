@@ -1,0 +1,174 @@
+"""Engine: requests in, one SplitFuse step at a time, token and text deltas out."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import torch
+
+from splitfuse.config import EngineConfig, SamplingParams
+from splitfuse.core.batch import build_batch
+from splitfuse.core.detokenizer import IncrementalDetokenizer
+from splitfuse.core.kv_blocks import BlockManager
+from splitfuse.core.request import RequestOutput, Sequence, Status, TokenLogprob
+from splitfuse.core.sampler import SamplingBatch, compute_logprobs
+from splitfuse.core.scheduler import Scheduler, StepPlan
+
+
+class AdmissionError(ValueError):
+    """A request that can never be served with this engine's limits."""
+
+
+class Engine:
+    """Drives a model on a backend; the caller owns the loop (`while engine.has_unfinished(): step()`)."""
+
+    def __init__(self, model, backend, tokenizer, config: EngineConfig, eos_token_ids: list[int],
+                 max_model_len: int, num_kv_blocks: int, block_size: int) -> None:
+        self.model = model
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.config = config
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
+        self.blocks = BlockManager(num_kv_blocks, block_size)
+        self.kv_cache = backend.allocate_kv_cache(
+            model.num_layers, num_kv_blocks, block_size, model.num_kv_heads, model.head_dim, model.dtype
+        )
+        self.scheduler = Scheduler(config.token_budget, config.max_seqs, self.blocks)
+        self.requests: dict[str, Sequence] = {}
+        self._arrivals = itertools.count()
+        self._ids = itertools.count()
+
+    # ---- requests --------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue a request; raises AdmissionError if it can never be served."""
+        prompt_ids = [int(t) for t in prompt_ids]
+        self._check_admissible(prompt_ids, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        seq = Sequence(
+            request_id=request_id, prompt_ids=prompt_ids, params=params, arrival=next(self._arrivals),
+            max_len=min(self.max_model_len, len(prompt_ids) + params.max_new_tokens),
+        )
+        if not params.is_greedy:
+            seed = params.seed if params.seed is not None else random.getrandbits(63)
+            seq.generator = torch.Generator().manual_seed(seed)
+        seq.stop_token_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else self.eos_token_ids
+        )
+        if self.tokenizer is not None:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def _check_admissible(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise AdmissionError("prompt is empty: give at least one token")
+        vocab = self.model.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise AdmissionError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise AdmissionError(
+                f"prompt has {len(prompt_ids)} tokens but max_model_len is {self.max_model_len}: "
+                f"shorten the prompt to at most {self.max_model_len - 1} tokens or raise max_model_len"
+            )
+        longest = min(self.max_model_len, len(prompt_ids) + params.max_new_tokens)
+        capacity = self.blocks.num_blocks * self.blocks.block_size
+        if longest > capacity:
+            raise AdmissionError(
+                f"prompt + max_new_tokens needs {longest} tokens of KV cache but it holds {capacity}: "
+                "lower max_new_tokens or give the cache more blocks (num_kv_blocks / kv_cache_gib)"
+            )
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its KV blocks; False if it is unknown or already done."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        seq.finish_reason = "abort"
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # ---- one step --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if not plan:
+            return []
+        sampled = [item.sequence for item in plan.items if item.samples]
+        tokens, logprobs = self._forward(plan, sampled)
+        for item in plan.items:
+            item.sequence.num_computed += item.num_tokens
+        return [self._append(seq, token, lp) for seq, token, lp in zip(sampled, tokens, logprobs)]
+
+    def _forward(self, plan: StepPlan, sampled: list[Sequence]):
+        meta = self.backend.prepare_batch(build_batch(plan, self.blocks.block_size))
+        hidden = self.model.forward(meta.input_ids, meta.positions, meta, self.kv_cache)
+        logits = self.model.logits(hidden[meta.sample_index]).float()
+        batch = self._sampling_batch(sampled)
+        tokens = self.backend.sample(logits, batch)
+        logprobs = self._logprobs(logits, tokens, sampled, batch.num_logprobs)
+        return tokens.tolist(), logprobs
+
+    def _sampling_batch(self, sampled: list[Sequence]) -> SamplingBatch:
+        suppressed = []
+        for seq in sampled:
+            early = seq.num_generated < seq.params.min_new_tokens
+            suppressed.append(sorted(seq.stop_token_ids) if early else [])
+        return SamplingBatch(
+            temperatures=[s.params.temperature for s in sampled],
+            top_ks=[s.params.top_k for s in sampled],
+            top_ps=[s.params.top_p for s in sampled],
+            generators=[s.generator for s in sampled],
+            suppressed=suppressed,
+            num_logprobs=max((s.params.logprobs for s in sampled if s.params.logprobs is not None), default=-1),
+        )
+
+    def _logprobs(self, logits, tokens, sampled, num_top) -> list[TokenLogprob | None]:
+        if num_top < 0:
+            return [None] * len(sampled)
+        chosen, top_values, top_ids = compute_logprobs(logits, torch.as_tensor(tokens, device=logits.device), num_top)
+        chosen = chosen.tolist()
+        top_values = top_values.tolist() if top_values is not None else None
+        top_ids = top_ids.tolist() if top_ids is not None else None
+        out = []
+        for row, seq in enumerate(sampled):
+            want = seq.params.logprobs
+            if want is None:
+                out.append(None)
+                continue
+            top = dict(zip(top_ids[row][:want], top_values[row][:want])) if want and top_ids else {}
+            out.append(TokenLogprob(token_id=int(tokens[row]), logprob=chosen[row], top=top))
+        return out
+
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+        seq.token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        detok = seq.detokenizer
+        reason = None
+        text = ""
+        if token in seq.stop_token_ids:  # sampling masked them until min_new_tokens
+            reason = "stop"  # the stop token stays in token_ids (as HF generate) but adds no text
+        else:
+            text = detok.add(token) if detok is not None else ""
+            if detok is not None and detok.stop_hit is not None:
+                reason = "stop"
+            elif len(seq.token_ids) >= seq.max_len:
+                reason = "length"
+        if reason is not None:
+            if detok is not None and detok.stop_hit is None:
+                text += detok.flush()  # release text held back in case a stop string followed
+            seq.finish_reason = reason
+            self.scheduler.remove(seq)
+            del self.requests[seq.request_id]
+        return RequestOutput(
+            request_id=seq.request_id, new_token_ids=[token], new_text=text, finished=reason is not None,
+            finish_reason=reason, new_logprobs=[logprob] if logprob is not None else [],
+        )

@@ -1,0 +1,85 @@
+"""One request as the engine tracks it: its tokens, how many are in the KV cache, its state."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from splitfuse.config import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued, holds no KV blocks
+    RUNNING = "running"  # admitted, holds KV blocks
+    FINISHED = "finished"
+
+
+@dataclass
+class TokenLogprob:
+    """Log-probability of a generated token and of the most likely alternatives at its position."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class RequestOutput:
+    """What one engine step produced for one request: new tokens and newly released text."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """token_ids holds prompt + generated tokens; the first num_computed of them have K/V cached.
+
+    After preemption num_computed drops to 0 and the sequence is recomputed from token_ids, so
+    nothing it generated is lost."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: int
+    max_len: int  # generation stops at this many tokens in all (max_model_len)
+    token_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    status: Status = Status.WAITING
+    block_table: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    last_scheduled_step: int = -1
+    generator: Any = None  # torch.Generator for seeded sampling, made by the engine
+    detokenizer: Any = None
+    stop_token_ids: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
+    def generated_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_ids):]
+
+    @property
+    def num_uncomputed(self) -> int:
+        """Tokens still to run through the model; 1 for a sequence that is decoding."""
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED

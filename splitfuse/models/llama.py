@@ -1,0 +1,112 @@
+"""The Llama family: Llama 2/3 (GQA, llama3 rope scaling, tied embeddings), Mistral (sliding
+window) and Qwen2 (qkv bias), written against backend ops only.
+
+q/k/v and gate/up projections are fused into one matrix each at load time: one matmul instead of
+three (or two) per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from splitfuse.models.base import CausalLM, rope_cos_sin
+
+
+class LlamaForCausalLM(CausalLM):
+    def __init__(self, config, backend, dtype: torch.dtype, max_model_len: int) -> None:
+        super().__init__(config, backend, dtype, max_model_len)
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or self.hidden_size // self.num_heads
+        self.num_layers = config.num_hidden_layers
+        self.eps = config.rms_norm_eps
+        self.scale = self.head_dim ** -0.5
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.sliding_windows = self._sliding_windows(config)
+        self.cos_sin = rope_cos_sin(config, self.head_dim, max_model_len, dtype, backend.device)
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_sizes = (q, kv, kv)
+
+    def _sliding_windows(self, config) -> list[int | None]:
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None)
+        if window is None or getattr(config, "use_sliding_window", True) is False:
+            return [None] * self.num_layers
+        if layer_types:
+            return [window if t == "sliding_attention" else None for t in layer_types]
+        return [window] * self.num_layers
+
+    # ---- weights ---------------------------------------------------------------------------
+    # HF name suffix -> (our fused name, part index, number of parts)
+    _FUSED = {
+        "self_attn.q_proj.weight": ("qkv.weight", 0, 3), "self_attn.k_proj.weight": ("qkv.weight", 1, 3),
+        "self_attn.v_proj.weight": ("qkv.weight", 2, 3), "self_attn.q_proj.bias": ("qkv.bias", 0, 3),
+        "self_attn.k_proj.bias": ("qkv.bias", 1, 3), "self_attn.v_proj.bias": ("qkv.bias", 2, 3),
+        "mlp.gate_proj.weight": ("gate_up.weight", 0, 2), "mlp.up_proj.weight": ("gate_up.weight", 1, 2),
+    }
+    _RENAMED = {
+        "self_attn.o_proj.weight": "o.weight", "mlp.down_proj.weight": "down.weight",
+        "input_layernorm.weight": "input_norm.weight", "post_attention_layernorm.weight": "post_norm.weight",
+    }
+
+    def map_weight_name(self, name: str):
+        if name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            return name.split(".", 1)[1] if name.startswith("model.") else name, None
+        if name.startswith("model.layers."):
+            _, _, index, suffix = name.split(".", 3)
+            if suffix in self._FUSED:
+                fused, part, parts = self._FUSED[suffix]
+                return f"layers.{index}.{fused}", (part, parts)
+            if suffix in self._RENAMED:
+                return f"layers.{index}.{self._RENAMED[suffix]}", None
+        if name.endswith("rotary_emb.inv_freq"):
+            return None, None  # recomputed from the config
+        raise KeyError(name)
+
+    def expected_weights(self) -> set[str]:
+        names = {"embed_tokens.weight", "norm.weight"}
+        if not self.tie_word_embeddings:
+            names.add("lm_head.weight")
+        for i in range(self.num_layers):
+            names |= {f"layers.{i}.{n}" for n in ("qkv.weight", "gate_up.weight", "o.weight", "down.weight",
+                                                   "input_norm.weight", "post_norm.weight")}
+        return names
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward(self, input_ids, positions, meta, kv_cache) -> torch.Tensor:
+        ops, w = self.backend, self.weights
+        hidden = ops.embedding(input_ids, w["embed_tokens.weight"])
+        residual = None
+        num_tokens = input_ids.shape[0]
+        for i in range(self.num_layers):
+            p = f"layers.{i}."
+            if residual is None:
+                residual = hidden
+                x = ops.rms_norm(hidden, w[p + "input_norm.weight"], self.eps)
+            else:
+                x, residual = ops.rms_norm(hidden, w[p + "input_norm.weight"], self.eps, residual)
+            qkv = ops.linear(x, w[p + "qkv.weight"], w.get(p + "qkv.bias"))
+            q, k, v = qkv.split(self.qkv_sizes, dim=-1)
+            q = q.view(num_tokens, self.num_heads, self.head_dim)
+            k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+            v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+            q, k = ops.rotary(q, k, positions, self.cos_sin)
+            attn = ops.attention(q, k, v, kv_cache[i], meta, self.scale, self.sliding_windows[i])
+            hidden = ops.linear(attn.reshape(num_tokens, -1), w[p + "o.weight"])
+            x, residual = ops.rms_norm(hidden, w[p + "post_norm.weight"], self.eps, residual)
+            hidden = ops.linear(ops.silu_and_mul(ops.linear(x, w[p + "gate_up.weight"])), w[p + "down.weight"])
+        hidden, _ = ops.rms_norm(hidden, w["norm.weight"], self.eps, residual)
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.weights["embed_tokens.weight"] if self.tie_word_embeddings else self.weights["lm_head.weight"]
+        return self.backend.linear(hidden, head)
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Same layout as Llama; the config's sliding_window is honoured."""
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Llama layout with q/k/v biases (picked up from the checkpoint)."""

@@ -1,0 +1,131 @@
+"""Load a Hugging Face model directory: config.json, (sharded) safetensors, tokenizer,
+generation_config.json."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from splitfuse.plugins.manager import get_plugin_manager
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAMPLING_DEFAULT_KEYS = ("temperature", "top_k", "top_p")
+
+
+class ModelLoadError(ValueError):
+    """The model directory cannot be served: missing, malformed or unsupported."""
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object | None
+    hf_config: object
+    eos_token_ids: list[int]
+    sampling_defaults: dict = field(default_factory=dict)  # from generation_config.json
+
+
+def supported_architectures() -> list[str]:
+    return get_plugin_manager().models().names()
+
+
+def resolve_dtype(dtype: str, backend) -> torch.dtype:
+    resolved = backend.default_dtype() if dtype == "auto" else DTYPES[dtype]
+    if resolved not in backend.dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in backend.dtypes)
+        raise ModelLoadError(f"dtype {dtype!r} is not supported by the {backend.name} backend; use one of: {names}")
+    return resolved
+
+
+def load_model(path: str | Path, backend, dtype: str = "auto", max_model_len: int | None = None) -> LoadedModel:
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory {str(path)!r} does not exist (give a local Hugging Face model directory)")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{str(path)!r} has no config.json: is it a Hugging Face model directory?")
+    hf_config = AutoConfig.from_pretrained(path)
+    architectures = getattr(hf_config, "architectures", None) or []
+    registry = get_plugin_manager().models()
+    arch = next((a for a in architectures if a in registry), None)
+    if arch is None:
+        raise ModelLoadError(
+            f"architecture {architectures or '(none given)'} is not supported; supported: "
+            + ", ".join(registry.names())
+        )
+    files = _safetensors_files(path)
+    limit = getattr(hf_config, "max_position_embeddings", None) or 4096
+    max_model_len = min(max_model_len, limit) if max_model_len else limit
+    model = registry.get(arch)(hf_config, backend, resolve_dtype(dtype, backend), max_model_len)
+    model.load_weights(_stream_tensors(files))
+    generation = _read_json(path / "generation_config.json")
+    return LoadedModel(
+        model=model,
+        tokenizer=_load_tokenizer(path),
+        hf_config=hf_config,
+        eos_token_ids=_eos_ids(hf_config, generation),
+        sampling_defaults=_sampling_defaults(generation),
+    )
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    if list(path.glob("*.bin")) or list(path.glob("*.pt")):
+        raise ModelLoadError(
+            f"{str(path)!r} holds only PyTorch .bin weights; splitfuse loads safetensors only. Convert with "
+            "transformers: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
+        )
+    raise ModelLoadError(f"{str(path)!r} has no *.safetensors weight files")
+
+
+def _stream_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+    total = sum(len(h.keys()) for h in handles)
+    with tqdm(total=total, desc="loading weights", unit="tensor", disable=None, leave=False) as bar:
+        for handle in handles:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name)
+                bar.update(1)
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    has_files = any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    return AutoTokenizer.from_pretrained(path) if has_files else None
+
+
+def _read_json(file: Path) -> dict:
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def _eos_ids(hf_config, generation: dict) -> list[int]:
+    """EOS ids from generation_config.json (Llama 3 lists several) and config.json together."""
+    ids = _as_list(generation.get("eos_token_id")) + _as_list(getattr(hf_config, "eos_token_id", None))
+    return sorted(set(ids))
+
+
+def _sampling_defaults(generation: dict) -> dict:
+    if not generation.get("do_sample", False):
+        return {"temperature": 0.0}
+    return {k: generation[k] for k in SAMPLING_DEFAULT_KEYS if generation.get(k) is not None}

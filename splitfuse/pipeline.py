@@ -1,0 +1,160 @@
+"""The non-persistent deployment: `splitfuse.pipeline(model)(prompts)` in this process."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from splitfuse.backends.selection import create_backend
+from splitfuse.config import EngineConfig, SamplingParams, split_kwargs
+from splitfuse.core.engine import Engine
+from splitfuse.core.request import TokenLogprob
+from splitfuse.models.loader import load_model
+
+log = logging.getLogger("splitfuse")
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class Response:
+    """One finished generation; token_ids holds the generated tokens only."""
+
+    text: str
+    token_ids: list[int]
+    prompt_length: int
+    finish_reason: str  # "stop" | "length"
+    logprobs: list[TokenLogprob] | None = None
+    generated_length: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.generated_length = len(self.token_ids)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def build_engine(model: str | Path | None, backend: str | None = "auto", config: EngineConfig | None = None) -> Engine:
+    """Load a model directory onto a backend and size its KV cache; None = the embedded default model."""
+    config = config or EngineConfig()
+    if model is None:
+        from splitfuse.testing.tiny_model import default_model_dir
+
+        model = default_model_dir()
+    backend_impl = create_backend(backend)
+    loaded = load_model(model, backend_impl, config.dtype, config.max_model_len)
+    net = loaded.model
+    block_size = config.kv_block_size or backend_impl.kv_block_size(net.head_dim)
+    num_blocks = config.num_kv_blocks or backend_impl.num_kv_blocks(config, net.kv_bytes_per_block(block_size))
+    log.info("KV cache: %d blocks of %d tokens (%d tokens) on %s", num_blocks, block_size,
+             num_blocks * block_size, backend_impl.describe())
+    engine = Engine(net, backend_impl, loaded.tokenizer, config, loaded.eos_token_ids, net.max_model_len,
+                    num_blocks, block_size)
+    engine.sampling_defaults = loaded.sampling_defaults
+    return engine
+
+
+class Pipeline:
+    """Generate for many prompts at once; every call shares one engine and KV cache."""
+
+    def __init__(self, model: str | Path | None = None, backend: str | None = "auto", **kwargs) -> None:
+        engine_kwargs, sampling_kwargs = split_kwargs(kwargs)
+        self.engine: Engine | None = build_engine(model, backend, EngineConfig(**engine_kwargs))
+        self.tokenizer = self.engine.tokenizer
+        # Defaults: the model's generation_config.json, then what was given here; calls override.
+        self._defaults = {**self.engine.sampling_defaults, **sampling_kwargs}
+        SamplingParams(**self._defaults)  # fail now, not at the first call
+
+    def sampling_params(self, **overrides) -> SamplingParams:
+        return SamplingParams(**{**self._defaults, **overrides})
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: strings through the tokenizer, id lists as given (no BOS added)."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model directory has no tokenizer: give prompts as lists of token ids")
+            return self.tokenizer(prompt)["input_ids"]
+        if isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        raise TypeError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def _live_engine(self) -> Engine:
+        if self.engine is None:
+            raise RuntimeError("this pipeline is closed")
+        return self.engine
+
+    def __call__(self, prompts: Prompt | Sequence[Prompt], **sampling) -> list[Response]:
+        """Generate for every prompt; responses come in the order of the prompts."""
+        engine = self._live_engine()
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not isinstance(prompts, Sequence) or len(prompts) == 0:
+            raise ValueError("prompts is empty: give a string, a list of token ids, or a non-empty list of them")
+        params = self.sampling_params(**sampling)
+        encoded = [self.encode(p) for p in prompts]
+        ids = []
+        try:
+            for index, prompt_ids in enumerate(encoded):
+                try:
+                    ids.append(engine.add_request(prompt_ids, params))
+                except ValueError as exc:
+                    raise type(exc)(f"prompt {index}: {exc}") from None
+            results = {rid: [] for rid in ids}
+            final = {}
+            while any(rid not in final for rid in ids):
+                for out in engine.step():
+                    if out.request_id in results:
+                        results[out.request_id].append(out)
+                        if out.finished:
+                            final[out.request_id] = out.finish_reason
+        except BaseException:
+            for rid in ids:
+                engine.abort(rid)
+            raise
+        return [self._response(engine, results[rid], len(p), params) for rid, p in zip(ids, encoded)]
+
+    @staticmethod
+    def _response(engine: Engine, outputs, prompt_length: int, params: SamplingParams) -> Response:
+        token_ids = [t for o in outputs for t in o.new_token_ids]
+        logprobs = [lp for o in outputs for lp in o.new_logprobs] if params.logprobs is not None else None
+        return Response(
+            text="".join(o.new_text for o in outputs), token_ids=token_ids, prompt_length=prompt_length,
+            finish_reason=outputs[-1].finish_reason, logprobs=logprobs,
+        )
+
+    def stream(self, prompt: Prompt, **sampling) -> Iterator[str]:
+        """Yield text as it is generated; leaving the loop early aborts the request."""
+        engine = self._live_engine()
+        request_id = engine.add_request(self.encode(prompt), self.sampling_params(**sampling))
+        finished = False
+        try:
+            while not finished:
+                for out in engine.step():
+                    if out.request_id != request_id:
+                        continue
+                    finished = out.finished
+                    if out.new_text:
+                        yield out.new_text
+        finally:
+            if not finished:
+                engine.abort(request_id)
+
+    def close(self) -> None:
+        """Free the KV cache and the model; the pipeline cannot be used afterwards."""
+        self.engine = None
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.engine = None
+
+
+def pipeline(model: str | Path | None = None, backend: str | None = "auto", **kwargs) -> Pipeline:
+    """A Pipeline on `model` (a Hugging Face directory; None = the embedded default)."""
+    return Pipeline(model, backend, **kwargs)

@@ -1,0 +1,19 @@
+"""The hooks a splitfuse plugin implements (pluggy project and entry-point group `splitfuse`)."""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "splitfuse"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def splitfuse_register_backends(registry) -> None:
+    """Add backend classes with `registry.add(BackendClass)`."""
+
+
+@hookspec
+def splitfuse_register_models(registry) -> None:
+    """Add model classes with `registry.add("LlamaForCausalLM", ModelClass)` (HF architecture name)."""
