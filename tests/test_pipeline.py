@@ -223,3 +223,19 @@ def test_bfloat16_runs(tiny_model_dir):
     assert p.engine.model.dtype == torch.bfloat16
     out = p([[1, 5, 6, 7]], max_new_tokens=4, temperature=0.0, ignore_eos=True)[0]
     assert len(out.token_ids) == 4
+
+
+def test_close_and_garbage_collection_free_the_kv_cache(tiny_model_dir):
+    import gc
+    import weakref
+
+    p = splitfuse.pipeline(tiny_model_dir("llama"), backend="cpu", num_kv_blocks=16)
+    cache = weakref.ref(p.engine.kv_cache[0])
+    p.close()
+    gc.collect()
+    assert cache() is None
+    q = splitfuse.pipeline(tiny_model_dir("llama"), backend="cpu", num_kv_blocks=16)
+    cache = weakref.ref(q.engine.kv_cache[0])
+    del q
+    gc.collect()
+    assert cache() is None

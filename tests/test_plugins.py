@@ -146,3 +146,20 @@ def test_plugins_can_be_disabled_or_allow_listed(tmp_path, monkeypatch):
     monkeypatch.delenv("SPLITFUSE_DISABLE_PLUGINS")
     monkeypatch.setenv("SPLITFUSE_PLUGINS", "good_backend2")
     assert "good2" in {i.name for i in list_backends()}
+
+
+def test_backend_for_another_contract_version_is_refused_by_name():
+    class FutureBackend(CpuBackend):
+        name = "future"
+        contract_version = 2
+
+    class FuturePlugin:
+        @hookimpl
+        def splitfuse_register_backends(self, registry):
+            registry.add(FutureBackend)
+
+    get_plugin_manager().register(FuturePlugin(), name="future-plugin")
+    infos = {i.name: i for i in list_backends()}
+    assert "future" not in infos
+    assert "contract version 2" in infos["future-plugin"].reason
+    assert infos["cpu"].available

@@ -71,22 +71,23 @@ def make_batch(specs, block_size, num_kv_heads, head_dim, dtype=torch.float32, s
 
 
 def dense_attention(q, keys, values, specs, scale, window=None, softcap=None):
-    """Per-sequence, per-token attention in float64 on contiguous K/V: the ground truth."""
+    """Per-sequence masked softmax attention in float64 on contiguous K/V: the ground truth."""
     H = q.shape[1]
-    out = torch.empty(q.shape, dtype=torch.float64)
-    t = 0
+    out, t = [], 0
     for (ctx, new), k, v in zip(specs, keys, values):
         G = H // k.shape[1]
-        k = k.double().repeat_interleave(G, dim=1)  # [ctx, H, D]
+        k = k.double().repeat_interleave(G, dim=1)  # [ctx, H, D]: query head h reads kv head h // G
         v = v.double().repeat_interleave(G, dim=1)
-        for p in range(ctx - new, ctx):
-            lo = 0 if window is None else max(0, p - window + 1)  # keys j with p - j < window
-            s = torch.einsum("hd,jhd->hj", q[t].double(), k[lo : p + 1]) * scale
-            if softcap is not None:
-                s = softcap * torch.tanh(s / softcap)
-            out[t] = torch.einsum("hj,jhd->hd", torch.softmax(s, dim=-1), v[lo : p + 1])
-            t += 1
-    return out
+        s = torch.einsum("qhd,jhd->hqj", q[t : t + new].double(), k) * scale  # [H, new, ctx]
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        p = torch.arange(ctx - new, ctx)[:, None]  # query positions
+        j = torch.arange(ctx)[None, :]  # key positions
+        hidden = j > p if window is None else (j > p) | (p - j >= window)
+        s = s.masked_fill(hidden, float("-inf"))
+        out.append(torch.einsum("hqj,jhd->qhd", torch.softmax(s, dim=-1), v))
+        t += new
+    return torch.cat(out)
 
 
 # prior context and new tokens mixed: decodes, a first prompt chunk, later chunks, a 1-token prompt
@@ -178,6 +179,29 @@ def test_paged_attention_matches_sdpa_on_one_prompt():
     v = values[0].repeat_interleave(2, dim=1).transpose(0, 1)
     ref = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, is_causal=True).transpose(0, 1)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window,softcap", [(None, None), (50, 30.0)])
+def test_paged_attention_matches_hf_eager_attention(window, softcap):
+    """HF's eager path (Gemma2's, which has softcap) on one prompt; bit-identical on x86 MKL today,
+    a tolerance of a few ulps keeps the test independent of BLAS blocking."""
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    n, H, Hkv, D = 90, 8, 2, 64
+    meta, kv, keys, values = make_batch([(n, n)], 16, Hkv, D, seed=7)
+    q = torch.randn(n, H, D)
+    i = torch.arange(n)
+    hidden = i[None, :] > i[:, None]
+    if window is not None:
+        hidden |= i[:, None] - i[None, :] >= window
+    mask = torch.zeros(n, n).masked_fill(hidden, torch.finfo(torch.float32).min)
+    module = types.SimpleNamespace(num_key_value_groups=H // Hkv, training=False, head_dim=D)
+    ref, _ = eager_attention_forward(
+        module, q.transpose(0, 1)[None], keys[0].transpose(0, 1)[None], values[0].transpose(0, 1)[None],
+        mask[None, None], scaling=D**-0.5, softcap=softcap,
+    )  # [1, n, H, D]
+    out = torch_ops.paged_attention(q, kv, meta, D**-0.5, sliding_window=window, logit_softcap=softcap)
+    torch.testing.assert_close(out, ref[0], rtol=1e-6, atol=1e-6)
 
 
 # ---- rotary -------------------------------------------------------------------------------------

@@ -41,47 +41,49 @@ class BatchMeta:
 
 
 def build_batch(plan: StepPlan, block_size: int) -> BatchMeta:
-    """Flatten a scheduled step into BatchMeta (CPU tensors)."""
+    """Flatten a scheduled step into BatchMeta (CPU tensors).
+
+    Per sequence only list slices are taken in Python; slots come from one vectorised gather
+    over the padded block tables, and each tensor is made with a single torch.tensor call."""
     input_ids: list[int] = []
     positions: list[int] = []
-    slots: list[int] = []
     token_seq: list[int] = []
     query_start = [0]
     context_lens: list[int] = []
     sample_index: list[int] = []
-    tables = []
+    tables: list[list[int]] = []
+    max_query_len = 0
     for seq_idx, item in enumerate(plan.items):
         seq = item.sequence
         start = seq.num_computed
         end = start + item.num_tokens
-        input_ids.extend(seq.token_ids[start:end])
-        positions.extend(range(start, end))
-        table = seq.block_table
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
-        token_seq.extend([seq_idx] * item.num_tokens)
+        input_ids += seq.token_ids[start:end]
+        positions += range(start, end)
+        token_seq += [seq_idx] * item.num_tokens
         query_start.append(len(input_ids))
         context_lens.append(end)
-        tables.append(table)
+        tables.append(seq.block_table)
+        max_query_len = max(max_query_len, item.num_tokens)
         if item.samples:
             sample_index.append(len(input_ids) - 1)
     max_blocks = max(len(t) for t in tables)
-    block_tables = torch.zeros((len(tables), max_blocks), dtype=torch.int32)
-    for row, table in enumerate(tables):
-        block_tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
-    query_lens = [b - a for a, b in zip(query_start, query_start[1:])]
+    block_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32)
+    positions_t = torch.tensor(positions, dtype=torch.int64)
+    token_seq_t = torch.tensor(token_seq, dtype=torch.int64)
+    blocks = block_tables[token_seq_t, positions_t // block_size].to(torch.int64)
     return BatchMeta(
         input_ids=torch.tensor(input_ids, dtype=torch.int64),
-        positions=torch.tensor(positions, dtype=torch.int64),
+        positions=positions_t,
         query_start=torch.tensor(query_start, dtype=torch.int32),
         context_lens=torch.tensor(context_lens, dtype=torch.int32),
         block_tables=block_tables,
-        slot_mapping=torch.tensor(slots, dtype=torch.int64),
-        token_seq=torch.tensor(token_seq, dtype=torch.int64),
+        slot_mapping=blocks * block_size + positions_t % block_size,
+        token_seq=token_seq_t,
         sample_index=torch.tensor(sample_index, dtype=torch.int64),
         num_tokens=len(input_ids),
         num_seqs=len(tables),
-        max_query_len=max(query_lens),
+        max_query_len=max_query_len,
         max_context_len=max(context_lens),
         block_size=block_size,
-        is_decode_only=max(query_lens) == 1,
+        is_decode_only=max_query_len == 1,
     )

@@ -125,7 +125,7 @@ class IncrementalDetokenizer:
         if len(self._ids) > self._read_offset:
             text = self._decode(self._ids[self._prefix_offset :])
             piece = self._release(self._advance(text, len(self._ids)))
-        if self.stop_hit is None:
+        if self.stop_hit is None and self._held:
             piece += self._held
             self._pieces.append(self._held)
             self._held = ""
@@ -149,14 +149,27 @@ class IncrementalDetokenizer:
     def _advance(self, text: str, end: int) -> str:
         """Take the text of ids[prefix_offset:end] past the context; slide the window to `end`."""
         new = text[len(self._prefix_text) :]
-        # The released tokens become the context (a few at most, after a forced release).
-        self._prefix_offset, self._read_offset = max(self._read_offset, end - CONTEXT_TOKENS), end
+        # The released tokens become the context; after a forced release, only the last few.
+        self._prefix_offset, self._read_offset = self._read_offset, end
+        if end - self._prefix_offset > CONTEXT_TOKENS:
+            self._prefix_offset = self._context_start(end)
         self._prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         # Forget ids left of the window, so memory stays O(window) however long the stream.
         del self._ids[: self._prefix_offset]
         self._read_offset -= self._prefix_offset
         self._prefix_offset = 0
         return new
+
+    def _context_start(self, end: int) -> int:
+        """Start of a short context ending at `end`, on a character boundary where one is seen.
+
+        Starting mid-character would turn a byte-fallback group into "\ufffd" as a whole.
+        """
+        first = end - CONTEXT_TOKENS
+        for start in range(first, end):
+            if not self._decode(self._ids[start:end]).startswith(_REPLACEMENT):
+                return start
+        return first
 
     def _force_advance(self, text: str) -> str:
         """Too much held back: release up to the last point where decoding splits cleanly.
@@ -195,7 +208,8 @@ class IncrementalDetokenizer:
         else:
             keep = self._stop_prefix_len(buf)
             out, self._held = buf[: len(buf) - keep], buf[len(buf) - keep :]
-        self._pieces.append(out)
+        if out:
+            self._pieces.append(out)
         return out
 
     def _stop_prefix_len(self, buf: str) -> int:

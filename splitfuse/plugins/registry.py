@@ -13,6 +13,14 @@ class BackendRegistry:
         name = getattr(backend_cls, "name", None)
         if not isinstance(name, str) or not name:
             raise TypeError(f"backend class {backend_cls!r} needs a non-empty `name` string")
+        from splitfuse.backends.base import CONTRACT_VERSION
+
+        version = getattr(backend_cls, "contract_version", CONTRACT_VERSION)
+        if version != CONTRACT_VERSION:
+            raise TypeError(
+                f"backend {name!r} is written for backend contract version {version}, but this splitfuse "
+                f"implements version {CONTRACT_VERSION}: upgrade the plugin or splitfuse"
+            )
         self._classes[name] = backend_cls
 
     def names(self) -> list[str]:

@@ -89,13 +89,12 @@ class Simulator:
 
     def complete(self, plan: StepPlan) -> list[Sequence]:
         """What the engine does after the forward pass; returns the sequences that finished."""
-        for item in plan.items:
-            item.sequence.num_computed += item.num_tokens
         done = []
-        for item in plan.items:
+        for item in plan.items:  # a sequence is in a plan at most once, so one pass does it
+            seq = item.sequence
+            seq.num_computed += item.num_tokens
             if not item.samples:
                 continue
-            seq = item.sequence
             token = next(self._next_token)
             seq.token_ids.append(token)
             self.sampled[seq.request_id].append(token)
