@@ -127,10 +127,11 @@ def hf_greedy_ignore_eos(model, prompt: list[int], new_tokens: int) -> list[int]
 
 
 # ---- timing & reporting --------------------------------------------------------------------------
-def time_once(fn) -> tuple[float, object]:
-    t0 = time.perf_counter()
+def time_once(fn) -> tuple[float, float, object]:
+    """Wall seconds, process CPU seconds (all threads) and the result of fn()."""
+    c0, t0 = time.process_time(), time.perf_counter()
     result = fn()
-    return time.perf_counter() - t0, result
+    return time.perf_counter() - t0, time.process_time() - c0, result
 
 
 def _loadavg() -> str:
@@ -220,15 +221,17 @@ def _bench(args, argv, info, threads, model_dir) -> int:
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         run_hf(hf_model, warm, 4, args.hf_batch)  # warm-up
     load_before = _loadavg()
-    sf_times, hf_times, sf_tokens, hf_tokens = [], [], None, None
+    sf_times, hf_times, sf_cpu, hf_cpu, sf_tokens, hf_tokens = [], [], [], [], None, None
     for r in range(args.repeats):
-        t, sf_tokens = time_once(lambda: run_splitfuse(pipe, prompts, n_new))
+        t, c, sf_tokens = time_once(lambda: run_splitfuse(pipe, prompts, n_new))
         sf_times.append(t)
-        line = f"run {r + 1}/{args.repeats}: splitfuse {t:.3f}s"
+        sf_cpu.append(c)
+        line = f"run {r + 1}/{args.repeats}: splitfuse {t:.3f}s (cpu {c:.3f}s)"
         if hf_model is not None:
-            t, hf_tokens = time_once(lambda: run_hf(hf_model, prompts, n_new, args.hf_batch))
+            t, c, hf_tokens = time_once(lambda: run_hf(hf_model, prompts, n_new, args.hf_batch))
             hf_times.append(t)
-            line += f", transformers {t:.3f}s"
+            hf_cpu.append(c)
+            line += f", transformers {t:.3f}s (cpu {c:.3f}s)"
         print(line, flush=True)
     load_after = _loadavg()
 
@@ -285,7 +288,9 @@ def _bench(args, argv, info, threads, model_dir) -> int:
         lines.append(row("transformers generate", hf_times))
         ratio_best = min(hf_times) / min(sf_times)
         ratio_med = statistics.median(hf_times) / statistics.median(sf_times)
-        lines += ["", f"Throughput ratio splitfuse / transformers: **{ratio_best:.2f}x** (best), {ratio_med:.2f}x (median)."]
+        lines += ["", f"Throughput ratio splitfuse / transformers: **{ratio_best:.2f}x** (best), {ratio_med:.2f}x (median); "
+                      f"process CPU time per run (best): splitfuse {min(sf_cpu):.3f} s, transformers {min(hf_cpu):.3f} s "
+                      f"(ratio {min(hf_cpu) / min(sf_cpu):.2f}x)."]
         if args.check:
             lines.append(f"Sanity check, greedy tokens of the first {args.check} prompts equal HF unpadded batch-1 "
                          f"generate: {'pass' if check_ok else 'FAIL'}.")

@@ -104,7 +104,9 @@ def test_write_kv_places_each_token_at_its_slot_and_casts():
         block, offset = divmod(slot, 4)
         assert torch.equal(kv[0, block, offset], k[i].bfloat16())
         assert torch.equal(kv[1, block, offset], v[i].bfloat16())
-    assert kv.abs().sum().item() == pytest.approx(k.bfloat16().abs().sum().item() + v.bfloat16().abs().sum().item(), rel=1e-2)
+    untouched = torch.ones(12, dtype=torch.bool)
+    untouched[slots] = False
+    assert not kv.view(2, 12, 2, 8)[:, untouched].any()  # nothing else written
 
 
 # ---- paged_attention ----------------------------------------------------------------------------
@@ -153,7 +155,7 @@ def test_paged_attention_small_budget_splits_chunks_and_groups(monkeypatch):
     meta, kv, keys, values = make_batch(MIXED, 4, 2, 12, seed=4)
     q = torch.randn(meta.num_tokens, 4, 12)
     out = torch_ops.paged_attention(q, kv, meta, 0.3, sliding_window=9)
-    groups = meta.__dict__["_torch_ops_plans"][(4, 24, 9, "cpu")]
+    groups = meta.__dict__["_torch_ops_cache"][(4, 24, 9, "cpu")]
     assert len(groups) > len(MIXED)  # chunks were cut into several pieces
     ref = dense_attention(q, keys, values, MIXED, 0.3, window=9)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
@@ -248,7 +250,8 @@ def test_rotary_partial_matches_hf_on_the_rotated_part():
     q_rot, k_rot = apply_rotary_pos_emb(q[..., :rotary_dim], k[..., :rotary_dim], cos[0], sin[0], unsqueeze_dim=1)
     q_out, k_out = torch_ops.rotary(q, k, positions, cos_sin, rotary_dim=rotary_dim)
     assert torch.equal(q_out[..., :rotary_dim], q_rot) and torch.equal(k_out[..., :rotary_dim], k_rot)
-    assert torch.equal(q_out[..., rotary_dim:], q[..., rotary_dim:]) and torch.equal(k_out[..., rotary_dim:], k[..., rotary_dim:])
+    assert torch.equal(q_out[..., rotary_dim:], q[..., rotary_dim:])
+    assert torch.equal(k_out[..., rotary_dim:], k[..., rotary_dim:])
 
 
 def test_rotary_interleaved_rotates_adjacent_pairs():

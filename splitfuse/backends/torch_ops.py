@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 # Big enough that a batch of decodes runs in a few batched matmuls, small enough to keep long
 # prompt chunks from allocating gigabytes.
 _GROUP_BUDGET = 1 << 25
-# Padding a group may add for free (elements); beyond it a group may waste at most a third.
+# Padding a group may add for free (elements); beyond it, at most a third of a group is padding.
 _PAD_SLACK = 1 << 19
 _PAD_RATIO = 1.5
 
@@ -74,7 +74,7 @@ class _Group:
 def _plan(meta: "BatchMeta", num_heads: int, kv_row: int, window: int | None, device) -> list[_Group]:
     """Split the batch into padded groups; cached on meta since every layer reuses it."""
     key = (num_heads, kv_row, window, str(device))
-    cache = meta.__dict__.setdefault("_torch_ops_plans", {})
+    cache = meta.__dict__.setdefault("_torch_ops_cache", {})
     if key in cache:
         return cache[key]
     starts = meta.query_start.tolist()
@@ -117,7 +117,7 @@ def _workspace(meta: "BatchMeta", numel: int, dtype: torch.dtype, device) -> tor
     Gathered K/V are tens of MiB; a fresh tensor per layer is a fresh mmap whose page faults cost
     several times the gather itself on the CPU.
     """
-    cache = meta.__dict__.setdefault("_torch_ops_plans", {})
+    cache = meta.__dict__.setdefault("_torch_ops_cache", {})
     key = ("workspace", dtype, str(device))
     buf = cache.get(key)
     if buf is None or buf.numel() < numel:
@@ -198,7 +198,9 @@ def rotary(
     rotary_dim = rotary_dim or cos_sin.shape[-1]
     # HF casts cos/sin to the activation dtype and rotates in it
     cos, sin = cos_sin[positions].to(q.dtype)[:, None, :].chunk(2, dim=-1)  # [T, 1, rotary_dim/2] each
-    return _rotate(q, cos, sin, rotary_dim, interleaved), _rotate(k, cos.to(k.dtype), sin.to(k.dtype), rotary_dim, interleaved)
+    q_out = _rotate(q, cos, sin, rotary_dim, interleaved)
+    k_out = _rotate(k, cos.to(k.dtype), sin.to(k.dtype), rotary_dim, interleaved)
+    return q_out, k_out
 
 
 # ---- norms and activations ----------------------------------------------------------------------

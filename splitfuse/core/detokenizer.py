@@ -77,8 +77,13 @@ class IncrementalDetokenizer:
         # The window of ids: [prefix_offset, read_offset) is context whose text is accounted
         # for, [read_offset, end) is decoded but not released (it ends mid-character).
         # Special tokens never enter it: decode skips them anyway.
-        ids = [operator.index(i) for i in prompt_ids[-CONTEXT_TOKENS:]]
-        ids = [i for i in ids if i not in self._info.skipped]
+        ids = []
+        for i in reversed(prompt_ids):  # the last few non-special prompt tokens
+            if len(ids) == CONTEXT_TOKENS:
+                break
+            if (i := operator.index(i)) not in self._info.skipped:
+                ids.append(i)
+        ids.reverse()
         # A prompt ending mid-character would glue its bytes onto the first generated tokens;
         # drop that tail so the output decodes as the generated ids alone do.
         while ids and not self._complete(ids, self._decode(ids), ""):

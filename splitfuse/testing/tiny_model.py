@@ -133,6 +133,15 @@ def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
     )
 
 
+def _save_tokenizer(path: pathlib.Path) -> None:
+    build_tokenizer().save_pretrained(path)
+    # transformers 5 records its class as "TokenizersBackend"; the v4 name loads in both.
+    config_file = path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
 class _Arch(NamedTuple):
     config_cls: str  # names in `transformers`, resolved on use: importing every model costs seconds
     model_cls: str
@@ -219,7 +228,7 @@ def make_tiny_model(
     path.mkdir(parents=True, exist_ok=True)
     save_kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(path, **save_kwargs)
-    build_tokenizer().save_pretrained(path)
+    _save_tokenizer(path)
     transformers.GenerationConfig(
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False
     ).save_pretrained(path)
