@@ -11,10 +11,7 @@ import torch.nn.functional as F
 
 from splitfuse.backends import torch_ops
 
-try:
-    from splitfuse.core.batch import BatchMeta
-except ImportError:  # the rest of splitfuse.core may still be in flux; the ops only read attributes
-    BatchMeta = None
+from splitfuse.core.batch import BatchMeta
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -66,7 +63,7 @@ def make_batch(specs, block_size, num_kv_heads, head_dim, dtype=torch.float32, s
         block_size=block_size,
         is_decode_only=max(query_lens) == 1,
     )
-    meta = BatchMeta(**fields) if BatchMeta is not None else types.SimpleNamespace(**fields)
+    meta = BatchMeta(**fields, query_start_host=query_start, context_lens_host=context_lens)
     return meta, kv_layer, keys, values
 
 
@@ -155,7 +152,7 @@ def test_paged_attention_small_budget_splits_chunks_and_groups(monkeypatch):
     meta, kv, keys, values = make_batch(MIXED, 4, 2, 12, seed=4)
     q = torch.randn(meta.num_tokens, 4, 12)
     out = torch_ops.paged_attention(q, kv, meta, 0.3, sliding_window=9)
-    groups = meta.__dict__["_torch_ops_cache"][(4, 24, 9, "cpu")]
+    groups = meta.step_cache[(4, 24, 9, "cpu")]
     assert len(groups) > len(MIXED)  # chunks were cut into several pieces
     ref = dense_attention(q, keys, values, MIXED, 0.3, window=9)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)

@@ -74,11 +74,11 @@ class _Group:
 def _plan(meta: "BatchMeta", num_heads: int, kv_row: int, window: int | None, device) -> list[_Group]:
     """Split the batch into padded groups; cached on meta since every layer reuses it."""
     key = (num_heads, kv_row, window, str(device))
-    cache = meta.__dict__.setdefault("_torch_ops_cache", {})
+    cache = meta.step_cache
     if key in cache:
         return cache[key]
-    starts = meta.query_start.tolist()
-    ctx_lens = meta.context_lens.tolist()
+    starts = meta.query_start_host or meta.query_start.tolist()
+    ctx_lens = meta.context_lens_host or meta.context_lens.tolist()
     pieces = []
     for s in range(meta.num_seqs):
         t0, qlen = starts[s], starts[s + 1] - starts[s]
@@ -117,7 +117,7 @@ def _workspace(meta: "BatchMeta", numel: int, dtype: torch.dtype, device) -> tor
     Gathered K/V are tens of MiB; a fresh tensor per layer is a fresh mmap whose page faults cost
     several times the gather itself on the CPU.
     """
-    cache = meta.__dict__.setdefault("_torch_ops_cache", {})
+    cache = meta.step_cache
     key = ("workspace", dtype, str(device))
     buf = cache.get(key)
     if buf is None or buf.numel() < numel:

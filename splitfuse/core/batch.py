@@ -6,7 +6,7 @@ built on the CPU with plain torch and handed to the backend, which moves it to i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -30,11 +30,19 @@ class BatchMeta:
     max_context_len: int
     block_size: int
     is_decode_only: bool
+    # The same lengths as Python lists, for ops that plan per sequence without a device sync.
+    query_start_host: list[int] = field(default_factory=list)
+    context_lens_host: list[int] = field(default_factory=list)
+    # Per-step scratch that ops build once and reuse in every layer (attention plans, buffers).
+    # A BatchMeta describes one step: never edit one in place to reuse it for another.
+    step_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def to(self, device: torch.device | str) -> "BatchMeta":
         """The same metadata with every tensor on `device` (non-blocking where it can)."""
         moved = {}
         for f in fields(self):
+            if f.name == "step_cache":
+                continue  # scratch built for another device
             value = getattr(self, f.name)
             moved[f.name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
         return BatchMeta(**moved)
@@ -86,4 +94,6 @@ def build_batch(plan: StepPlan, block_size: int) -> BatchMeta:
         max_context_len=max(context_lens),
         block_size=block_size,
         is_decode_only=max_query_len == 1,
+        query_start_host=query_start,
+        context_lens_host=context_lens,
     )
