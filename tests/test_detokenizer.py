@@ -94,6 +94,8 @@ def test_invalid_bytes_are_released_and_window_stays_bounded():
     calls = []
 
     class Recording:
+        backend_tokenizer = None  # route every decode through the recorded method
+
         def __init__(self, tok):
             self.tok = tok
 

@@ -34,8 +34,17 @@ class _TokenizerInfo:
         else:
             self.skipped = frozenset(getattr(tokenizer, "all_special_ids", ()))
         # SentencePiece byte tokens (<0xE6>) decode as a group: one invalid byte spoils the group.
-        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        decoder = getattr(backend, "decoder", None)
         self.byte_fallback = decoder is not None and b'"ByteFallback"' in decoder.__getstate__()
+        # Fast tokenizers: call the Rust decoder directly. transformers' wrapper adds only the
+        # clean-up pass (off here) and costs several times the decode itself per token.
+        if backend is not None:
+            self.decode = lambda ids: backend.decode(ids, skip_special_tokens=True)
+        else:
+            self.decode = lambda ids: tokenizer.decode(
+                ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
 
 
 _INFO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -139,7 +148,7 @@ class IncrementalDetokenizer:
 
     def _decode(self, ids: list[int]) -> str:
         # No clean-up: it rewrites text across token boundaries (" ." -> "."), which breaks diffs.
-        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self._info.decode(ids)
 
     def _complete(self, ids: list[int], text: str, prefix_text: str) -> bool:
         """Whether `text`, the decode of a window ending with `ids[-1]`, is final past `prefix_text`."""
