@@ -239,3 +239,8 @@ def test_close_and_garbage_collection_free_the_kv_cache(tiny_model_dir):
     del q
     gc.collect()
     assert cache() is None
+
+
+def test_max_model_len_beyond_the_model_is_refused(tiny_model_dir):
+    with pytest.raises(ModelLoadError, match="max_position_embeddings"):
+        splitfuse.pipeline(tiny_model_dir("llama"), backend="cpu", max_model_len=100_000)

@@ -60,7 +60,11 @@ def load_model(path: str | Path, backend, dtype: str = "auto", max_model_len: in
         )
     files = _safetensors_files(path)
     limit = getattr(hf_config, "max_position_embeddings", None) or 4096
-    max_model_len = min(max_model_len, limit) if max_model_len else limit
+    if max_model_len and max_model_len > limit:
+        raise ModelLoadError(
+            f"max_model_len {max_model_len} is longer than the model's max_position_embeddings ({limit})"
+        )
+    max_model_len = max_model_len or limit
     model = registry.get(arch)(hf_config, backend, resolve_dtype(dtype, backend), max_model_len)
     model.load_weights(_stream_tensors(files))
     generation = _read_json(path / "generation_config.json")
