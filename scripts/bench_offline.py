@@ -69,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     p.add_argument("--check", type=int, default=4, help="prompts compared with HF batch-1 generate (default 4)")
     p.add_argument("--model-dir", type=Path, default=None, help="use this model instead of building the tiny Llama")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weights and activations of both engines (default float32)")
     p.add_argument("--skip-hf", action="store_true", help="time splitfuse only")
     p.add_argument("--breakdown", action="store_true",
                    help="after timing, time splitfuse's stages (model ops, batch building, sampling, ...) per run")
@@ -318,13 +320,15 @@ def _bench(args, argv, info, threads, model_dir) -> int:
 
     # (a) splitfuse and (b) transformers: load both, warm both up, then time them interleaved
     # (sf, hf, sf, hf, ...) so that load from other processes hits both sides alike.
-    engine_kwargs = {} if args.token_budget is None else {"token_budget": args.token_budget}
+    engine_kwargs = {"dtype": args.dtype}
+    if args.token_budget is not None:
+        engine_kwargs["token_budget"] = args.token_budget
     pipe = splitfuse.pipeline(str(model_dir), backend="cpu", **engine_kwargs)
     budget = pipe.engine.config.token_budget
     run_splitfuse(pipe, warm, 4)  # warm-up
     hf_model = None
     if not args.skip_hf:
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).eval()
         run_hf(hf_model, warm, 4, args.hf_batch)  # warm-up
     load_before = _loadavg()
     sf_times, hf_times, sf_cpu, hf_cpu, sf_tokens, hf_tokens = [], [], [], [], None, None
@@ -365,9 +369,9 @@ def _bench(args, argv, info, threads, model_dir) -> int:
     if args.model_dir is None:
         k = MODEL_KWARGS
         model_line = (f"random tiny Llama ({k['num_layers']} layers, hidden {k['hidden_size']}, {k['num_heads']} heads / "
-                      f"{k['num_kv_heads']} KV heads, intermediate {k['intermediate_size']}, vocab {k['vocab_size']}), fp32")
+                      f"{k['num_kv_heads']} KV heads, intermediate {k['intermediate_size']}, vocab {k['vocab_size']}), {args.dtype}")
     else:
-        model_line = f"{args.model_dir}, fp32"
+        model_line = f"{args.model_dir}, {args.dtype}"
     attn = getattr(hf_model.config, "_attn_implementation", "?") if hf_model is not None else "n/a"
     lines = [
         "",

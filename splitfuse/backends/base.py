@@ -88,6 +88,16 @@ class Backend:
         torch_ops.write_kv(kv_layer, k, v, meta.slot_mapping)
         return torch_ops.paged_attention(q, kv_layer, meta, scale, sliding_window, logit_softcap)
 
+    def rotary_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+        kv_layer: torch.Tensor, meta: BatchMeta, scale: float, sliding_window: int | None = None,
+        logit_softcap: float | None = None, rotary_dim: int | None = None, interleaved: bool = False,
+    ) -> torch.Tensor:
+        """rotary() on q/k, then attention(): one call, so a backend can fuse the rotary with the
+        KV-cache write. Models with rotary embeddings call this."""
+        q, k = self.rotary(q, k, positions, cos_sin, rotary_dim, interleaved)
+        return self.attention(q, k, v, kv_layer, meta, scale, sliding_window, logit_softcap)
+
     def rotary(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
         rotary_dim: int | None = None, interleaved: bool = False,

@@ -91,8 +91,8 @@ class LlamaForCausalLM(CausalLM):
             q = q.view(num_tokens, self.num_heads, self.head_dim)
             k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
             v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-            q, k = ops.rotary(q, k, positions, self.cos_sin)
-            attn = ops.attention(q, k, v, kv_cache[i], meta, self.scale, self.sliding_windows[i])
+            attn = ops.rotary_attention(q, k, v, positions, self.cos_sin, kv_cache[i], meta, self.scale,
+                                        self.sliding_windows[i])
             hidden = ops.linear(attn.reshape(num_tokens, -1), w[p + "o.weight"])
             x, residual = ops.rms_norm(hidden, w[p + "post_norm.weight"], self.eps, residual)
             hidden = ops.linear(ops.silu_and_mul(ops.linear(x, w[p + "gate_up.weight"])), w[p + "down.weight"])
