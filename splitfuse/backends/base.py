@@ -41,6 +41,11 @@ class Backend:
         """Empty when usable, else one line that tells the user why not."""
         return ""
 
+    @classmethod
+    def auto_selectable(cls) -> bool:
+        """Whether `auto` may pick this backend when it is available (a test-only mode may say no)."""
+        return True
+
     def __init__(self) -> None:
         self.device = torch.device("cpu")
 

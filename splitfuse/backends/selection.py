@@ -47,8 +47,9 @@ def create_backend(name: str | None = None):
     registry = get_plugin_manager().backends()
     if name == "auto":
         for info in infos:
-            if info.available:
-                return registry.get(info.name)()
+            cls = registry.get(info.name)
+            if info.available and cls is not None and cls.auto_selectable():
+                return cls()
         raise BackendError("no backend is available\n" + _listing(infos))
     cls = registry.get(name)
     if cls is None:
