@@ -7,8 +7,12 @@ import os
 import pytest
 import torch
 
-# Keep test runs from writing into the user's cache and from picking a backend from the shell.
+# Keep test runs from picking a backend from the shell.
 os.environ.pop("SPLITFUSE_BACKEND", None)
+# Without a GPU the cuda backend's Triton kernels run under the interpreter; it must be switched on
+# before triton (or any kernel module) is first imported, so here, before every test module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # name -> (arch, overrides): the variants the parity tests cover.
 TINY_MODELS = {

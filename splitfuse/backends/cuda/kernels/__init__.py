@@ -1,0 +1,1 @@
+"""Triton kernels of the CUDA backend (each module imports triton; import them only where triton is available)."""
