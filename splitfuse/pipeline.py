@@ -47,7 +47,9 @@ def build_engine(model: str | Path | None, backend: str | None = "auto", config:
     loaded = load_model(model, backend_impl, config.dtype, config.max_model_len)
     net = loaded.model
     block_size = config.kv_block_size or backend_impl.kv_block_size(net.head_dim)
-    num_blocks = config.num_kv_blocks or backend_impl.num_kv_blocks(config, net.kv_bytes_per_block(block_size))
+    num_blocks = config.num_kv_blocks or backend_impl.num_kv_blocks(
+        config, net.kv_bytes_per_block(block_size), net.hidden_size
+    )
     log.info("KV cache: %d blocks of %d tokens (%d tokens) on %s", num_blocks, block_size,
              num_blocks * block_size, backend_impl.describe())
     engine = Engine(net, backend_impl, loaded.tokenizer, config, loaded.eos_token_ids, net.max_model_len,

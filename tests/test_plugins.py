@@ -22,12 +22,12 @@ def fresh_plugins(monkeypatch):
 
 class FastBackend(CpuBackend):
     name = "fast"
-    priority = 50
+    priority = 500  # above every built-in, also cuda where a GPU is present
 
 
 class MissingHardwareBackend(Backend):
     name = "npu"
-    priority = 100
+    priority = 1000
 
     @classmethod
     def unavailable_reason(cls) -> str:
@@ -112,7 +112,7 @@ def test_installed_plugins_load_from_entry_points(tmp_path, monkeypatch, capsys)
 
         class GoodBackend(CpuBackend):
             name = "good"
-            priority = 10
+            priority = 1000  # above every built-in, also cuda where a GPU is present
 
         @hookimpl
         def splitfuse_register_backends(registry):

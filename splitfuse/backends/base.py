@@ -58,8 +58,9 @@ class Backend:
         """Tokens per KV block when the user does not set one."""
         return 16
 
-    def num_kv_blocks(self, config, bytes_per_block: int) -> int:
-        """How many KV blocks fit; the default sizes the cache to `config.kv_cache_gib`."""
+    def num_kv_blocks(self, config, bytes_per_block: int, hidden_size: int) -> int:
+        """How many KV blocks fit, once the model is loaded (hidden_size lets a backend keep room
+        for a step's activations); the default sizes the cache to `config.kv_cache_gib`."""
         return max(1, int(config.kv_cache_gib * (1 << 30)) // bytes_per_block)
 
     def allocate_kv_cache(

@@ -5,6 +5,9 @@ from splitfuse.plugins.hookspecs import hookimpl
 
 @hookimpl
 def splitfuse_register_backends(registry) -> None:
+    # Imports stay inside the hook: listing backends must not import triton or touch a device.
     from splitfuse.backends.cpu import CpuBackend
+    from splitfuse.backends.cuda import CudaBackend
 
     registry.add(CpuBackend)
+    registry.add(CudaBackend)

@@ -26,6 +26,7 @@ class CausalLM:
         self.dtype = dtype
         self.max_model_len = max_model_len
         self.vocab_size = config.vocab_size
+        self.hidden_size = config.hidden_size
         self.weights: dict[str, torch.Tensor] = {}
         self._parts: dict[str, dict[int, torch.Tensor]] = {}
 

@@ -15,7 +15,6 @@ from splitfuse.models.base import CausalLM, rope_cos_sin
 class LlamaForCausalLM(CausalLM):
     def __init__(self, config, backend, dtype: torch.dtype, max_model_len: int) -> None:
         super().__init__(config, backend, dtype, max_model_len)
-        self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or self.hidden_size // self.num_heads
