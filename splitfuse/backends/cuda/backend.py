@@ -187,6 +187,68 @@ class CudaBackend(Backend):
         self._k_rot.write_kv(k, v, kv_layer, meta.slot_mapping)
         return _paged_attention()(q, kv_layer, meta, scale, sliding_window, logit_softcap)
 
+    # ---- sampling --------------------------------------------------------------------------
+    def sample(self, logits: torch.Tensor, batch) -> torch.Tensor:
+        """Next tokens [S'] int64 on the device, sampled by one Triton launch (plus one sort when
+        a row uses top-k/top-p) with no host sync; see kernels/sampling.py.
+
+        Randomness: the kernel's noise is counter-based. Each row's seed is its generator's
+        initial_seed() and its offset the number of draws made so far through this backend for
+        that generator (kept in a WeakKeyDictionary, so finished requests drop out). A seeded
+        request therefore samples the same tokens alone or in any batch, run after run; but the
+        cpu backend draws from the generator's own stream, so the two backends give different
+        (each reproducible) tokens for the same seed. The generator's state is not advanced."""
+        if batch.all_greedy and not any(batch.suppressed):
+            return logits.argmax(dim=-1)
+        from splitfuse.backends.cuda.kernels.sampling import sample
+
+        floats, ints, num_filter, width = self._sampling_tensors(batch, logits.shape[-1])
+        S = len(batch.temperatures)
+        floats, ints = self._to_device(floats), self._to_device(ints)
+        top_ks, seeds, offsets = ints[:S], ints[S:2 * S], ints[2 * S:3 * S]
+        filter_rows = ints[3 * S:3 * S + num_filter]
+        suppressed = ints[3 * S + num_filter:].view(S, width) if width else None
+        return sample(logits, floats[0], top_ks, floats[1], seeds, offsets, suppressed=suppressed,
+                      filter_rows=filter_rows)
+
+    def _sampling_tensors(self, batch, vocab: int):
+        """Host-side per-row settings packed into two CPU tensors (two small copies per step):
+        floats [2, S'] = temperatures, top_ps; ints = top_ks | seeds | offsets | rows that filter
+        | suppressed ids [S', M] (-1 padding). Advances the draw counters of the sampled rows."""
+        import random
+        import weakref
+
+        draws = self.__dict__.get("_draws")
+        if draws is None:  # generator -> draws made through this backend (the kernel's offset)
+            draws = self._draws = weakref.WeakKeyDictionary()
+        S = len(batch.temperatures)
+        seeds, offsets, filter_rows = [0] * S, [0] * S, []
+        for row, (temp, top_k, top_p, gen) in enumerate(
+            zip(batch.temperatures, batch.top_ks, batch.top_ps, batch.generators)
+        ):
+            if temp == 0 or top_k == 1:
+                continue
+            if 0 < top_k < vocab or top_p < 1.0:
+                filter_rows.append(row)
+            if gen is None:  # a sampled row without a generator: unseeded, like the global RNG
+                seeds[row] = random.getrandbits(63)
+                continue
+            seed = gen.initial_seed() & 0xFFFFFFFFFFFFFFFF  # a uint64; the kernel reads the bits
+            seeds[row] = seed - (1 << 64) if seed >= 1 << 63 else seed
+            offsets[row] = draws.get(gen, 0)
+            draws[gen] = offsets[row] + 1  # per occurrence: a shared generator gets fresh noise
+        width = max((len(ids) for ids in batch.suppressed), default=0)
+        padded = [id_ for ids in batch.suppressed for id_ in list(ids) + [-1] * (width - len(ids))]
+        floats = torch.tensor([batch.temperatures, batch.top_ps], dtype=torch.float32)
+        ints = torch.tensor(list(batch.top_ks) + seeds + offsets + filter_rows + padded, dtype=torch.int64)
+        return floats, ints, len(filter_rows), width
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A pinned, non-blocking copy on the GPU (no stream sync, as in prepare_batch)."""
+        if self.device.type == "cpu":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def describe(self) -> str:
         if self.interpreted:
             return "cuda (Triton interpreter on cpu)"
