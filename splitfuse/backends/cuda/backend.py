@@ -15,6 +15,8 @@ import dataclasses
 import importlib
 import logging
 import os
+import random
+import weakref
 
 import torch
 
@@ -95,6 +97,8 @@ class CudaBackend(Backend):
         from splitfuse.backends.cuda.kernels import activation, rms_norm, rotary_kv
 
         self._k_act, self._k_norm, self._k_rot = activation, rms_norm, rotary_kv
+        # generator -> draws made through this backend: the sampling kernel's counter offset
+        self._draws: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # ---- memory ----------------------------------------------------------------------------
     def default_dtype(self) -> torch.dtype:
@@ -215,12 +219,7 @@ class CudaBackend(Backend):
         """Host-side per-row settings packed into two CPU tensors (two small copies per step):
         floats [2, S'] = temperatures, top_ps; ints = top_ks | seeds | offsets | rows that filter
         | suppressed ids [S', M] (-1 padding). Advances the draw counters of the sampled rows."""
-        import random
-        import weakref
-
-        draws = self.__dict__.get("_draws")
-        if draws is None:  # generator -> draws made through this backend (the kernel's offset)
-            draws = self._draws = weakref.WeakKeyDictionary()
+        draws = self._draws
         S = len(batch.temperatures)
         seeds, offsets, filter_rows = [0] * S, [0] * S, []
         for row, (temp, top_k, top_p, gen) in enumerate(
