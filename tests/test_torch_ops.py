@@ -117,6 +117,21 @@ def test_paged_attention_matches_dense_fp32(block_size, H, Hkv, D):
     torch.testing.assert_close(out.double(), dense_attention(q, keys, values, MIXED, D**-0.5), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("window", [None, 5])
+def test_paged_attention_decodes_first_then_chunks(block_size, window):
+    """The engine's SplitFuse layout: a run of decodes, then prompt chunks (a later chunk of a
+    prompt, a first chunk, a whole prompt). The decodes' queries and outputs are slices then."""
+    specs = [(9, 1), (30, 1), (2, 1), (1, 1), (40, 8), (17, 17), (23, 6)]
+    meta, kv, keys, values = make_batch(specs, block_size, 2, 8, seed=8)
+    q = torch.randn(meta.num_tokens, 4, 8)
+    out = torch_ops.paged_attention(q, kv, meta, 0.3, sliding_window=window)
+    (plan,) = [v for v in meta.step_cache.values() if isinstance(v, torch_ops._StepPlan)]
+    assert [g.first for g in plan.decodes] == [0]
+    ref = dense_attention(q, keys, values, specs, 0.3, window=window)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("window,softcap", [(1, None), (5, None), (16, None), (None, 2.0), (6, 5.0)])
 def test_paged_attention_sliding_window_and_softcap(window, softcap):
     meta, kv, keys, values = make_batch(MIXED, 4, 2, 8, seed=1)
@@ -145,16 +160,18 @@ def test_paged_attention_decode_only_batch():
     torch.testing.assert_close(out.double(), dense_attention(q, keys, values, specs, 0.35), rtol=1e-5, atol=1e-5)
 
 
-def test_paged_attention_small_budget_splits_chunks_and_groups(monkeypatch):
-    """With a tiny memory budget long chunks become query pieces and every piece its own group."""
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_paged_attention_small_budget_splits_chunks_and_groups(monkeypatch, softcap):
+    """With a tiny memory budget long chunks become query pieces and decodes several groups."""
     monkeypatch.setattr(torch_ops, "_GROUP_BUDGET", 512)
-    monkeypatch.setattr(torch_ops, "_PAD_SLACK", 0)
     meta, kv, keys, values = make_batch(MIXED, 4, 2, 12, seed=4)
     q = torch.randn(meta.num_tokens, 4, 12)
-    out = torch_ops.paged_attention(q, kv, meta, 0.3, sliding_window=9)
-    groups = meta.step_cache[(4, 24, 9, "cpu")]
-    assert len(groups) > len(MIXED)  # chunks were cut into several pieces
-    ref = dense_attention(q, keys, values, MIXED, 0.3, window=9)
+    out = torch_ops.paged_attention(q, kv, meta, 0.3, sliding_window=9, logit_softcap=softcap)
+    (plan,) = [v for v in meta.step_cache.values() if isinstance(v, torch_ops._StepPlan)]
+    decodes = sum(1 for _, new in MIXED if new == 1)
+    assert len(plan.chunks) > len(MIXED) - decodes  # chunks were cut into several pieces
+    assert 1 < len(plan.decodes) < decodes + 1  # and the decodes split into groups
+    ref = dense_attention(q, keys, values, MIXED, 0.3, window=9, softcap=softcap)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -182,8 +199,9 @@ def test_paged_attention_matches_sdpa_on_one_prompt():
 
 @pytest.mark.parametrize("window,softcap", [(None, None), (50, 30.0)])
 def test_paged_attention_matches_hf_eager_attention(window, softcap):
-    """HF's eager path (Gemma2's, which has softcap) on one prompt; bit-identical on x86 MKL today,
-    a tolerance of a few ulps keeps the test independent of BLAS blocking."""
+    """HF's eager path (Gemma2's, which has softcap) on one prompt. With softcap the op follows
+    eager's order of operations (bit-identical on x86 MKL today); without, the chunk goes through
+    SDPA's fused kernel (online softmax), a few ulps away. The tolerance allows a few ulps."""
     from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
     n, H, Hkv, D = 90, 8, 2, 64
@@ -232,6 +250,24 @@ def test_rotary_is_bit_exact_with_hf(dtype, rope):
     q_ref, k_ref = apply_rotary_pos_emb(q, k, cos[0], sin[0], unsqueeze_dim=1)
     q_out, k_out = torch_ops.rotary(q, k, positions, cos_sin)
     assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
+
+
+@pytest.mark.parametrize("rotary_dim,interleaved", [(None, False), (8, False), (8, True)])
+def test_rotary_of_fused_qkv_views_equals_separate_tensors(rotary_dim, interleaved):
+    """q and k split from one fused qkv projection are rotated in one pass; same bits as apart."""
+    T, H, Hkv, D = 9, 4, 2, 12
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim or D, 2).float() / (rotary_dim or D)))
+    cos_sin = torch_ops.build_cos_sin_cache(inv_freq, 64)
+    positions = torch.tensor([0, 1, 2, 3, 40, 41, 7, 63, 5])
+    qkv = torch.randn(T, (H + 2 * Hkv) * D)
+    q, k, _ = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
+    q, k = q.view(T, H, D), k.view(T, Hkv, D)
+    assert torch_ops._joint_qk(q, k) is not None
+    before = qkv.clone()
+    q_out, k_out = torch_ops.rotary(q, k, positions, cos_sin, rotary_dim=rotary_dim, interleaved=interleaved)
+    q_ref, k_ref = torch_ops.rotary(q.contiguous(), k.contiguous(), positions, cos_sin, rotary_dim, interleaved)
+    assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
+    assert torch.equal(qkv, before)  # the input is left alone
 
 
 def test_rotary_partial_matches_hf_on_the_rotated_part():
@@ -289,6 +325,21 @@ def test_rms_norm_is_exact_with_llama(dtype):
         assert torch.equal(torch_ops.rms_norm(x, norm.weight, 1e-5), norm(x))
         normed, summed = torch_ops.rms_norm(x, norm.weight, 1e-5, residual=r)
         assert torch.equal(summed, x + r) and torch.equal(normed, norm(x + r))
+
+
+@pytest.mark.parametrize("hidden", [256, 4096])
+def test_rms_norm_fp32_is_exact_with_llama_across_scales(hidden):
+    """The float32 path skips HF's no-op casts and reuses buffers; the bits must not move."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(hidden, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+        for scale in (1e-3, 1.0, 30.0):
+            x, r = torch.randn(33, hidden) * scale, torch.randn(33, hidden) * scale
+            assert torch.equal(torch_ops.rms_norm(x, norm.weight, 1e-5), norm(x))
+            normed, summed = torch_ops.rms_norm(x, norm.weight, 1e-5, residual=r)
+            assert torch.equal(normed, norm(x + r)) and torch.equal(summed, x + r)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -16,12 +16,9 @@ if TYPE_CHECKING:
     from splitfuse.core.batch import BatchMeta
 
 # Elements (float32) one attention group may hold at once: its scores plus its gathered K and V.
-# Big enough that a batch of decodes runs in a few batched matmuls, small enough to keep long
-# prompt chunks from allocating gigabytes.
+# Big enough that a step's decodes run as one batched matmul, small enough to keep long prompt
+# chunks and huge batches from allocating gigabytes.
 _GROUP_BUDGET = 1 << 25
-# Padding a group may add for free (elements); beyond it, at most a third of a group is padding.
-_PAD_SLACK = 1 << 19
-_PAD_RATIO = 1.5
 
 
 # ---- KV cache -----------------------------------------------------------------------------------
@@ -35,94 +32,212 @@ def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 
 
 # ---- attention ----------------------------------------------------------------------------------
-class _Group:
-    """Index tensors for one padded batch of query pieces: B pieces x Q queries x L keys."""
+# Each step is planned once (cached in meta.step_cache, reused by every layer) as:
+#   * decodes (one query each), batched: their keys are gathered head-major and padded to the
+#     longest, [B*Hkv, L, D], so that the scores are ONE batched matmul with the G query heads of
+#     a kv head as its rows, [B*Hkv, G, D] @ [B*Hkv, D, L], padding hidden by an additive mask;
+#   * prompt chunks (several queries), one SDPA call each over their keys [Hkv, L, D]; a chunk
+#     that starts its sequence sees exactly its own tokens, so is_causal replaces the mask.
+# The indices come from vectorised torch ops over the block tables, not per-token Python loops.
+# On the CPU gathering K/V from the cache costs more than the matmuls (the cache is cold by the
+# time a layer comes round again), so the gathers are laid out to be read once, right away.
+class _Decodes:
+    """B single-query sequences (tokens `tokens`) whose keys are padded to the longest, L."""
 
-    def __init__(self, pieces, meta: "BatchMeta", window: int | None, device: torch.device):
-        # pieces: (seq, first_token, num_queries, first_key_pos, num_keys)
-        self.B = len(pieces)
-        self.Q = max(p[2] for p in pieces)
-        self.L = max(p[4] for p in pieces)
-        rows, valid, tokens = [], [], []
-        for b, (_, t0, n, _, _) in enumerate(pieces):
-            # padding rows repeat the piece's last query so no softmax row is fully masked
-            rows.extend(t0 + min(i, n - 1) for i in range(self.Q))
-            valid.extend(range(b * self.Q, b * self.Q + n))
-            tokens.extend(range(t0, t0 + n))
-        self.rows = torch.tensor(rows, dtype=torch.long, device=device)  # [B*Q] token of each row
-        self.tokens = torch.tensor(tokens, dtype=torch.long, device=device)  # real tokens, in row order
-        # None when every row is real, which is always the case for a group of decodes
-        self.valid = None if len(valid) == len(rows) else torch.tensor(valid, dtype=torch.long, device=device)
-
-        seq = torch.tensor([p[0] for p in pieces], dtype=torch.long, device=device)
-        key_start = torch.tensor([p[3] for p in pieces], dtype=torch.long, device=device)
-        last_key = torch.tensor([p[3] + p[4] - 1 for p in pieces], dtype=torch.long, device=device)
-        key_pos = key_start[:, None] + torch.arange(self.L, device=device)  # [B, L]
-        # padding keys read the piece's last key (an allocated slot); the mask hides them
-        safe_pos = torch.minimum(key_pos, last_key[:, None])
-        bs = meta.block_size
-        blocks = meta.block_tables.to(device)[seq].long().gather(1, safe_pos // bs)  # [B, L]
-        self.slots = (blocks * bs + safe_pos % bs).flatten()  # [B*L]
-
-        q_pos = meta.positions.to(device)[self.rows].view(self.B, self.Q, 1)
-        masked = key_pos[:, None, :] > q_pos  # causal; also hides padding keys (beyond the last query)
-        if window is not None:
-            masked |= q_pos - key_pos[:, None, :] >= window
-        self.masked = masked  # [B, Q, L] True where a query must not see a key
+    def __init__(self, tokens: list[int], lo: list[int], num_keys: list[int], pos_rows: torch.Tensor,
+                 heads: torch.Tensor):
+        device = pos_rows.device
+        self.B, self.L = len(tokens), max(num_keys)
+        # consecutive tokens (always, in a decode-only step): queries and outputs are slices of q
+        # and out, no gather and no scatter
+        self.first = tokens[0] if tokens == list(range(tokens[0], tokens[0] + self.B)) else None
+        self.tokens = None if self.first is not None else torch.tensor(tokens, device=device)
+        n = torch.tensor(num_keys, device=device)[:, None]
+        j = torch.arange(self.L, device=device)
+        # padding keys repeat the last real key (an allocated slot); the mask hides them
+        pos = torch.minimum(j, n - 1)  # [B, L], relative to the first key
+        if any(lo):
+            pos += torch.tensor(lo, device=device)[:, None]
+        self.rows = (pos_rows.gather(1, pos)[:, None, :] + heads).view(2, -1)  # [2, B*Hkv*L]: K, V rows
+        # additive mask 0 / -inf per (sequence, kv head) row of the batched matmul: [B*Hkv, 1, L]
+        mask = torch.where(j >= n, float("-inf"), 0.0)[:, None, None]  # [B, 1, 1, L]
+        self.mask = mask.expand(-1, heads.shape[-2], -1, -1).reshape(-1, 1, self.L)
 
 
-def _plan(meta: "BatchMeta", num_heads: int, kv_row: int, window: int | None, device) -> list[_Group]:
-    """Split the batch into padded groups; cached on meta since every layer reuses it."""
-    key = (num_heads, kv_row, window, str(device))
+class _Chunk:
+    """n queries of one sequence (tokens t0.., positions q0..) over its keys at positions lo..lo+L-1."""
+
+    def __init__(self, t0: int, n: int, q0: int, lo: int, window: int | None, pos_rows: torch.Tensor,
+                 heads: torch.Tensor):
+        self.t0, self.n, self.q0, self.lo, self.L = t0, n, q0, lo, q0 + n - lo
+        self.window = window
+        # keys = the chunk's own tokens and no window cuts in: is_causal instead of a mask
+        self.causal = q0 == 0 and (window is None or window >= n)
+        self.rows = pos_rows[lo: lo + self.L] + heads  # [2, 1, Hkv, L]: K, V rows of its keys
+        self._mask = None
+
+    def mask(self, device) -> torch.Tensor:
+        """[n, L] additive mask (0 / -inf): causal, plus the sliding window; built on first use."""
+        if self._mask is None:
+            q_pos = torch.arange(self.q0, self.q0 + self.n, device=device)[:, None]
+            k_pos = torch.arange(self.lo, self.lo + self.L, device=device)[None, :]
+            hidden = k_pos > q_pos
+            if self.window is not None:
+                hidden |= q_pos - k_pos >= self.window
+            self._mask = torch.where(hidden, float("-inf"), 0.0)
+        return self._mask
+
+
+class _StepPlan:
+    """Decode groups (each gathers its own K/V) and prompt-chunk pieces, whose K and V rows are
+    concatenated, [2, R], so that a layer gathers all of them with one index_select each."""
+
+    def __init__(self, decodes: list[_Decodes], chunks: list[_Chunk]):
+        self.decodes, self.chunks = decodes, chunks
+        row = 0
+        for c in chunks:
+            c.row0, row = row, row + c.rows[0].numel()
+        parts = [c.rows.view(2, -1) for c in chunks]
+        self.chunk_rows = None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _plan(meta: "BatchMeta", kv_shape, num_heads: int, window: int | None, device) -> _StepPlan:
+    """Plan this step's attention; cached on meta since every layer reuses it."""
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_shape
+    key = ("attention", num_heads, num_blocks, block_size, num_kv_heads, head_dim, window, str(device))
     cache = meta.step_cache
     if key in cache:
         return cache[key]
     starts = meta.query_start_host or meta.query_start.tolist()
     ctx_lens = meta.context_lens_host or meta.context_lens.tolist()
-    pieces = []
+    # the cache is gathered as rows [2 * slots * Hkv, D]: pos_rows [S, blocks * block_size] is the
+    # row of kv head 0's key at each position of each sequence; heads [2, 1, Hkv, 1] the offsets
+    # from it to kv head h's key, and to its value (the values follow all keys)
+    tables = meta.block_tables.to(device).long() * (block_size * num_kv_heads)
+    pos_rows = tables[:, :, None] + torch.arange(0, block_size * num_kv_heads, num_kv_heads, device=device)
+    pos_rows = pos_rows.view(len(tables), -1)
+    v0 = num_blocks * block_size * num_kv_heads
+    heads = torch.tensor([list(range(num_kv_heads)), list(range(v0, v0 + num_kv_heads))], device=device)
+    heads = heads.view(2, 1, num_kv_heads, 1)
+    decode_seqs, chunks = [], []
     for s in range(meta.num_seqs):
         t0, qlen = starts[s], starts[s + 1] - starts[s]
-        first_pos = ctx_lens[s] - qlen  # new tokens are the last qlen of the context
-        # long prompt chunks are cut into query pieces whose scores fit half the budget
+        if qlen == 1:
+            decode_seqs.append(s)
+            continue
+        q0 = ctx_lens[s] - qlen  # new tokens are the last qlen of the context
+        # long chunks are cut into query pieces whose scores fit half the budget (the softcap path
+        # materialises them; SDPA does not, but its mask would)
         step = max(1, (_GROUP_BUDGET // 2) // (num_heads * max(ctx_lens[s], 1)))
         for a in range(0, qlen, step):
             n = min(step, qlen - a)
-            key_start = 0 if window is None else max(0, first_pos + a - window + 1)
-            pieces.append((s, t0 + a, n, key_start, first_pos + a + n - key_start))
-
-    def cost(B, Q, L):
-        return B * L * (Q * num_heads + 2 * kv_row)
-
-    # similar shapes next to each other, then greedy groups that stay in budget and barely padded
-    pieces.sort(key=lambda p: (p[2], p[4]))
-    groups, cur, real, Q, L = [], [], 0, 0, 0
-    for p in pieces:
-        q2, l2, r2 = max(Q, p[2]), max(L, p[4]), real + cost(1, p[2], p[4])
-        padded = cost(len(cur) + 1, q2, l2)
-        if cur and (padded > _GROUP_BUDGET or padded > _PAD_RATIO * r2 + _PAD_SLACK):
-            groups.append(cur)
-            cur, q2, l2, r2 = [], p[2], p[4], cost(1, p[2], p[4])
-        cur.append(p)
-        Q, L, real = q2, l2, r2
-    if cur:
-        groups.append(cur)
-    plan = [_Group(g, meta, window, device) for g in groups]
-    cache[key] = plan
+            lo = 0 if window is None else max(0, q0 + a - window + 1)
+            chunks.append(_Chunk(t0 + a, n, q0 + a, lo, window, pos_rows[s], heads))
+    decodes = []
+    for group in _decode_groups(decode_seqs, ctx_lens, num_heads, num_kv_heads * head_dim, window):
+        lo = [0 if window is None else max(0, ctx_lens[s] - window) for s in group]
+        rows = pos_rows if group == list(range(len(pos_rows))) else pos_rows[torch.tensor(group, device=device)]
+        decodes.append(_Decodes([starts[s] for s in group], lo, [ctx_lens[s] - a for s, a in zip(group, lo)],
+                                rows, heads))
+    plan = cache[key] = _StepPlan(decodes, chunks)
     return plan
 
 
-def _workspace(meta: "BatchMeta", numel: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """A scratch buffer owned by this step's meta, reused by every layer.
+def _decode_groups(seqs: list[int], ctx_lens: list[int], num_heads: int, kv_row: int, window: int | None):
+    """Decodes in groups whose scores and gathered K/V fit the budget: all in one (in batch order,
+    so the group's queries and outputs are slices) unless that is too big; then by key count.
+    (Splitting a batch that fits into groups of similar lengths saves padding but measured slower.)"""
+    def keys(s):
+        return ctx_lens[s] if window is None else min(ctx_lens[s], window)
 
-    Gathered K/V are tens of MiB; a fresh tensor per layer is a fresh mmap whose page faults cost
-    several times the gather itself on the CPU.
-    """
+    def cost(n, length):
+        return n * length * (num_heads + 2 * kv_row)
+
+    if not seqs:
+        return []
+    if cost(len(seqs), max(map(keys, seqs))) <= _GROUP_BUDGET:
+        return [seqs]
+    groups, cur = [], []
+    for s in sorted(seqs, key=keys):
+        if cur and cost(len(cur) + 1, keys(s)) > _GROUP_BUDGET:
+            groups.append(cur)
+            cur = []
+        cur.append(s)
+    return groups + [cur]
+
+
+def _workspace(meta: "BatchMeta", name: str, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A scratch buffer owned by this step's meta, reused by every layer: one allocation per step
+    instead of one per layer, and a buffer that stays in cache."""
     cache = meta.step_cache
-    key = ("workspace", dtype, str(device))
+    key = ("workspace", name, dtype, str(device))
     buf = cache.get(key)
     if buf is None or buf.numel() < numel:
         buf = cache[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
+
+
+def _gather(kv_layer: torch.Tensor, rows: torch.Tensor, meta: "BatchMeta", name: str) -> torch.Tensor:
+    """Rows [R, D] (float32) of the cache viewed [2 * slots * Hkv, D], into a per-step workspace."""
+    D = kv_layer.shape[-1]
+    # view (not reshape) so a non-contiguous cache fails loudly instead of gathering from a copy
+    out = _workspace(meta, name, rows.numel() * D, kv_layer.dtype, kv_layer.device).view(-1, D)
+    torch.index_select(kv_layer.view(-1, D), 0, rows, out=out)
+    if out.dtype != torch.float32:
+        out = _workspace(meta, name + "32", out.numel(), torch.float32, out.device).view_as(out).copy_(out)
+    return out
+
+
+def _softcap_(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return scores if cap is None else scores.div_(cap).tanh_().mul_(cap)
+
+
+def _decode_probs(q: torch.Tensor, k_rows: torch.Tensor, g: _Decodes, scale, softcap) -> torch.Tensor:
+    """Softmax of the scores of one query per sequence: [B*Hkv, G, D] @ [B*Hkv, D, L] -> [B*Hkv, G, L]."""
+    _, H, D = q.shape
+    BH = g.mask.shape[0]  # B * Hkv
+    k = k_rows.view(BH, g.L, D)
+    qg = q[g.first: g.first + g.B] if g.first is not None else q.index_select(0, g.tokens)
+    qg = qg.reshape(BH, H * g.B // BH, D)  # query head h = kv_head * G + i, so a kv head's G are adjacent
+    # same order of operations as HF eager attention: q@k^T * scale, softcap, mask, fp32 softmax, @v
+    if softcap is None:
+        scores = torch.baddbmm(g.mask, qg, k.transpose(1, 2), alpha=scale)  # mask + scale * (q@k^T), exact
+    else:
+        scores = _softcap_(torch.bmm(qg, k.transpose(1, 2)).mul_(scale), softcap).add_(g.mask)
+    return torch.softmax(scores, dim=-1)
+
+
+def _decode_output(probs: torch.Tensor, v_rows: torch.Tensor, g: _Decodes, out: torch.Tensor) -> None:
+    """probs [B*Hkv, G, L] @ V [B*Hkv, L, D], written to the decodes' rows of out [T, H, D]."""
+    BH, G, L = probs.shape
+    v = v_rows.view(BH, L, -1)
+    if g.first is not None:
+        torch.bmm(probs, v, out=out[g.first: g.first + g.B].view(BH, G, -1))
+    else:
+        out.index_copy_(0, g.tokens, torch.bmm(probs, v).view(g.B, -1, out.shape[-1]))
+
+
+def _attend_chunk(q: torch.Tensor, k_rows, v_rows, c: _Chunk, out, scale, softcap) -> None:
+    """The queries of one prompt chunk over its keys [Hkv, L, D]."""
+    _, H, D = q.shape
+    Hkv = c.rows.shape[2]
+    k = k_rows[c.row0: c.row0 + Hkv * c.L].view(Hkv, c.L, D)
+    v = v_rows[c.row0: c.row0 + Hkv * c.L].view(Hkv, c.L, D)
+    qc = q[c.t0: c.t0 + c.n]  # [n, H, D]
+    if softcap is None:
+        mask = None if c.causal else c.mask(q.device)
+        # 4-d [1, heads, tokens, D] views: SDPA's fused CPU kernel takes them, 3-d ones fall back to math
+        o = F.scaled_dot_product_attention(
+            qc.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, is_causal=c.causal, scale=scale,
+            enable_gqa=True)
+        out[c.t0: c.t0 + c.n].copy_(o[0].transpose(0, 1))
+        return
+    # SDPA has no softcap: HF eager's order of operations, query heads of one kv head as rows
+    qg = qc.view(c.n, Hkv, H // Hkv, D).permute(1, 2, 0, 3).reshape(Hkv, -1, D)  # [Hkv, G*n, D]
+    scores = _softcap_(torch.bmm(qg, k.transpose(1, 2)).mul_(scale), softcap)  # [Hkv, G*n, L]
+    scores.view(Hkv, -1, c.n, c.L).add_(c.mask(q.device))
+    o = torch.bmm(torch.softmax(scores, dim=-1), v).view(Hkv, -1, c.n, D)  # [Hkv, G, n, D]
+    out[c.t0: c.t0 + c.n].view(c.n, Hkv, -1, D).copy_(o.permute(2, 0, 1, 3))
 
 
 def paged_attention(
@@ -131,38 +246,21 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention of ragged q [T, H, D] over each sequence's paged K/V; returns [T, H, D]."""
     T, H, D = q.shape
-    _, num_blocks, block_size, Hkv, _ = kv_layer.shape
-    G = H // Hkv  # query heads per kv head; head h reads kv head h // G
     out = torch.empty(T, H, D, dtype=torch.float32, device=q.device)
     if T == 0:
         return out.to(q.dtype)
+    plan = _plan(meta, kv_layer.shape, H, sliding_window, q.device)
     q32 = q.float()
-    rows = kv_layer.view(2, num_blocks * block_size, Hkv * D)  # one row per slot
-    for g in _plan(meta, H, Hkv * D, sliding_window, q.device):
-        B, Q, L = g.B, g.Q, g.L
-        n = B * L * Hkv * D
-        # gather each piece's keys and values, padded to L: [2, B, L, Hkv, D]
-        kv = _workspace(meta, 2 * n, kv_layer.dtype, q.device).view(2, B * L, Hkv * D)
-        torch.index_select(rows[0], 0, g.slots, out=kv[0])
-        torch.index_select(rows[1], 0, g.slots, out=kv[1])
-        if kv.dtype != torch.float32:
-            kv = _workspace(meta, 2 * n, torch.float32, q.device).view_as(kv).copy_(kv)
-        kv = kv.view(2, B, L, Hkv, D)
-        qg = q32.index_select(0, g.rows).view(B, Q, Hkv, G, D).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, Q, D]
-        heads = []
-        # one batched matmul per kv head: the strided [B, L, D] slice of the gathered K/V feeds
-        # BLAS directly, where batching over (B, Hkv) would first need a transposing copy
-        for h in range(Hkv):
-            # same order of operations as HF eager attention: q@k^T * scale, softcap, mask, fp32 softmax, @v
-            scores = torch.bmm(qg[:, h].reshape(B, G * Q, D), kv[0, :, :, h].transpose(1, 2)).mul_(scale)
-            if logit_softcap is not None:
-                scores.div_(logit_softcap).tanh_().mul_(logit_softcap)
-            scores.view(B, G, Q, L).masked_fill_(g.masked[:, None], float("-inf"))
-            heads.append(torch.bmm(torch.softmax(scores, dim=-1), kv[1, :, :, h]))  # [B, G*Q, D]
-        o = torch.stack(heads, dim=1).view(B, Hkv, G, Q, D).permute(0, 3, 1, 2, 4).reshape(B * Q, H, D)
-        if g.valid is not None:
-            o = o.index_select(0, g.valid)
-        out.index_copy_(0, g.tokens, o)
+    # keys first, then (into the same buffer) values once the softmax is done: the buffer is read
+    # right after it is written, and one buffer keeps the step's memory footprint in cache
+    for g in plan.decodes:
+        probs = _decode_probs(q32, _gather(kv_layer, g.rows[0], meta, "k"), g, scale, logit_softcap)
+        _decode_output(probs, _gather(kv_layer, g.rows[1], meta, "k"), g, out)
+    if plan.chunks:
+        k_rows = _gather(kv_layer, plan.chunk_rows[0], meta, "k")
+        v_rows = _gather(kv_layer, plan.chunk_rows[1], meta, "v")
+        for c in plan.chunks:
+            _attend_chunk(q32, k_rows, v_rows, c, out, scale, logit_softcap)
     return out.to(q.dtype)
 
 
@@ -176,30 +274,57 @@ def build_cos_sin_cache(
     return torch.cat((freqs.cos() * attention_scaling, freqs.sin() * attention_scaling), dim=-1).to(dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool) -> torch.Tensor:
-    """Rotate the first rotary_dim features of x [T, heads, D]; cos, sin [T, 1, rotary_dim/2]."""
-    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
-    if interleaved:
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]  # GPT-J pairs (x[2i], x[2i+1])
-    else:
-        x1, x2 = rot.chunk(2, dim=-1)  # neox halves, as HF rotate_half
-    # same products and rounding as HF's q*cos + rotate_half(q)*sin
-    o1 = x1 * cos - x2 * sin
-    o2 = x2 * cos + x1 * sin
-    rotated = torch.stack((o1, o2), dim=-1).flatten(-2) if interleaved else torch.cat((o1, o2), dim=-1)
-    return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
+def _rotate_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool,
+                 out: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rotary_dim features of x [T, heads, D] into out (same shape); cos, sin
+    [T, 1, rotary_dim/2]. Writes the halves in place: no stack/cat copies."""
+    partial = rotary_dim < x.shape[-1]
+    rot, o = (x[..., :rotary_dim], out[..., :rotary_dim]) if partial else (x, out)
+    if interleaved:  # GPT-J pairs (x[2i], x[2i+1])
+        x1, x2, o1, o2 = rot[..., 0::2], rot[..., 1::2], o[..., 0::2], o[..., 1::2]
+    else:  # neox halves, as HF rotate_half
+        (x1, x2), (o1, o2) = rot.chunk(2, dim=-1), o.chunk(2, dim=-1)
+    # same products and rounding as HF's q*cos + rotate_half(q)*sin: o1 = x1*cos - x2*sin, o2 = x2*cos + x1*sin
+    tmp = x2 * sin
+    torch.mul(x1, cos, out=o1).sub_(tmp)
+    torch.mul(x1, sin, out=tmp)
+    torch.mul(x2, cos, out=o2).add_(tmp)
+    if partial:
+        out[..., rotary_dim:].copy_(x[..., rotary_dim:])
+    return out
+
+
+def _joint_qk(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """q [T, H, D] and k [T, Hkv, D] as one [T, H + Hkv, D] view when k's heads directly follow q's
+    in memory (the fused qkv projection's output split into q, k, v), else None."""
+    T, H, D = q.shape
+    if (q._base is None or k._base is not q._base or k.dtype != q.dtype or k.shape[0] != T or k.shape[2] != D
+            or q.stride()[1:] != (D, 1) or k.stride() != (q.stride(0), D, 1)
+            or k.data_ptr() != q.data_ptr() + H * D * q.element_size()):
+        return None
+    return q.as_strided((T, H + k.shape[1], D), (q.stride(0), D, 1))
+
+
+def _new_like(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def rotary(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
     rotary_dim: int | None = None, interleaved: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embedding of q [T, H, D] and k [T, Hkv, D] at positions [T]; returns new tensors."""
+    """Rotary embedding of q [T, H, D] and k [T, Hkv, D] at positions [T]; returns new tensors
+    (views of one [T, H + Hkv, D] buffer when q and k come from one fused projection)."""
     rotary_dim = rotary_dim or cos_sin.shape[-1]
     # HF casts cos/sin to the activation dtype and rotates in it
-    cos, sin = cos_sin[positions].to(q.dtype)[:, None, :].chunk(2, dim=-1)  # [T, 1, rotary_dim/2] each
-    q_out = _rotate(q, cos, sin, rotary_dim, interleaved)
-    k_out = _rotate(k, cos.to(k.dtype), sin.to(k.dtype), rotary_dim, interleaved)
+    cs = cos_sin.index_select(0, positions)
+    cos, sin = (cs if cs.dtype == q.dtype else cs.to(q.dtype))[:, None].chunk(2, dim=-1)  # [T, 1, rotary_dim/2]
+    qk = _joint_qk(q, k)
+    if qk is not None:  # one pass over both
+        out = _rotate_into(qk, cos, sin, rotary_dim, interleaved, _new_like(qk))
+        return out[:, : q.shape[1]], out[:, q.shape[1]:]
+    q_out = _rotate_into(q, cos, sin, rotary_dim, interleaved, _new_like(q))
+    k_out = _rotate_into(k, cos.to(k.dtype), sin.to(k.dtype), rotary_dim, interleaved, _new_like(k))
     return q_out, k_out
 
 
@@ -211,15 +336,26 @@ def rms_norm(
     """RMSNorm of x (of x + residual, returning (normed, sum) when residual is given)."""
     if residual is not None:
         x = x + residual
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    if weight_offset:
-        # Gemma: scale by (offset + weight) in float32, then cast (HF Gemma2RMSNorm)
-        normed = (h * (weight_offset + weight.float())).type_as(x)
+    if x.dtype == torch.float32 and weight.dtype == torch.float32 and not weight_offset and x.is_contiguous():
+        normed = _rms_norm_fp32(x, weight, eps)
     else:
-        # Llama: cast first, then scale in the weight's dtype (HF LlamaRMSNorm)
-        normed = weight * h.to(x.dtype)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        if weight_offset:
+            # Gemma: scale by (offset + weight) in float32, then cast (HF Gemma2RMSNorm)
+            normed = (h * (weight_offset + weight.float())).type_as(x)
+        else:
+            # Llama: cast first, then scale in the weight's dtype (HF LlamaRMSNorm)
+            normed = weight * h.to(x.dtype)
     return normed if residual is None else (normed, x)
+
+
+def _rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF LlamaRMSNorm in float32, bit for bit: weight * (x * rsqrt(mean(x^2) + eps)), where the
+    casts are no-ops; x^2 and the result share one buffer, the [T, 1] statistics update in place."""
+    out = x.pow(2)  # [T, N], contiguous like x
+    inv_rms = out.mean(-1, keepdim=True).add_(eps).rsqrt_()
+    return torch.mul(x, inv_rms, out=out).mul_(weight)
 
 
 def layer_norm(
@@ -236,7 +372,7 @@ def layer_norm(
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x [..., 2I] = [gate | up] -> silu(gate) * up."""
     gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return F.silu(gate).mul_(up)  # the product goes into silu's output: one new tensor, not two
 
 
 def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
