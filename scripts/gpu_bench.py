@@ -26,7 +26,7 @@ needs them):
              thousand tokens) against the time of their matmuls alone.
   offline    the FastGen-like workload: 32 requests, prompts ~ N(2600, 30%) clamped to [512, 4096],
              60 new tokens each; requests/s.
-  summary    the targets of issue 9 as ratios, with $OUT/hf.json when the HF run wrote one.
+  summary    the GPU performance targets (docs/benchmarks.md) as ratios, with $OUT/hf.json when the HF run wrote one.
 
 Each section is timed with warm-up (CUDA events, or wall clock around whole engine steps, which
 end in a host sync anyway), runs inside try/except so one failure is recorded and the others run,
@@ -428,7 +428,7 @@ class Bench:
         dst = torch.empty_like(src)
         ms = time_ms(lambda: dst.copy_(src), device, max(self.scale.time_target_s, 0.2), warmup=3)
         del src, dst
-        # a copy reads and writes every byte: 2 x size moved (the convention of issue 9's 3.0 TB/s)
+        # a copy reads and writes every byte: 2 x size moved (the convention behind the 3.0 TB/s H100 copy figure)
         copy_gbps = 2 * n * 4 / (ms / 1e3) / GB
         element = torch.empty((), dtype=self._dtype()).element_size()
         weight_bytes = matmul_weight_bytes(self.hf_config, element)
@@ -649,7 +649,7 @@ class Bench:
                     seconds=round(r["seconds"], 3), steps=r["steps"], requests_per_s=round(r["requests_per_s"], 3),
                     generated_tokens_per_s=round(r["generated_tokens_per_s"], 1))
 
-    # -- the targets of issue 9 --
+    # -- the GPU performance targets (docs/benchmarks.md) --
     def run_summary(self) -> dict:
         sec = self.results["sections"]
         hf = _read_json(Path(self.args.out) / "hf.json").get("sections", {})
@@ -680,7 +680,7 @@ class Bench:
         sf_off = get("offline", "requests_per_s")
         target("offline_vs_hf_continuous_batching", _ratio(sf_off, hget("offline_cb", "requests_per_s")), ">=", 5.0)
         target("offline_vs_hf_static_batches", _ratio(sf_off, hget("offline_static", "requests_per_s")), ">=", 5.0,
-               "for information: issue 9's target is against continuous batching")
+               "for information: the offline target is against continuous batching")
         target("startup_s", get("startup", "startup_s"), "<=", 60.0, "model + KV cache; CUDA graphs when captured")
         return dict(hf_json_found=bool(hf), targets=targets)
 

@@ -12,7 +12,7 @@ Sections (`--only a,b`):
   offline_static  the FastGen-like workload of gpu_bench.py (same prompt lengths, same seed): static
                   `generate` batches of 8 in arrival order, left padded.
   offline_cb      the same requests through transformers' continuous batching (`generate_batch`,
-                  paged|sdpa attention), the baseline of issue 9's offline target.
+                  paged|sdpa attention), the baseline of the offline throughput target.
 
     python scripts/gpu_bench_hf.py
     python scripts/gpu_bench_hf.py --only generate

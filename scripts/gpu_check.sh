@@ -5,7 +5,7 @@
 #   kernels.json     pytest exit code and counts (+ failures) of tests/cuda
 #   hf.json          scripts/gpu_bench_hf.py  (transformers generate / continuous batching)
 #   splitfuse.json   scripts/gpu_bench.py     (limits, matmuls, attention, decode, mixed, offline,
-#                                              and a summary of issue 9's targets as ratios)
+#                                              and a summary of the GPU performance targets as ratios)
 #   check.json       each part's exit code and seconds
 #   logs/*.log       the full output of each part
 #
@@ -163,7 +163,7 @@ errors = {f"{src}:{name}": s.get("error") or s.get("skipped") for src, tree in (
           for name, s in tree.items() if isinstance(s, dict) and (s.get("error") or s.get("skipped"))}
 if errors:
     print("sections failed or skipped:", errors)
-print("issue 9 targets:")
+print("GPU performance targets:")
 for name, t in load("splitfuse.json").get("sections", {}).get("summary", {}).get("targets", {}).items():
     print(f"  {name:48s} {t.get('value')!s:>10} (target {t['target']}) {'' if t.get('met') is None else 'met' if t['met'] else 'NOT met'}")
 EOF
