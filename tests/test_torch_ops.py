@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import types
 
 import pytest
@@ -11,60 +10,19 @@ import torch.nn.functional as F
 
 from splitfuse.backends import torch_ops
 
-from splitfuse.core.batch import BatchMeta
+from splitfuse.testing.ragged import filled_cache, ragged_step  # noqa: E402
 
 
 # ---- helpers ------------------------------------------------------------------------------------
 def make_batch(specs, block_size, num_kv_heads, head_dim, dtype=torch.float32, seed=0):
-    """A ragged batch over a paged cache with shuffled blocks.
+    """A ragged batch over a paged cache with shuffled blocks and NaN in unwritten slots.
 
     specs: (context_len, new_tokens) per sequence, context_len counting the new tokens.
     Returns (meta, kv_layer, keys, values): keys/values hold each sequence's full dense K/V.
     """
-    gen = torch.Generator().manual_seed(seed)
-    blocks_per_seq = [math.ceil(ctx / block_size) for ctx, _ in specs]
-    num_blocks = sum(blocks_per_seq) + 3  # spare blocks are never read
-    order = torch.randperm(num_blocks, generator=gen).tolist()  # non-contiguous, out of order
-    # NaN everywhere a sequence did not write: reading a foreign slot poisons the output
-    kv_layer = torch.full((2, num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype)
-    tables, keys, values = [], [], []
-    positions, slots, token_seq, query_start, context_lens = [], [], [], [0], []
-    for s, ((ctx, new), nb) in enumerate(zip(specs, blocks_per_seq)):
-        table = [order.pop() for _ in range(nb)]
-        seq_slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(ctx)])
-        k = torch.randn(ctx, num_kv_heads, head_dim, generator=gen).to(dtype)
-        v = torch.randn(ctx, num_kv_heads, head_dim, generator=gen).to(dtype)
-        torch_ops.write_kv(kv_layer, k, v, seq_slots)
-        tables.append(table)
-        keys.append(k)
-        values.append(v)
-        positions.extend(range(ctx - new, ctx))
-        slots.extend(seq_slots[ctx - new:].tolist())
-        token_seq.extend([s] * new)
-        query_start.append(query_start[-1] + new)
-        context_lens.append(ctx)
-    block_tables = torch.zeros(len(specs), max(blocks_per_seq), dtype=torch.int32)
-    for row, table in enumerate(tables):
-        block_tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
-    query_lens = [new for _, new in specs]
-    fields = dict(
-        input_ids=torch.zeros(len(positions), dtype=torch.int64),
-        positions=torch.tensor(positions, dtype=torch.int64),
-        query_start=torch.tensor(query_start, dtype=torch.int32),
-        context_lens=torch.tensor(context_lens, dtype=torch.int32),
-        block_tables=block_tables,
-        slot_mapping=torch.tensor(slots, dtype=torch.int64),
-        token_seq=torch.tensor(token_seq, dtype=torch.int64),
-        sample_index=torch.tensor([query_start[i + 1] - 1 for i in range(len(specs))], dtype=torch.int64),
-        num_tokens=len(positions),
-        num_seqs=len(specs),
-        max_query_len=max(query_lens),
-        max_context_len=max(context_lens),
-        block_size=block_size,
-        is_decode_only=max(query_lens) == 1,
-    )
-    meta = BatchMeta(**fields, query_start_host=query_start, context_lens_host=context_lens)
-    return meta, kv_layer, keys, values
+    step = ragged_step(specs, block_size, seed)
+    kv_layer, keys, values = filled_cache(step, num_kv_heads, head_dim, dtype, seed)
+    return step.meta, kv_layer, keys, values
 
 
 def dense_attention(q, keys, values, specs, scale, window=None, softcap=None):

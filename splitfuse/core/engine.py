@@ -11,7 +11,7 @@ from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.core.batch import build_batch
 from splitfuse.core.detokenizer import IncrementalDetokenizer
 from splitfuse.core.kv_blocks import BlockManager
-from splitfuse.core.request import RequestOutput, Sequence, Status, TokenLogprob
+from splitfuse.core.request import RequestOutput, Sequence, TokenLogprob
 from splitfuse.core.sampler import SamplingBatch, compute_logprobs
 from splitfuse.core.scheduler import Scheduler, StepPlan
 

@@ -3,7 +3,6 @@ ops against the cpu backend's reference ops."""
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ from splitfuse.backends.cuda import CudaBackend
 from splitfuse.backends.cuda import backend as cuda_backend_module
 from splitfuse.cli import main
 from splitfuse.config import EngineConfig
-from splitfuse.core.batch import BatchMeta
+from splitfuse.testing.ragged import ragged_step  # noqa: E402
 from splitfuse.plugins import reset_plugin_manager
 
 
@@ -121,34 +120,8 @@ def test_num_kv_blocks_from_gpu_memory(monkeypatch, caplog):
 def make_meta(specs, block_size, device, seed=0):
     """A ragged step: specs are (context_len incl. new tokens, new tokens) per sequence; blocks
     shuffled. Returns (meta, num_blocks, slots of every context token per sequence)."""
-    gen = torch.Generator().manual_seed(seed)
-    per_seq = [math.ceil(ctx / block_size) for ctx, _ in specs]
-    num_blocks = sum(per_seq) + 2
-    order = torch.randperm(num_blocks, generator=gen).tolist()
-    tables, positions, slots, token_seq, starts, all_slots = [], [], [], [], [0], []
-    for s, ((ctx, new), nb) in enumerate(zip(specs, per_seq)):
-        table = [order.pop() for _ in range(nb)]
-        seq_slots = [table[p // block_size] * block_size + p % block_size for p in range(ctx)]
-        tables.append(table)
-        all_slots.append(seq_slots)
-        positions += range(ctx - new, ctx)
-        slots += seq_slots[ctx - new:]
-        token_seq += [s] * new
-        starts.append(starts[-1] + new)
-    width = max(per_seq)
-    contexts = [ctx for ctx, _ in specs]
-    meta = BatchMeta(
-        input_ids=torch.zeros(len(positions), dtype=torch.int64),
-        positions=torch.tensor(positions), query_start=torch.tensor(starts, dtype=torch.int32),
-        context_lens=torch.tensor(contexts, dtype=torch.int32),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
-        slot_mapping=torch.tensor(slots), token_seq=torch.tensor(token_seq),
-        sample_index=torch.tensor([e - 1 for e in starts[1:]]), num_tokens=len(positions),
-        num_seqs=len(specs), max_query_len=max(n for _, n in specs), max_context_len=max(contexts),
-        block_size=block_size, is_decode_only=all(n == 1 for _, n in specs),
-        query_start_host=starts, context_lens_host=contexts,
-    )
-    return meta.to(device), num_blocks, all_slots
+    step = ragged_step(specs, block_size, seed, spare_blocks=2)
+    return step.meta.to(device), step.num_blocks, step.slots
 
 
 @pytest.fixture

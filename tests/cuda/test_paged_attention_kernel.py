@@ -7,7 +7,6 @@ sizes 8-24, 16-wide tiles.
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -20,7 +19,7 @@ pytest.importorskip("triton")
 
 from splitfuse.backends import torch_ops  # noqa: E402
 from splitfuse.backends.cuda.kernels import paged_attention as pa  # noqa: E402
-from splitfuse.core.batch import BatchMeta  # noqa: E402
+from splitfuse.testing.ragged import filled_cache, ragged_step  # noqa: E402
 
 # the interpreter itself trips a numpy deprecation on every scalar it indexes with
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -42,45 +41,11 @@ MIXED = [(1, 1), (9, 1), (17, 17), (40, 7), (33, 1), (5, 5), (23, 1), (38, 20), 
 
 
 def make_batch(specs, block_size, num_kv_heads, head_dim, dtype=torch.float32, seed=0):
-    """A ragged step over a paged cache with shuffled, non-contiguous blocks and NaN in every slot
-    no sequence wrote (reading one poisons the output). Compact copy of tests/test_torch_ops.py's
-    helper. Returns (meta, kv_layer) on DEVICE."""
-    gen = torch.Generator().manual_seed(seed)
-    blocks_per_seq = [math.ceil(ctx / block_size) for ctx, _ in specs]
-    num_blocks = sum(blocks_per_seq) + 3  # spare blocks are never read
-    order = torch.randperm(num_blocks, generator=gen).tolist()
-    kv = torch.full((2, num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype)
-    tables, positions, slots, token_seq, query_start, context_lens = [], [], [], [], [0], []
-    for s, ((ctx, new), nb) in enumerate(zip(specs, blocks_per_seq)):
-        table = [order.pop() for _ in range(nb)]
-        seq_slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(ctx)])
-        k = torch.randn(ctx, num_kv_heads, head_dim, generator=gen)
-        v = torch.randn(ctx, num_kv_heads, head_dim, generator=gen)
-        torch_ops.write_kv(kv, k, v, seq_slots)
-        tables.append(table)
-        positions += range(ctx - new, ctx)
-        slots += seq_slots[ctx - new:].tolist()
-        token_seq += [s] * new
-        query_start.append(query_start[-1] + new)
-        context_lens.append(ctx)
-    block_tables = torch.zeros(len(specs), max(blocks_per_seq), dtype=torch.int32)
-    for row, table in enumerate(tables):
-        block_tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
-    max_query_len = max(new for _, new in specs)
-    meta = BatchMeta(
-        input_ids=torch.zeros(len(positions), dtype=torch.int64),
-        positions=torch.tensor(positions, dtype=torch.int64),
-        query_start=torch.tensor(query_start, dtype=torch.int32),
-        context_lens=torch.tensor(context_lens, dtype=torch.int32),
-        block_tables=block_tables,
-        slot_mapping=torch.tensor(slots, dtype=torch.int64),
-        token_seq=torch.tensor(token_seq, dtype=torch.int64),
-        sample_index=torch.tensor([query_start[i + 1] - 1 for i in range(len(specs))], dtype=torch.int64),
-        num_tokens=len(positions), num_seqs=len(specs), max_query_len=max_query_len,
-        max_context_len=max(context_lens), block_size=block_size, is_decode_only=max_query_len == 1,
-        query_start_host=query_start, context_lens_host=context_lens,
-    )
-    return meta.to(DEVICE), kv.to(DEVICE)
+    """A ragged step over a paged cache with shuffled blocks and NaN in every slot no sequence
+    wrote (reading one poisons the output). Returns (meta, kv_layer) on DEVICE."""
+    step = ragged_step(specs, block_size, seed)
+    kv, _, _ = filled_cache(step, num_kv_heads, head_dim, dtype, seed)
+    return step.meta.to(DEVICE), kv.to(DEVICE)
 
 
 def run(specs=MIXED, block_size=4, H=4, Hkv=2, D=8, dtype=torch.float32, window=None, softcap=None,
