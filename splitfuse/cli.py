@@ -70,6 +70,8 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
     for info in list_backends():
         state = "available" if info.available else f"unavailable: {info.reason}"
+        if info.available and not info.auto_selectable:
+            state += " (only when named: `auto` does not pick it)"
         print(f"{info.name:<12} priority {info.priority:>4}  {state}")
     return 0
 

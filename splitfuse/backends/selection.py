@@ -18,6 +18,7 @@ class BackendInfo:
     priority: int
     available: bool
     reason: str  # why it is unavailable, or why the plugin failed to load
+    auto_selectable: bool = True  # False: runs when named, but `auto` passes it over
 
 
 def list_backends() -> list[BackendInfo]:
@@ -29,7 +30,7 @@ def list_backends() -> list[BackendInfo]:
             reason = cls.unavailable_reason()
         except Exception as exc:  # a backend whose probe crashes is reported, not fatal
             reason = f"availability check failed: {type(exc).__name__}: {exc}"
-        infos.append(BackendInfo(cls.name, cls.priority, reason == "", reason))
+        infos.append(BackendInfo(cls.name, cls.priority, reason == "", reason, cls.auto_selectable()))
     for failure in manager.failures:
         infos.append(BackendInfo(failure.name, -1, False, f"plugin failed to load: {failure.error}"))
     return infos
@@ -47,9 +48,8 @@ def create_backend(name: str | None = None):
     registry = get_plugin_manager().backends()
     if name == "auto":
         for info in infos:
-            cls = registry.get(info.name)
-            if info.available and cls is not None and cls.auto_selectable():
-                return cls()
+            if info.available and info.auto_selectable:
+                return registry.get(info.name)()
         raise BackendError("no backend is available\n" + _listing(infos))
     cls = registry.get(name)
     if cls is None:

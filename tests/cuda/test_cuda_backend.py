@@ -40,6 +40,7 @@ def test_listed_available_in_interpreter_mode(interpreter_only, capsys):
     assert main(["backends"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("cuda"))
     assert "available" in line and "unavailable" not in line
+    assert "only when named" in line  # the listing says why `auto` still picks cpu
 
 
 def test_auto_keeps_cpu_in_interpreter_mode_and_cuda_works_by_name(interpreter_only):
