@@ -29,6 +29,33 @@ def _rstd(sum_sq, n_f, eps):
 
 
 @triton.jit
+def _load_tile(x_ptr, r_ptr, sum_ptr, rows, cols, mask, stride_x, stride_r, stride_sum,
+               HAS_RESIDUAL: tl.constexpr, STORE_SUM: tl.constexpr):
+    """A tile of x, or of x + residual rounded to the input dtype as `x + residual` is in torch
+    (written to sum_ptr when STORE_SUM)."""
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        if STORE_SUM:
+            tl.store(sum_ptr + rows[:, None] * stride_sum + cols[None, :], x, mask=mask)
+    return x
+
+
+@triton.jit
+def _scale_and_store(x, rstd, w_ptr, out_ptr, rows, cols, mask, N, stride_out, weight_offset,
+                     HAS_OFFSET: tl.constexpr):
+    """Normalise a tile by its rows' rstd, apply the weight (Llama or Gemma order), store it."""
+    h = x.to(tl.float32) * rstd[:, None]
+    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    if HAS_OFFSET:
+        y = h * (weight_offset + w)[None, :]
+    else:
+        y = w[None, :] * h.to(x.dtype).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr,
     M, N, N_F, stride_x, stride_r, stride_out, stride_sum,
@@ -40,37 +67,22 @@ def _rms_norm_kernel(
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_mask = rows < M
     cols = tl.arange(0, BLOCK_N)
-    x_dtype = x_ptr.dtype.element_ty
-    out_dtype = out_ptr.dtype.element_ty
 
     if SINGLE_PASS:
         mask = row_mask[:, None] & (cols[None, :] < N)
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-        if HAS_RESIDUAL:
-            r = tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
-            # the sum is rounded to the input dtype, as `x + residual` is in torch
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(x_dtype)
-            tl.store(sum_ptr + rows[:, None] * stride_sum + cols[None, :], x, mask=mask)
+        x = _load_tile(x_ptr, r_ptr, sum_ptr, rows, cols, mask, stride_x, stride_r, stride_sum,
+                       HAS_RESIDUAL, True)
         h = x.to(tl.float32)
         rstd = _rstd(tl.sum(h * h, axis=1), N_F, eps)
-        h = h * rstd[:, None]
-        w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-        if HAS_OFFSET:
-            y = h * (weight_offset + w)[None, :]
-        else:
-            y = w[None, :] * h.to(x_dtype).to(tl.float32)
-        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y.to(out_dtype), mask=mask)
+        _scale_and_store(x, rstd, w_ptr, out_ptr, rows, cols, mask, N, stride_out, weight_offset, HAS_OFFSET)
     else:
         # pass 1: residual sum (written out) and the sum of squares, BLOCK_N columns at a time
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             c = start + cols
             mask = row_mask[:, None] & (c[None, :] < N)
-            x = tl.load(x_ptr + rows[:, None] * stride_x + c[None, :], mask=mask, other=0.0)
-            if HAS_RESIDUAL:
-                r = tl.load(r_ptr + rows[:, None] * stride_r + c[None, :], mask=mask, other=0.0)
-                x = (x.to(tl.float32) + r.to(tl.float32)).to(x_dtype)
-                tl.store(sum_ptr + rows[:, None] * stride_sum + c[None, :], x, mask=mask)
+            x = _load_tile(x_ptr, r_ptr, sum_ptr, rows, c, mask, stride_x, stride_r, stride_sum,
+                           HAS_RESIDUAL, True)
             h = x.to(tl.float32)
             acc += h * h
         rstd = _rstd(tl.sum(acc, axis=1), N_F, eps)
@@ -79,17 +91,9 @@ def _rms_norm_kernel(
         for start in range(0, N, BLOCK_N):
             c = start + cols
             mask = row_mask[:, None] & (c[None, :] < N)
-            x = tl.load(x_ptr + rows[:, None] * stride_x + c[None, :], mask=mask, other=0.0)
-            if HAS_RESIDUAL:
-                r = tl.load(r_ptr + rows[:, None] * stride_r + c[None, :], mask=mask, other=0.0)
-                x = (x.to(tl.float32) + r.to(tl.float32)).to(x_dtype)
-            h = x.to(tl.float32) * rstd[:, None]
-            w = tl.load(w_ptr + c, mask=c < N, other=0.0).to(tl.float32)
-            if HAS_OFFSET:
-                y = h * (weight_offset + w)[None, :]
-            else:
-                y = w[None, :] * h.to(x_dtype).to(tl.float32)
-            tl.store(out_ptr + rows[:, None] * stride_out + c[None, :], y.to(out_dtype), mask=mask)
+            x = _load_tile(x_ptr, r_ptr, sum_ptr, rows, c, mask, stride_x, stride_r, stride_sum,
+                           HAS_RESIDUAL, False)
+            _scale_and_store(x, rstd, w_ptr, out_ptr, rows, c, mask, N, stride_out, weight_offset, HAS_OFFSET)
 
 
 def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
