@@ -52,10 +52,8 @@ def build_engine(model: str | Path | None, backend: str | None = "auto", config:
     )
     log.info("KV cache: %d blocks of %d tokens (%d tokens) on %s", num_blocks, block_size,
              num_blocks * block_size, backend_impl.describe())
-    engine = Engine(net, backend_impl, loaded.tokenizer, config, loaded.eos_token_ids, net.max_model_len,
-                    num_blocks, block_size)
-    engine.sampling_defaults = loaded.sampling_defaults
-    return engine
+    return Engine(net, backend_impl, loaded.tokenizer, config, loaded.eos_token_ids, net.max_model_len,
+                  num_blocks, block_size, loaded.sampling_defaults)
 
 
 class Pipeline:

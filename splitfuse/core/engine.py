@@ -24,13 +24,16 @@ class Engine:
     """Drives a model on a backend; the caller owns the loop (`while engine.has_unfinished(): step()`)."""
 
     def __init__(self, model, backend, tokenizer, config: EngineConfig, eos_token_ids: list[int],
-                 max_model_len: int, num_kv_blocks: int, block_size: int) -> None:
+                 max_model_len: int, num_kv_blocks: int, block_size: int,
+                 sampling_defaults: dict | None = None) -> None:
         self.model = model
         self.backend = backend
         self.tokenizer = tokenizer
         self.config = config
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
+        # The model's generation_config.json sampling values, for front ends to start from.
+        self.sampling_defaults = dict(sampling_defaults or {})
         self.blocks = BlockManager(num_kv_blocks, block_size)
         self.kv_cache = backend.allocate_kv_cache(
             model.num_layers, num_kv_blocks, block_size, model.num_kv_heads, model.head_dim, model.dtype
