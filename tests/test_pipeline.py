@@ -244,3 +244,29 @@ def test_close_and_garbage_collection_free_the_kv_cache(tiny_model_dir):
 def test_max_model_len_beyond_the_model_is_refused(tiny_model_dir):
     with pytest.raises(ModelLoadError, match="max_position_embeddings"):
         splitfuse.pipeline(tiny_model_dir("llama"), backend="cpu", max_model_len=100_000)
+
+
+def test_generation_config_supplies_eos_ids_and_sampling_defaults(tmp_path, tiny_model_dir, pipe):
+    """Llama 3 lists several EOS ids and sampling defaults in generation_config.json."""
+    import json
+    import shutil
+
+    base = pipe([[1, 42]], max_new_tokens=8, temperature=0.0, ignore_eos=True)[0].token_ids
+    extra_eos = base[2]
+    target = tmp_path / "llama3-style"
+    shutil.copytree(tiny_model_dir("llama"), target)
+    (target / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [2, extra_eos], "do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 5}))
+    p = splitfuse.pipeline(target, backend="cpu", num_kv_blocks=64)
+    assert p.engine.eos_token_ids == {2, extra_eos}
+    params = p.sampling_params()
+    assert (params.temperature, params.top_p, params.top_k) == (0.6, 0.9, 5)
+    assert p.sampling_params(temperature=0.0).temperature == 0.0  # a call's value wins
+    out = p([[1, 42]], max_new_tokens=8, temperature=0.0)[0]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == base[: base.index(extra_eos) + 1]  # the second EOS id ends generation
+
+
+def test_greedy_model_default_when_generation_config_does_not_sample(tiny_model_dir):
+    p = splitfuse.pipeline(tiny_model_dir("llama"), backend="cpu", num_kv_blocks=16)
+    assert p.sampling_params().temperature == 0.0  # do_sample false in the tiny model's config
