@@ -1,4 +1,4 @@
-"""Command line: `splitfuse generate | backends | models | make-tiny-model` (also `python -m splitfuse`)."""
+"""Command line: `splitfuse generate | serve | backends | models | make-tiny-model` (also `python -m splitfuse`)."""
 
 from __future__ import annotations
 
@@ -65,6 +65,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from splitfuse.serving.server import run
+
+    template = None
+    if args.chat_template is not None:
+        with open(args.chat_template, encoding="utf-8") as f:
+            template = f.read()
+    run(args.model, host=args.host, port=args.port, backend=args.backend, api_key=args.api_key,
+        chat_template=template, max_waiting=args.max_waiting, served_model_name=args.served_model_name,
+        **_picked(args, EngineConfig))
+    return 0
+
+
 def cmd_backends(args: argparse.Namespace) -> int:
     from splitfuse.backends import list_backends
 
@@ -107,6 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_fields(gen, EngineConfig, "engine")
     _add_model_fields(gen, SamplingParams, "sampling")
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (MODEL omitted: the embedded default)")
+    srv.add_argument("model", nargs="?", default=None, metavar="MODEL", help="model directory (optional)")
+    srv.add_argument("--backend", default=None, help="auto, cpu, cuda, xpu or a plugin's name (env SPLITFUSE_BACKEND)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=os.environ.get("SPLITFUSE_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' on /v1/* (env SPLITFUSE_API_KEY)")
+    srv.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template file")
+    srv.add_argument("--max-waiting", type=int, default=1024, help="queued requests before answering 429")
+    srv.add_argument("--served-model-name", default=None, help="model name in the API (default: directory name)")
+    _add_model_fields(srv, EngineConfig, "engine")
+    srv.set_defaults(func=cmd_serve)
 
     sub.add_parser("backends", help="list registered backends and whether each can run here").set_defaults(
         func=cmd_backends)

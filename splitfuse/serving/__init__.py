@@ -1,0 +1,1 @@
+"""The persistent deployment: an OpenAI-compatible HTTP server over an AsyncEngine."""

@@ -1,0 +1,367 @@
+"""The OpenAI-compatible FastAPI app: routes, request-to-engine mapping, OpenAI error JSON."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from splitfuse.config import SamplingParams
+from splitfuse.core.request import TokenLogprob
+from splitfuse.serving.bridge import (
+    AsyncEngine,
+    EngineError,
+    EngineStopped,
+    QueueFull,
+    RequestGroup,
+)
+from splitfuse.serving.chat import render_chat
+from splitfuse.serving.guard import Guard
+from splitfuse.serving.metrics import Metrics, Tracker
+from splitfuse.serving.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunk,
+    ChatChunkChoice,
+    ChatDelta,
+    ChatLogprobs,
+    ChatRequest,
+    ChatResponse,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    SamplingFields,
+    TopLogprob,
+    Usage,
+    error_body,
+)
+
+# SamplingParams names back to the OpenAI names a client sent, for 400s that name the field.
+_OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+
+
+class APIError(Exception):
+    """An error to answer with OpenAI's error JSON."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def _error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
+
+
+def _sse(payload) -> str:
+    data = payload.model_dump_json(exclude_none=False) if hasattr(payload, "model_dump_json") else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+class _Handlers:
+    """Route bodies; one instance per app holds the engine, tokenizer and metrics."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str, tokenizer, chat_template: str | None) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.metrics = Metrics(engine)
+        self.created = int(time.time())
+
+    # ---- request to engine -----------------------------------------------------------------
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                           "invalid_request_error", "model", "model_not_found")
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise APIError(400, "this model has no tokenizer: send prompts as token ids", param="prompt")
+            return self.tokenizer(prompt)["input_ids"]
+        return list(prompt)
+
+    def budget(self, prompt_ids: list[int], max_tokens: int | None, param: str) -> int:
+        """max_tokens to ask for; 400 when the prompt plus it exceed the model's length."""
+        limit = self.engine.max_model_len
+        if not prompt_ids:
+            raise APIError(400, "the prompt is empty", param=param)
+        if max_tokens is None:
+            max_tokens = limit - len(prompt_ids)
+        if len(prompt_ids) + max_tokens > limit or max_tokens < 1:
+            raise APIError(
+                400, f"this model's maximum context length is {limit} tokens, but you requested "
+                f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} for the "
+                "completion); reduce the prompt or max_tokens", param="max_tokens", code="context_length_exceeded")
+        return max_tokens
+
+    def params(self, req: SamplingFields, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
+        if req.min_tokens > max_tokens:  # checked here so the 400 names the client's field
+            raise APIError(400, f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens})",
+                           param="min_tokens")
+        fields = dict(self.engine.engine.sampling_defaults)
+        given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k}
+        fields.update({k: v for k, v in given.items() if v is not None})
+        fields.update(max_new_tokens=max_tokens, min_new_tokens=req.min_tokens, ignore_eos=req.ignore_eos,
+                      stop=req.stop, logprobs=logprobs)
+        # Each of the n choices gets its own seed, so seeded choices differ yet are reproducible.
+        fields["seed"] = None if req.seed is None else req.seed + choice
+        try:
+            return SamplingParams(**fields)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            name = str(err["loc"][0]) if err["loc"] else None
+            param = _OPENAI_NAMES.get(name, name)
+            raise APIError(400, f"{param or 'request'}: {err['msg']}", param=param) from None
+
+    async def submit(self, requests: list[tuple[list[int], SamplingParams]], param: str) -> RequestGroup:
+        try:
+            group = await self.engine.submit(requests)
+        except QueueFull as exc:
+            raise APIError(429, str(exc), "rate_limit_error", None, "queue_full") from None
+        except EngineStopped as exc:
+            raise APIError(503, str(exc), "server_error", None, "unavailable") from None
+        except ValueError as exc:
+            raise APIError(400, str(exc), param=param) from None
+        self.metrics.prompt_tokens.inc(sum(len(ids) for ids, _ in requests))
+        return group
+
+    async def collect(self, group: RequestGroup, tracker: Tracker, num: int) -> list[list]:
+        """All outputs of a group, per choice; an engine failure becomes a 500."""
+        outputs: list[list] = [[] for _ in range(num)]
+        try:
+            async for index, out in group:
+                tracker.token(index, len(out.new_token_ids), out.finish_reason)
+                outputs[index].append(out)
+        except EngineError as exc:
+            raise APIError(500, str(exc), "server_error", None, "engine_error") from None
+        finally:
+            group.abort()
+        return outputs
+
+    # ---- logprobs formatting ---------------------------------------------------------------
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else str(token_id)
+
+    def completion_logprobs(self, lps: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+        result = CompletionLogprobs()
+        for lp in lps:
+            text = self.token_text(lp.token_id)
+            result.tokens.append(text)
+            result.token_logprobs.append(lp.logprob)
+            result.top_logprobs.append({self.token_text(t): v for t, v in lp.top.items()})
+            result.text_offset.append(offset)
+            offset += len(text)
+        return result
+
+    def chat_logprobs(self, lps: list[TokenLogprob]) -> ChatLogprobs:
+        def entry(token_id: int, value: float) -> dict:
+            text = self.token_text(token_id)
+            return {"token": text, "logprob": value, "bytes": list(text.encode())}
+
+        return ChatLogprobs(content=[
+            ChatTokenLogprob(**entry(lp.token_id, lp.logprob),
+                             top_logprobs=[TopLogprob(**entry(t, v)) for t, v in lp.top.items()])
+            for lp in lps
+        ])
+
+    # ---- /v1/completions -------------------------------------------------------------------
+    async def completions(self, req: CompletionRequest, raw: Request):
+        self.check_model(req.model)
+        prompts = req.prompt
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise APIError(400, "prompt is empty", param="prompt")
+        encoded = [self.encode(p) for p in prompts]
+        requests, echoes = [], []
+        for prompt, ids in zip(prompts, encoded):
+            max_tokens = self.budget(ids, req.max_tokens, "prompt")
+            echo = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) if req.echo else ""
+            for choice in range(req.n):
+                requests.append((ids, self.params(req, max_tokens, req.logprobs, choice)))
+                echoes.append(echo)
+        tracker = self.metrics.tracker(len(requests))
+        group = await self.submit(requests, "prompt")
+        usage_prompt = sum(len(ids) for ids in encoded)
+        if req.stream:
+            return self._stream(self._completion_chunks(group, tracker, req, echoes, usage_prompt))
+        outputs = await self.collect(group, tracker, len(requests))
+        choices = []
+        for index, outs in enumerate(outputs):
+            text = echoes[index] + "".join(o.new_text for o in outs)
+            lps = [lp for o in outs for lp in o.new_logprobs]
+            choices.append(CompletionChoice(
+                index=index, text=text, finish_reason=outs[-1].finish_reason,
+                logprobs=self.completion_logprobs(lps, len(echoes[index])) if req.logprobs is not None else None))
+        completion = sum(len(o.new_token_ids) for outs in outputs for o in outs)
+        return CompletionResponse(model=self.model_name, choices=choices, usage=Usage(
+            prompt_tokens=usage_prompt, completion_tokens=completion, total_tokens=usage_prompt + completion))
+
+    async def _completion_chunks(self, group, tracker, req, echoes, usage_prompt) -> AsyncIterator[str]:
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
+        offsets = [len(e) for e in echoes]
+        completion = 0
+        for index, echo in enumerate(echoes):
+            if echo:
+                yield _sse(CompletionChunk(**head, choices=[CompletionChoice(index=index, text=echo)]))
+        try:
+            async for index, out in group:
+                tracker.token(index, len(out.new_token_ids), out.finish_reason)
+                completion += len(out.new_token_ids)
+                if not out.new_text and not out.finished:
+                    continue
+                lps = None
+                if req.logprobs is not None:
+                    lps = self.completion_logprobs(out.new_logprobs, offsets[index])
+                offsets[index] += len(out.new_text)
+                yield _sse(CompletionChunk(**head, choices=[CompletionChoice(
+                    index=index, text=out.new_text, logprobs=lps, finish_reason=out.finish_reason)]))
+        finally:
+            group.abort()
+        if _include_usage(req):
+            yield _sse(CompletionChunk(**head, choices=[], usage=Usage(
+                prompt_tokens=usage_prompt, completion_tokens=completion, total_tokens=usage_prompt + completion)))
+
+    # ---- /v1/chat/completions --------------------------------------------------------------
+    async def chat(self, req: ChatRequest, raw: Request):
+        self.check_model(req.model)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            ids = render_chat(self.tokenizer, messages, self.chat_template)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        max_tokens = self.budget(ids, req.max_completion_tokens or req.max_tokens, "messages")
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        requests = [(ids, self.params(req, max_tokens, top, choice)) for choice in range(req.n)]
+        tracker = self.metrics.tracker(len(requests))
+        group = await self.submit(requests, "messages")
+        if req.stream:
+            return self._stream(self._chat_chunks(group, tracker, req, len(ids)))
+        outputs = await self.collect(group, tracker, len(requests))
+        choices = []
+        for index, outs in enumerate(outputs):
+            lps = [lp for o in outs for lp in o.new_logprobs]
+            choices.append(ChatChoice(
+                index=index, message=AssistantMessage(content="".join(o.new_text for o in outs)),
+                finish_reason=outs[-1].finish_reason, logprobs=self.chat_logprobs(lps) if req.logprobs else None))
+        completion = sum(len(o.new_token_ids) for outs in outputs for o in outs)
+        return ChatResponse(model=self.model_name, choices=choices, usage=Usage(
+            prompt_tokens=len(ids), completion_tokens=completion, total_tokens=len(ids) + completion))
+
+    async def _chat_chunks(self, group, tracker, req, num_prompt) -> AsyncIterator[str]:
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
+        # OpenAI opens each choice with a chunk carrying only the role.
+        for index in range(req.n):
+            yield _sse(ChatChunk(**head, choices=[ChatChunkChoice(index=index, delta=ChatDelta(role="assistant",
+                                                                                                 content=""))]))
+        completion = 0
+        try:
+            async for index, out in group:
+                tracker.token(index, len(out.new_token_ids), out.finish_reason)
+                completion += len(out.new_token_ids)
+                if out.new_text or (req.logprobs and out.new_logprobs):
+                    yield _sse(ChatChunk(**head, choices=[ChatChunkChoice(
+                        index=index, delta=ChatDelta(content=out.new_text),
+                        logprobs=self.chat_logprobs(out.new_logprobs) if req.logprobs else None)]))
+                if out.finished:
+                    yield _sse(ChatChunk(**head, choices=[ChatChunkChoice(
+                        index=index, delta=ChatDelta(), finish_reason=out.finish_reason)]))
+        finally:
+            group.abort()
+        if _include_usage(req):
+            yield _sse(ChatChunk(**head, choices=[], usage=Usage(
+                prompt_tokens=num_prompt, completion_tokens=completion, total_tokens=num_prompt + completion)))
+
+    def _stream(self, chunks: AsyncIterator[str]) -> StreamingResponse:
+        async def body():
+            try:
+                async for chunk in chunks:
+                    yield chunk
+                yield "data: [DONE]\n\n"
+            except EngineError as exc:
+                # Headers are already sent: report the failure in the stream, as OpenAI does.
+                yield f"data: {json.dumps(error_body(str(exc), 'server_error', None, 'engine_error'))}\n\n"
+            finally:
+                # Runs when the client disconnects too (the task is cancelled): abort and free KV blocks.
+                await chunks.aclose()
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _include_usage(req) -> bool:
+    return bool((req.stream_options or {}).get("include_usage"))
+
+
+def create_app(engine: AsyncEngine, model_name: str, tokenizer, api_key: str | None = None,
+               chat_template: str | None = None, max_body_bytes: int = 4 * 1024 * 1024) -> FastAPI:
+    """The OpenAI-compatible app over `engine`; /v1/* needs `api_key` when one is set."""
+    handlers = _Handlers(engine, model_name, tokenizer, chat_template)
+    app = FastAPI(title="splitfuse", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.handlers = handlers
+    app.state.engine = engine
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        # OpenAI answers 400 naming the field where FastAPI would answer 422.
+        err = exc.errors()[0]
+        if err.get("type") == "json_invalid":
+            return _error_response(APIError(400, f"malformed JSON body: {err.get('msg')}", code="invalid_json"))
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        param = loc[0] if loc else None
+        where = ".".join(loc) or "body"
+        return _error_response(APIError(400, f"{where}: {err.get('msg')}", param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error_response(APIError(exc.status_code, str(exc.detail), kind))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        return _error_response(APIError(500, f"internal error: {exc}", "server_error"))
+
+    @app.get("/health")
+    async def health():
+        stats = vars(engine.stats)
+        if not engine.ready:
+            return JSONResponse({"status": "unavailable", **stats}, status_code=503)
+        return {"status": "ok", "model": model_name, **stats}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(handlers.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": model_name, "object": "model", "created": handlers.created, "owned_by": "splitfuse",
+            "max_model_len": engine.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, raw: Request):
+        return await handlers.completions(req, raw)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, raw: Request):
+        return await handlers.chat(req, raw)
+
+    # Outermost, so oversized or unauthenticated requests are turned away before parsing.
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    return app

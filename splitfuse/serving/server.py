@@ -1,0 +1,135 @@
+"""Start the server: `splitfuse serve` in the foreground, `splitfuse.serve()` in a background thread."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from splitfuse.config import EngineConfig
+from splitfuse.serving.bridge import AsyncEngine
+
+log = logging.getLogger("splitfuse.serving")
+
+_SERVER_OPTIONS = ("api_key", "chat_template", "max_waiting", "served_model_name", "max_body_bytes")
+
+
+def _read_template(chat_template: str | None) -> str | None:
+    """Template text as given, or read from a file when it names one."""
+    if chat_template and "{" not in chat_template and os.path.isfile(chat_template):
+        return Path(chat_template).read_text()
+    return chat_template
+
+
+def build_app(model: str | os.PathLike | None = None, backend: str | None = "auto", *, api_key: str | None = None,
+              chat_template: str | None = None, max_waiting: int = 1024, served_model_name: str | None = None,
+              max_body_bytes: int = 4 * 1024 * 1024, **engine_kwargs):
+    """Load the model and return (FastAPI app, AsyncEngine); engine_kwargs are EngineConfig fields."""
+    from splitfuse.pipeline import build_engine
+    from splitfuse.serving.app import create_app
+
+    engine = build_engine(model, backend, EngineConfig(**engine_kwargs))
+    if served_model_name is None:
+        if model is None:
+            from splitfuse.testing.tiny_model import default_model_dir
+
+            model = default_model_dir()
+        served_model_name = Path(model).resolve().name
+    async_engine = AsyncEngine(engine, max_waiting=max_waiting)
+    app = create_app(async_engine, served_model_name, engine.tokenizer, api_key=api_key,
+                     chat_template=_read_template(chat_template), max_body_bytes=max_body_bytes)
+    return app, async_engine
+
+
+@dataclass
+class ServerHandle:
+    """A server running in this process; `terminate()` drains it and stops it."""
+
+    url: str
+    engine: AsyncEngine
+    app: object
+    _server: object
+    _thread: threading.Thread
+
+    def terminate(self, timeout: float = 30.0) -> None:
+        """Stop taking requests, let running ones finish, then stop uvicorn and the engine thread."""
+        self.engine.close(drain=True, timeout=timeout)
+        self._server.should_exit = True
+        self._thread.join(timeout)
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.terminate()
+
+
+def serve(model: str | os.PathLike | None = None, host: str = "127.0.0.1", port: int = 0,
+          backend: str | None = "auto", ready_timeout: float = 60.0, **kwargs) -> ServerHandle:
+    """Serve `model` from a background thread; port 0 picks a free port; returns once /health answers."""
+    import uvicorn
+
+    app, engine = build_app(model, backend, **kwargs)
+    # Bind here so port 0 resolves to a real port before uvicorn starts.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound_port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",
+                                           timeout_graceful_shutdown=30))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="splitfuse-http", daemon=True)
+    thread.start()
+    url = f"http://{'[' + host + ']' if family == socket.AF_INET6 else host}:{bound_port}"
+    handle = ServerHandle(url, engine, app, server, thread)
+    deadline = time.monotonic() + ready_timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as reply:
+                if reply.status == 200 and json.load(reply).get("status") == "ok":
+                    return handle
+        except OSError:
+            pass
+        if time.monotonic() > deadline or not thread.is_alive():
+            handle.terminate(timeout=5)
+            raise RuntimeError(f"the server at {url} did not become healthy within {ready_timeout} s")
+        time.sleep(0.05)
+
+
+def run(model: str | None, host: str = "127.0.0.1", port: int = 8000, backend: str | None = "auto",
+        **kwargs) -> None:
+    """Serve in the foreground until SIGINT/SIGTERM: uvicorn finishes open requests, then the engine drains."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn re-raises a caught SIGTERM after its shutdown, killing the process before the engine
+        drains; here the signal only asks for shutdown, and run() returns normally."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    app, engine = build_app(model, backend, **kwargs)
+    log.warning("serving %s on http://%s:%d", app.state.handlers.model_name, host, port)
+    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="info", lifespan="off",
+                                           timeout_graceful_shutdown=60))
+    try:
+        server.run()
+    finally:
+        engine.close(drain=True)
