@@ -74,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             template = f.read()
     run(args.model, host=args.host, port=args.port, backend=args.backend, api_key=args.api_key,
         chat_template=template, max_waiting=args.max_waiting, served_model_name=args.served_model_name,
-        **_picked(args, EngineConfig))
+        replicas=args.replicas, **_picked(args, EngineConfig))
     return 0
 
 
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="require 'Authorization: Bearer KEY' on /v1/* (env SPLITFUSE_API_KEY)")
     srv.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template file")
     srv.add_argument("--max-waiting", type=int, default=1024, help="queued requests before answering 429")
+    srv.add_argument("--replicas", type=int, default=1,
+                     help="engine processes; each request goes to the one with the fewest outstanding tokens")
     srv.add_argument("--served-model-name", default=None, help="model name in the API (default: directory name)")
     _add_model_fields(srv, EngineConfig, "engine")
     srv.set_defaults(func=cmd_serve)

@@ -20,6 +20,7 @@ from splitfuse.serving.bridge import (
     EngineError,
     EngineStopped,
     QueueFull,
+    ReplicaLost,
     RequestGroup,
 )
 from splitfuse.serving.chat import render_chat
@@ -110,7 +111,7 @@ class _Handlers:
         if req.min_tokens > max_tokens:  # checked here so the 400 names the client's field
             raise APIError(400, f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens})",
                            param="min_tokens")
-        fields = dict(self.engine.engine.sampling_defaults)
+        fields = dict(self.engine.sampling_defaults)
         given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k}
         fields.update({k: v for k, v in given.items() if v is not None})
         fields.update(max_new_tokens=max_tokens, min_new_tokens=req.min_tokens, ignore_eos=req.ignore_eos,
@@ -144,6 +145,8 @@ class _Handlers:
             async for index, out in group:
                 tracker.token(index, len(out.new_token_ids), out.finish_reason)
                 outputs[index].append(out)
+        except ReplicaLost as exc:
+            raise APIError(503, str(exc), "server_error", None, "unavailable") from None
         except EngineError as exc:
             raise APIError(500, str(exc), "server_error", None, "engine_error") from None
         finally:
@@ -292,7 +295,8 @@ class _Handlers:
                 yield "data: [DONE]\n\n"
             except EngineError as exc:
                 # Headers are already sent: report the failure in the stream, as OpenAI does.
-                yield f"data: {json.dumps(error_body(str(exc), 'server_error', None, 'engine_error'))}\n\n"
+                code = "unavailable" if isinstance(exc, ReplicaLost) else "engine_error"
+                yield f"data: {json.dumps(error_body(str(exc), 'server_error', None, code))}\n\n"
             finally:
                 # Runs when the client disconnects too (the task is cancelled): abort and free KV blocks.
                 await chunks.aclose()
@@ -339,6 +343,8 @@ def create_app(engine: AsyncEngine, model_name: str, tokenizer, api_key: str | N
 
     @app.get("/health")
     async def health():
+        """200 once ready; with replicas, 200 while at least one lives (each one's state under
+        "replicas"), 503 when none does or the server is draining."""
         stats = vars(engine.stats)
         if not engine.ready:
             return JSONResponse({"status": "unavailable", **stats}, status_code=503)

@@ -28,6 +28,10 @@ class EngineError(RuntimeError):
     """A step failed while this request was in it; the request was aborted (HTTP 500)."""
 
 
+class ReplicaLost(EngineError):
+    """The replica process serving this request exited; other replicas still serve (HTTP 503)."""
+
+
 @dataclass
 class _Add:
     requests: list[tuple[list[int], SamplingParams, str]]
@@ -128,6 +132,10 @@ class AsyncEngine:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def sampling_defaults(self) -> dict:
+        return self.engine.sampling_defaults
 
     # ---- asyncio side ----------------------------------------------------------------------
     async def submit(self, requests: list[tuple[list[int], SamplingParams]], prefix: str | None = None) -> RequestGroup:

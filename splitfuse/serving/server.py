@@ -19,7 +19,7 @@ from splitfuse.serving.bridge import AsyncEngine
 
 log = logging.getLogger("splitfuse.serving")
 
-_SERVER_OPTIONS = ("api_key", "chat_template", "max_waiting", "served_model_name", "max_body_bytes")
+_SERVER_OPTIONS = ("api_key", "chat_template", "max_waiting", "served_model_name", "max_body_bytes", "replicas")
 
 
 def _read_template(chat_template: str | None) -> str | None:
@@ -31,20 +31,30 @@ def _read_template(chat_template: str | None) -> str | None:
 
 def build_app(model: str | os.PathLike | None = None, backend: str | None = "auto", *, api_key: str | None = None,
               chat_template: str | None = None, max_waiting: int = 1024, served_model_name: str | None = None,
-              max_body_bytes: int = 4 * 1024 * 1024, **engine_kwargs):
-    """Load the model and return (FastAPI app, AsyncEngine); engine_kwargs are EngineConfig fields."""
+              max_body_bytes: int = 4 * 1024 * 1024, replicas: int = 1, **engine_kwargs):
+    """Load the model and return (FastAPI app, engine front); engine_kwargs are EngineConfig fields.
+
+    replicas=1 steps the engine in a thread of this process (AsyncEngine); more start that many
+    engine processes behind a ReplicaPool, with the same interface."""
     from splitfuse.pipeline import build_engine
     from splitfuse.serving.app import create_app
 
-    engine = build_engine(model, backend, EngineConfig(**engine_kwargs))
+    config = EngineConfig(**engine_kwargs)
+    if replicas > 1:
+        from splitfuse.serving.replicas import ReplicaPool
+
+        async_engine = ReplicaPool(model, backend, config, replicas, max_waiting=max_waiting)
+    elif replicas == 1:
+        async_engine = AsyncEngine(build_engine(model, backend, config), max_waiting=max_waiting)
+    else:
+        raise ValueError(f"replicas must be at least 1, got {replicas}")
     if served_model_name is None:
         if model is None:
             from splitfuse.testing.tiny_model import default_model_dir
 
             model = default_model_dir()
         served_model_name = Path(model).resolve().name
-    async_engine = AsyncEngine(engine, max_waiting=max_waiting)
-    app = create_app(async_engine, served_model_name, engine.tokenizer, api_key=api_key,
+    app = create_app(async_engine, served_model_name, async_engine.tokenizer, api_key=api_key,
                      chat_template=_read_template(chat_template), max_body_bytes=max_body_bytes)
     return app, async_engine
 

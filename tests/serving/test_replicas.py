@@ -1,0 +1,129 @@
+"""Two engine processes behind one server: same outputs, spread by outstanding tokens, survive a death.
+
+The tests share one two-replica server; the kill test runs last in the file because it kills one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+
+import splitfuse
+from splitfuse.serving.bridge import EngineStopped
+from splitfuse.serving.replicas import ReplicaLoad, pick_replica
+
+PROMPTS = ["The quick brown fox", "Hello there", "One two three four five six", "a"]
+
+
+# ---- the router alone ---------------------------------------------------------------------------
+def test_router_picks_the_fewest_outstanding_tokens():
+    loads = [ReplicaLoad(0, True, 500, 1), ReplicaLoad(1, True, 120, 9), ReplicaLoad(2, True, 300, 0)]
+    assert pick_replica(loads) == 1  # tokens, not request counts, decide
+    loads[1].alive = False
+    assert pick_replica(loads) == 2  # the dead one is out of rotation
+    # Equal load: the replica given fewer requests so far, so an idle pool still spreads.
+    assert pick_replica([ReplicaLoad(0, True, 0, 3), ReplicaLoad(1, True, 0, 2)]) == 1
+    with pytest.raises(EngineStopped):
+        pick_replica([ReplicaLoad(0, False, 0), ReplicaLoad(1, False, 0)])
+
+
+# ---- a real two-replica server ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    handle = splitfuse.serve(tiny_model_dir("llama"), backend="cpu", kv_block_size=16, num_kv_blocks=64,
+                             served_model_name="llama", replicas=2)
+    yield handle
+    handle.terminate(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _health(server) -> httpx.Response:
+    return httpx.get(server.url + "/health", timeout=5)
+
+
+def _wait(server, predicate, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = _health(server).json()
+        if predicate(body):
+            return body
+        assert time.monotonic() < deadline, f"condition not reached: {body}"
+        time.sleep(0.02)
+
+
+def test_completions_equal_the_single_engine(server, client, tiny_model_dir):
+    pipe = splitfuse.pipeline(tiny_model_dir("llama"), backend="cpu", num_kv_blocks=64, kv_block_size=16)
+    want = [r.text for r in pipe(PROMPTS, max_new_tokens=8, temperature=0)]
+
+    async def ask_all():
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        return await asyncio.gather(*(aclient.completions.create(model="llama", prompt=p, max_tokens=8,
+                                                                 temperature=0) for p in PROMPTS))
+
+    got = asyncio.run(ask_all())
+    assert [c.choices[0].text for c in got] == want
+    # Concurrent requests reserve load as they are routed, so both replicas got some.
+    replicas = _health(server).json()["replicas"]
+    assert all(r["requests"] >= 1 and r["state"] == "ok" for r in replicas), replicas
+
+
+def test_sequential_requests_spread_when_idle(server, client):
+    before = [r["requests"] for r in _health(server).json()["replicas"]]
+    for _ in range(4):
+        client.completions.create(model="llama", prompt="hi", max_tokens=2, temperature=0)
+    after = [r["requests"] for r in _health(server).json()["replicas"]]
+    # Idle replicas tie on load; the tie goes to the one given fewer requests, so both get some.
+    assert min(b - a for a, b in zip(before, after)) >= 1, (before, after)
+
+
+def test_streaming_and_n_through_replicas(client):
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model="llama", prompt=PROMPTS[0], max_tokens=6, temperature=0, stream=True))
+    plain = client.completions.create(model="llama", prompt=PROMPTS[0], max_tokens=6, temperature=0)
+    assert text == plain.choices[0].text
+    many = client.completions.create(model="llama", prompt=PROMPTS[0], max_tokens=4, temperature=0, n=3)
+    assert len({c.text for c in many.choices}) == 1 and len(many.choices) == 3
+
+
+def test_killing_a_replica_fails_only_its_requests(server, client):
+    pool = server.engine
+    long = {"model": "llama", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+            tasks = [asyncio.create_task(http.post("/v1/completions", json={**long, "prompt": p}))
+                     for p in PROMPTS]
+            # Kill replica 0 once both replicas are generating, so it dies with requests in flight.
+            deadline = time.monotonic() + 20
+            while not all(r.routes for r in pool.replicas) or not all(r.stats.running for r in pool.replicas):
+                assert time.monotonic() < deadline, "requests never reached both replicas"
+                await asyncio.sleep(0.01)
+            doomed = len(pool.replicas[0].routes)
+            pool.replicas[0].process.kill()
+            return doomed, await asyncio.gather(*tasks)
+
+    doomed, replies = asyncio.run(run())
+    codes = sorted(r.status_code for r in replies)
+    assert codes == sorted([200] * (len(PROMPTS) - doomed) + [503] * doomed), [r.text for r in replies]
+    assert all(r.json()["error"]["code"] == "unavailable" for r in replies if r.status_code == 503)
+    assert all(len(r.json()["choices"][0]["text"]) > 0 for r in replies if r.status_code == 200)
+
+    health = _health(server)
+    assert health.status_code == 200  # one replica still serves
+    states = {r["index"]: r["state"] for r in health.json()["replicas"]}
+    assert states == {0: "dead", 1: "ok"}
+    # New requests all go to the survivor and succeed.
+    for prompt in PROMPTS:
+        assert client.completions.create(model="llama", prompt=prompt, max_tokens=3, temperature=0).choices
+    live = _wait(server, lambda b: b["replicas"][1]["running"] == 0 and b["replicas"][1]["waiting"] == 0
+                 and b["replicas"][1]["kv_blocks_used"] == 0)["replicas"][1]
+    assert live["kv_blocks_free"] == live["kv_blocks_total"] == 64
+    assert live["outstanding_tokens"] == 0 and live["in_flight"] == 0
