@@ -102,7 +102,21 @@ class RequestGroup:
         self.abort()
 
 
-class AsyncEngine:
+class SingleRequests:
+    """`generate()` for one request on top of a class's `submit()` (AsyncEngine, ReplicaPool)."""
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request; stopping the iteration early aborts it."""
+        group = await self.submit([(prompt_ids, params)], request_id)
+        try:
+            async for _, out in group:
+                yield out
+        finally:
+            group.abort()
+
+
+class AsyncEngine(SingleRequests):
     """Thread-safe front of an Engine: requests from any event loop, one stepping thread."""
 
     def __init__(self, engine: Engine, max_waiting: int = 1024) -> None:
@@ -156,16 +170,6 @@ class AsyncEngine:
                 lambda f: None if f.cancelled() or f.exception() else [self._abort(r) for _, _, r in named])
             raise
         return RequestGroup(self, [rid for _, _, rid in named], queue)
-
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request; stopping the iteration early aborts it."""
-        group = await self.submit([(prompt_ids, params)], request_id)
-        try:
-            async for _, out in group:
-                yield out
-        finally:
-            group.abort()
 
     def _abort(self, request_id: str) -> None:
         self._send(("abort", request_id))

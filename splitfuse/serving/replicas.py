@@ -17,7 +17,7 @@ import logging
 import multiprocessing
 import os
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from splitfuse.config import EngineConfig, SamplingParams
@@ -26,6 +26,7 @@ from splitfuse.serving.bridge import (
     EngineStopped,
     ReplicaLost,
     RequestGroup,
+    SingleRequests,
     Stats,
     _settle,
 )
@@ -180,7 +181,7 @@ def _call(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
         return False
 
 
-class ReplicaPool:
+class ReplicaPool(SingleRequests):
     """AsyncEngine's interface (submit, generate, stats, ready, close) over N engine processes."""
 
     def __init__(self, model, backend: str | None, config: EngineConfig, replicas: int, max_waiting: int = 1024,
@@ -277,16 +278,6 @@ class ReplicaPool:
             self._forget([rid for _, _, rid in named])
             raise
         return RequestGroup(self, [rid for _, _, rid in named], queue)
-
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request; stopping the iteration early aborts it."""
-        group = await self.submit([(prompt_ids, params)], request_id)
-        try:
-            async for _, out in group:
-                yield out
-        finally:
-            group.abort()
 
     def _abort(self, request_id: str) -> None:
         """Forwarded to the owning replica; a finished or lost request needs nothing."""
