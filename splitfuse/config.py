@@ -22,6 +22,7 @@ class EngineConfig(BaseModel):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="fraction of device memory to use")
     dtype: DType = "auto"
     max_model_len: int | None = Field(None, ge=1, description="longest prompt + generation; None = model's limit")
+    trust_remote_code: bool = Field(False, description="run Python code shipped in the model directory (config, tokenizer)")
 
 
 class SamplingParams(BaseModel):

@@ -44,7 +44,7 @@ def build_engine(model: str | Path | None, backend: str | None = "auto", config:
 
         model = default_model_dir()
     backend_impl = create_backend(backend)
-    loaded = load_model(model, backend_impl, config.dtype, config.max_model_len)
+    loaded = load_model(model, backend_impl, config.dtype, config.max_model_len, config.trust_remote_code)
     net = loaded.model
     block_size = config.kv_block_size or backend_impl.kv_block_size(net.head_dim)
     num_blocks = config.num_kv_blocks or backend_impl.num_kv_blocks(

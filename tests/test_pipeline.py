@@ -270,3 +270,24 @@ def test_generation_config_supplies_eos_ids_and_sampling_defaults(tmp_path, tiny
 def test_greedy_model_default_when_generation_config_does_not_sample(tiny_model_dir):
     p = splitfuse.pipeline(tiny_model_dir("llama"), backend="cpu", num_kv_blocks=16)
     assert p.sampling_params().temperature == 0.0  # do_sample false in the tiny model's config
+
+
+def test_remote_code_runs_only_when_trusted(tmp_path, tiny_model_dir):
+    """A config that points at Python code in the model directory is refused unless trusted."""
+    import json
+    import shutil
+
+    target = tmp_path / "custom-code"
+    shutil.copytree(tiny_model_dir("llama"), target)
+    config = json.loads((target / "config.json").read_text())
+    config["model_type"] = "custom_llama"  # unknown to transformers: only the shipped code defines it
+    config["auto_map"] = {"AutoConfig": "custom_config.CustomConfig"}
+    (target / "config.json").write_text(json.dumps(config))
+    (target / "custom_config.py").write_text(
+        "from transformers import LlamaConfig\n\n\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'custom_llama'\n"
+    )
+    with pytest.raises(ModelLoadError, match="trust_remote_code=True"):
+        splitfuse.pipeline(target, backend="cpu", num_kv_blocks=16)
+    trusted = splitfuse.pipeline(target, backend="cpu", num_kv_blocks=16, trust_remote_code=True)
+    assert type(trusted.engine.model.config).__name__ == "CustomConfig"

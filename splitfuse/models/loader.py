@@ -41,7 +41,8 @@ def resolve_dtype(dtype: str, backend) -> torch.dtype:
     return resolved
 
 
-def load_model(path: str | Path, backend, dtype: str = "auto", max_model_len: int | None = None) -> LoadedModel:
+def load_model(path: str | Path, backend, dtype: str = "auto", max_model_len: int | None = None,
+               trust_remote_code: bool = False) -> LoadedModel:
     from transformers import AutoConfig
 
     path = Path(path)
@@ -49,7 +50,15 @@ def load_model(path: str | Path, backend, dtype: str = "auto", max_model_len: in
         raise ModelLoadError(f"model directory {str(path)!r} does not exist (give a local Hugging Face model directory)")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{str(path)!r} has no config.json: is it a Hugging Face model directory?")
-    hf_config = AutoConfig.from_pretrained(path)
+    try:
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            raise ModelLoadError(
+                f"{str(path)!r} needs Python code shipped with the model to load its config; run it only "
+                "if you trust its source: trust_remote_code=True (--trust-remote-code)"
+            ) from exc
+        raise
     architectures = getattr(hf_config, "architectures", None) or []
     registry = get_plugin_manager().models()
     arch = next((a for a in architectures if a in registry), None)
@@ -70,7 +79,7 @@ def load_model(path: str | Path, backend, dtype: str = "auto", max_model_len: in
     generation = _read_json(path / "generation_config.json")
     return LoadedModel(
         model=model,
-        tokenizer=_load_tokenizer(path),
+        tokenizer=_load_tokenizer(path, trust_remote_code),
         hf_config=hf_config,
         eos_token_ids=_eos_ids(hf_config, generation),
         sampling_defaults=_sampling_defaults(generation),
@@ -106,11 +115,11 @@ def _stream_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 bar.update(1)
 
 
-def _load_tokenizer(path: Path):
+def _load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     has_files = any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
-    return AutoTokenizer.from_pretrained(path) if has_files else None
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code) if has_files else None
 
 
 def _read_json(file: Path) -> dict:
