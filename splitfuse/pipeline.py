@@ -36,14 +36,16 @@ class Response:
         return self.text
 
 
-def build_engine(model: str | Path | None, backend: str | None = "auto", config: EngineConfig | None = None) -> Engine:
-    """Load a model directory onto a backend and size its KV cache; None = the embedded default model."""
+def build_engine(model: str | Path | None, backend: str | None = "auto", config: EngineConfig | None = None,
+                 device_index: int = 0) -> Engine:
+    """Load a model directory onto a backend's device_index-th device and size its KV cache;
+    model None = the embedded default model."""
     config = config or EngineConfig()
     if model is None:
         from splitfuse.testing.tiny_model import default_model_dir
 
         model = default_model_dir()
-    backend_impl = create_backend(backend)
+    backend_impl = create_backend(backend, device_index)
     loaded = load_model(model, backend_impl, config.dtype, config.max_model_len, config.trust_remote_code)
     net = loaded.model
     block_size = config.kv_block_size or backend_impl.kv_block_size(net.head_dim)

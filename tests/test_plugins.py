@@ -163,3 +163,30 @@ def test_backend_for_another_contract_version_is_refused_by_name():
     assert "future" not in infos
     assert "contract version 2" in infos["future-plugin"].reason
     assert infos["cpu"].available
+
+
+def test_backend_instances_on_a_chosen_device():
+    class TwoDevices(CpuBackend):
+        name = "two"
+        priority = 2000
+
+        @classmethod
+        def device_count(cls) -> int:
+            return 2
+
+        def __init__(self, device_index: int = 0) -> None:
+            super().__init__(device_index)
+            self.index = device_index
+
+    class TwoDevicesPlugin:
+        @hookimpl
+        def splitfuse_register_backends(self, registry):
+            registry.add(TwoDevices)
+
+    get_plugin_manager().register(TwoDevicesPlugin(), name="two-devices")
+    assert create_backend("two", device_index=1).index == 1
+    assert create_backend("auto").index == 0
+    with pytest.raises(BackendError, match="2 device"):
+        create_backend("two", device_index=2)
+    with pytest.raises(BackendError, match="1 device"):
+        create_backend("cpu", device_index=1)

@@ -46,7 +46,12 @@ class Backend:
         """Whether `auto` may pick this backend when it is available (a test-only mode may say no)."""
         return True
 
-    def __init__(self) -> None:
+    @classmethod
+    def device_count(cls) -> int:
+        """Devices of this kind here; replicas are spread over them (device_index 0..count-1)."""
+        return 1
+
+    def __init__(self, device_index: int = 0) -> None:
         self.device = torch.device("cpu")
 
     # ---- memory ----------------------------------------------------------------------------

@@ -41,15 +41,15 @@ def _listing(infos: list[BackendInfo]) -> str:
     return "registered backends:\n" + "\n".join(lines)
 
 
-def create_backend(name: str | None = None):
-    """An instance of the named backend; None reads SPLITFUSE_BACKEND, then falls back to auto."""
+def backend_class(name: str | None = None) -> type:
+    """The class of the named backend; None reads SPLITFUSE_BACKEND, then falls back to auto."""
     name = (name or os.environ.get("SPLITFUSE_BACKEND") or "auto").strip()
     infos = list_backends()
     registry = get_plugin_manager().backends()
     if name == "auto":
         for info in infos:
             if info.available and info.auto_selectable:
-                return registry.get(info.name)()
+                return registry.get(info.name)
         raise BackendError("no backend is available\n" + _listing(infos))
     cls = registry.get(name)
     if cls is None:
@@ -57,4 +57,14 @@ def create_backend(name: str | None = None):
     info = next(i for i in infos if i.name == name)
     if not info.available:
         raise BackendError(f"backend {name!r} is unavailable: {info.reason}\n" + _listing(infos))
-    return cls()
+    return cls
+
+
+def create_backend(name: str | None = None, device_index: int = 0):
+    """An instance of the named backend (see backend_class) on its device_index-th device."""
+    cls = backend_class(name)
+    count = cls.device_count()
+    if not 0 <= device_index < max(count, 1):
+        raise BackendError(f"backend {cls.name!r} has {count} device(s); device_index {device_index} is out of range")
+    # Index 0 is the default, so plugin backends whose __init__ takes no argument keep working.
+    return cls(device_index=device_index) if device_index else cls()

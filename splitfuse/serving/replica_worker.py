@@ -18,7 +18,8 @@ from splitfuse.serving.bridge import EngineError, EngineStopped, QueueFull, Stat
 log = logging.getLogger("splitfuse.serving")
 
 
-def replica_main(conn, model, backend, config, max_waiting: int, num_threads: int | None) -> None:
+def replica_main(conn, model, backend, config, max_waiting: int, num_threads: int | None,
+                 device_index: int = 0) -> None:
     """Entry point of the child process; returns (and so exits) once closed or the pipe breaks."""
     # Out of the server's process group: Ctrl-C or a SIGTERM sent to the group must reach only the
     # front end, which drains and then closes the replicas; were they signalled too, they would die
@@ -32,7 +33,7 @@ def replica_main(conn, model, backend, config, max_waiting: int, num_threads: in
     try:
         from splitfuse.pipeline import build_engine
 
-        engine = build_engine(model, backend, config)
+        engine = build_engine(model, backend, config, device_index)
     except Exception as exc:  # the front end reports it; a traceback here helps the operator
         log.exception("replica failed to start")
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from splitfuse.backends.selection import backend_class
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.core.request import RequestOutput
 from splitfuse.serving.bridge import (
@@ -181,6 +182,11 @@ def _call(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
         return False
 
 
+def replica_devices(device_count: int, replicas: int) -> list[int]:
+    """Device index of each replica: one device each while they last, then round robin."""
+    return [index % max(device_count, 1) for index in range(replicas)]
+
+
 class ReplicaPool(SingleRequests):
     """AsyncEngine's interface (submit, generate, stats, ready, close) over N engine processes."""
 
@@ -197,11 +203,12 @@ class ReplicaPool(SingleRequests):
         self._owner: dict[str, _Replica] = {}
         ctx = multiprocessing.get_context("spawn")  # fork would copy the parent's threads and torch state
         threads = max(1, (os.cpu_count() or 1) // replicas) if _on_cpu(backend) else None
+        devices = replica_devices(backend_class(backend).device_count(), replicas)
         self.replicas: list[_Replica] = []
         for index in range(replicas):
             parent, child = ctx.Pipe()
             process = ctx.Process(target=replica_main, name=f"splitfuse-replica-{index}", daemon=True,
-                                  args=(child, model, backend, config, max_waiting, threads))
+                                  args=(child, model, backend, config, max_waiting, threads, devices[index]))
             process.start()
             child.close()  # only the child holds its end, so its death reads as EOF here
             self.replicas.append(_Replica(self, index, process, parent))

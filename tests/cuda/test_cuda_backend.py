@@ -45,6 +45,7 @@ def test_listed_available_in_interpreter_mode(interpreter_only, capsys):
 
 def test_auto_keeps_cpu_in_interpreter_mode_and_cuda_works_by_name(interpreter_only):
     assert not CudaBackend.auto_selectable()
+    assert CudaBackend.device_count() == 1  # the interpreter is one device: the cpu
     assert isinstance(create_backend("auto"), CpuBackend)
     backend = create_backend("cuda")
     assert isinstance(backend, CudaBackend)

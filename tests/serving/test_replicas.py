@@ -127,3 +127,12 @@ def test_killing_a_replica_fails_only_its_requests(server, client):
                  and b["replicas"][1]["kv_blocks_used"] == 0)["replicas"][1]
     assert live["kv_blocks_free"] == live["kv_blocks_total"] == 64
     assert live["outstanding_tokens"] == 0 and live["in_flight"] == 0
+
+
+def test_replicas_spread_over_the_backends_devices():
+    from splitfuse.serving.replicas import replica_devices
+
+    assert replica_devices(4, 2) == [0, 1]
+    assert replica_devices(2, 5) == [0, 1, 0, 1, 0]
+    assert replica_devices(1, 3) == [0, 0, 0]  # one device (the cpu): all share it
+    assert replica_devices(0, 2) == [0, 0]  # a backend reporting none still gets index 0

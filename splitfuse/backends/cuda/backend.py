@@ -86,13 +86,18 @@ class CudaBackend(Backend):
     def auto_selectable(cls) -> bool:
         return not _interpreter_mode()  # the interpreter is for tests: `auto` keeps choosing cpu
 
-    def __init__(self) -> None:
+    @classmethod
+    def device_count(cls) -> int:
+        return 1 if _interpreter_mode() else torch.cuda.device_count()
+
+    def __init__(self, device_index: int = 0) -> None:
         super().__init__()
         self.interpreted = _interpreter_mode()
         if self.interpreted:
             self.device = torch.device("cpu")
         else:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+            self.device = torch.device("cuda", device_index)
+            torch.cuda.set_device(self.device)  # kernels launch on the current device
         # kernels are imported here, not at module import (where triton may be absent)
         from splitfuse.backends.cuda.kernels import activation, rms_norm, rotary_kv
 
