@@ -241,19 +241,7 @@ class AsyncEngine(SingleRequests):
 
     def _step(self) -> None:
         self._steps += 1
-        try:
-            outputs = self.engine.step()
-        except Exception as exc:
-            # The engine cannot say which sequence broke the step; fail those it was running, whose
-            # state the failed step may have left half-updated, and keep serving the rest.
-            log.exception("engine step failed")
-            failed = [seq.request_id for seq in self.engine.scheduler.running]
-            for rid in failed:
-                self.engine.abort(rid)
-            error = EngineError(f"the engine failed on this request: {exc}")
-            outputs = [(rid, error) for rid in failed]
-        else:
-            outputs = [(out.request_id, out) for out in outputs]
+        outputs = step_engine(self.engine)
         # Publish before delivering: a client that reacts to an output must not then read stats
         # older than that output (e.g. blocks already free while its request still holds them).
         self._publish()
@@ -272,12 +260,32 @@ class AsyncEngine(SingleRequests):
             self.engine.abort(request_id)
 
     def _publish(self) -> None:
-        blocks = self.engine.blocks
-        self.stats = Stats(
-            running=len(self.engine.scheduler.running), waiting=len(self.engine.scheduler.waiting),
-            kv_blocks_used=blocks.num_used, kv_blocks_total=blocks.num_blocks, kv_blocks_free=blocks.num_free,
-            steps=self._steps,
-        )
+        self.stats = engine_stats(self.engine, self._steps)
+
+
+def step_engine(engine: Engine) -> list[tuple[str, RequestOutput | EngineError]]:
+    """One engine step as (request_id, output) pairs. If the step raises, the engine cannot say
+    which sequence broke it: the sequences it was running (whose state the failed step may have
+    left half-updated) are aborted and get an EngineError each; the rest keep being served."""
+    try:
+        return [(out.request_id, out) for out in engine.step()]
+    except Exception as exc:
+        log.exception("engine step failed")
+        failed = [seq.request_id for seq in engine.scheduler.running]
+        for rid in failed:
+            engine.abort(rid)
+        error = EngineError(f"the engine failed on this request: {exc}")
+        return [(rid, error) for rid in failed]
+
+
+def engine_stats(engine: Engine, steps: int) -> Stats:
+    """A snapshot of the engine's queues and KV blocks."""
+    blocks = engine.blocks
+    return Stats(
+        running=len(engine.scheduler.running), waiting=len(engine.scheduler.waiting),
+        kv_blocks_used=blocks.num_used, kv_blocks_total=blocks.num_blocks, kv_blocks_free=blocks.num_free,
+        steps=steps,
+    )
 
 
 def _settle(future: asyncio.Future, exc: BaseException | None) -> None:

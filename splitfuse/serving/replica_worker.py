@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 
-from splitfuse.serving.bridge import EngineError, EngineStopped, QueueFull, Stats
+from splitfuse.serving.bridge import EngineStopped, QueueFull, Stats, engine_stats, step_engine
 
 log = logging.getLogger("splitfuse.serving")
 
@@ -103,21 +103,9 @@ class _Loop:
 
     def step(self) -> None:
         self.steps += 1
-        try:
-            outputs = [(out.request_id, out) for out in self.engine.step()]
-        except Exception as exc:
-            # As in AsyncEngine: fail the sequences the broken step was running, keep the rest.
-            log.exception("engine step failed")
-            failed = [seq.request_id for seq in self.engine.scheduler.running]
-            for rid in failed:
-                self.engine.abort(rid)
-            error = EngineError(f"the engine failed on this request: {exc}")
-            outputs = [(rid, error) for rid in failed]
+        outputs = step_engine(self.engine)
         # Stats ride with the outputs, so the front end never sees outputs newer than its stats.
         self.conn.send(("outputs", outputs, self.stats()))
 
     def stats(self) -> Stats:
-        blocks = self.engine.blocks
-        return Stats(running=len(self.engine.scheduler.running), waiting=len(self.engine.scheduler.waiting),
-                     kv_blocks_used=blocks.num_used, kv_blocks_total=blocks.num_blocks,
-                     kv_blocks_free=blocks.num_free, steps=self.steps)
+        return engine_stats(self.engine, self.steps)
