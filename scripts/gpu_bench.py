@@ -11,15 +11,16 @@ Sections (`--only a,b` runs some; `hardware` and `startup` run first whenever an
 needs them):
   hardware   device-to-device copy bandwidth (torch copy of a >= 1 GiB tensor, read + write bytes)
              and the decode lower bound: matmul weight bytes / that bandwidth.
-  startup    model built (random weights on the device) + KV cache allocated, then the first
-             request end to end (includes Triton's JIT compiles).
+  startup    model built (random weights on the device) + KV cache allocated + decode CUDA graphs
+             captured (Triton's JIT compiles happen there), then the first request end to end.
   matmuls    the linears of one step alone (all layers + lm_head, F.linear on the model's own
              weights), CUDA-graph captured, at M = 1, 16, 64, 256, 2048 tokens.
   attention  the paged-attention kernel alone vs torch scaled_dot_product_attention on the same
              work: dense causal prefill (TFLOP/s) and decode with long contexts (KV bytes / time
              against the copy bandwidth); the max abs difference of the two outputs is recorded.
   decode     steady-state decode at batch 1, 16, 64 through engine.step(), against the bandwidth
-             limit and against its own matmuls alone.
+             limit and against its own matmuls alone; where a CUDA graph serves the batch, the same
+             steps op by op too (eager_step_ms_median, graph_speedup).
   generate   prompt 512 + 128 new tokens at batch 1, 16, 64, end to end: the workload
              scripts/gpu_bench_hf.py runs with transformers `generate`.
   mixed      SplitFuse steps at a 2048-token budget (decodes + prompt chunks with contexts of a few
@@ -466,6 +467,8 @@ class Bench:
                       kv_block_size=blocks.block_size, kv_tokens=blocks.num_blocks * blocks.block_size,
                       kv_GiB=round(kv_gib, 2), token_budget=engine.config.token_budget,
                       weights_GiB=round(sum(t.numel() * t.element_size() for t in model.weights.values()) / GIB, 2))
+        graphs = getattr(engine.backend, "_graphs", None)
+        result["cuda_graph_batches"] = sorted(graphs.buckets) if graphs is not None else []
         if self.device.type == "cuda":
             result["memory_allocated_GiB"] = round(torch.cuda.memory_allocated(self.device) / GIB, 2)
         return result
@@ -565,18 +568,22 @@ class Bench:
     def _decode_batch(self, engine, batch: int) -> dict:
         s = self.scale
         for p in random_prompts([s.decode_prompt] * batch, self.hf_config.vocab_size, batch):
-            engine.add_request(p, greedy(s.decode_warmup + s.decode_steps + 4))
+            engine.add_request(p, greedy(s.decode_warmup + 2 * s.decode_steps + 4))
         pending = set(engine.requests)
         while pending:  # prefill: until every request has its first token, i.e. is decoding
             pending -= {o.request_id for o in engine.step()}
         for _ in range(s.decode_warmup):
             engine.step()
-        times = []
-        for _ in range(s.decode_steps):
-            t0 = time.perf_counter()
-            outputs = engine.step()  # ends in tokens.tolist(): the step's device work is done
-            times.append(time.perf_counter() - t0)
-            assert len(outputs) == batch, f"decode step gave {len(outputs)} tokens for batch {batch}"
+        times = self._decode_steps(engine, batch)
+        # the same steps op by op, to show what the decode CUDA graphs buy (if any were captured)
+        graphs = getattr(engine.backend, "_graphs", None)
+        eager_ms = None
+        if graphs is not None and graphs.max_batch >= batch:
+            engine.backend._graphs = None
+            try:
+                eager_ms = statistics.median(self._decode_steps(engine, batch)) * 1e3
+            finally:
+                engine.backend._graphs = graphs
         drain(engine)
         step_ms = statistics.median(times) * 1e3
         matmul_ms, _ = self.matmul_ms(batch, batch)
@@ -584,9 +591,22 @@ class Bench:
                       tokens_per_s=round(batch * len(times) / sum(times), 1), steps=len(times),
                       context=s.decode_prompt + s.decode_warmup, matmul_alone_ms=round(matmul_ms, 3),
                       step_over_matmuls=round(step_ms / matmul_ms, 3))
+        result["cuda_graph"] = eager_ms is not None
+        if eager_ms is not None:
+            result["eager_step_ms_median"] = round(eager_ms, 3)
+            result["graph_speedup"] = round(eager_ms / step_ms, 3)
         if self.lower_bound_ms():
             result["fraction_of_bw_limit"] = round(self.lower_bound_ms() / step_ms, 3)
         return result
+
+    def _decode_steps(self, engine, batch: int) -> list[float]:
+        times = []
+        for _ in range(self.scale.decode_steps):
+            t0 = time.perf_counter()
+            outputs = engine.step()  # ends in tokens.tolist(): the step's device work is done
+            times.append(time.perf_counter() - t0)
+            assert len(outputs) == batch, f"decode step gave {len(outputs)} tokens for batch {batch}"
+        return times
 
     # -- generate: HF's workload, end to end --
     def run_generate(self) -> dict:

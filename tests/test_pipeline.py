@@ -207,8 +207,12 @@ def test_unsupported_architecture_lists_supported(tmp_path, tiny_model_dir):
     config = json.loads((target / "config.json").read_text())
     config["architectures"] = ["FancyNewForCausalLM"]
     (target / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+    with pytest.raises(ModelLoadError, match="'FancyNewForCausalLM'.*not supported; supported: ") as info:
         splitfuse.pipeline(target, backend="cpu")
+    from splitfuse.models import supported_architectures
+
+    listed = str(info.value).split("supported: ", 1)[1]
+    assert listed.split(", ") == supported_architectures()
 
 
 def test_closed_pipeline_refuses_work(tiny_model_dir):

@@ -82,6 +82,15 @@ class Backend:
     def synchronize(self) -> None:
         """Wait for queued device work (for timing); nothing to do on the CPU."""
 
+    def warm_up(self, model, kv_cache: list[torch.Tensor], config, max_model_len: int, block_size: int) -> None:
+        """Called once the model is loaded and its KV cache allocated, before the first step: the
+        place to capture graphs or tune kernels. Nothing to do by default."""
+
+    def forward(self, model, meta: BatchMeta, kv_cache: list[torch.Tensor]) -> torch.Tensor:
+        """Run the model over one step's ragged batch and return its hidden states [T, hidden]; a
+        backend may replay a captured graph here instead of launching op by op."""
+        return model.forward(meta.input_ids, meta.positions, meta, kv_cache)
+
     # ---- model ops -------------------------------------------------------------------------
     def embedding(self, input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.embedding(input_ids, weight)
@@ -144,6 +153,19 @@ class Backend:
 
     def relu(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(x)
+
+    def moe_route(self, router_logits: torch.Tensor, top_k: int, renormalize: bool):
+        """Top-k experts of each token from router_logits [T, E] as HF routes them (float32
+        softmax, torch.topk, optional renormalisation): (weights [T, k] float32, ids [T, k] int64)."""
+        return torch_ops.moe_route(router_logits, top_k, renormalize)
+
+    def moe_experts(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w_gate_up: torch.Tensor,
+        w_down: torch.Tensor, activation: str = "silu",
+    ) -> torch.Tensor:
+        """Mixture-of-experts MLP of x [T, H]: each token's top-k experts (w_gate_up [E, 2I, H],
+        w_down [E, H, I]) weighted by topk_weights [T, k] and summed; returns [T, H]."""
+        return torch_ops.moe_experts(x, topk_weights, topk_ids, w_gate_up, w_down, activation)
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Next token per row of logits [S', V] (float32), one int64 per row."""

@@ -379,3 +379,48 @@ def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """x [..., 2I] = [gate | up] -> gelu(gate) * up."""
     gate, up = x.chunk(2, dim=-1)
     return F.gelu(gate, approximate=approximate) * up
+
+
+# ---- mixture of experts -------------------------------------------------------------------------
+def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k experts per token from router_logits [T, E]: (weights [T, k] float32, ids [T, k] int64).
+    Softmax in float32, then torch.topk as HF does (so exact ties pick the same experts)."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights /= weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+_GATED = {"silu": silu_and_mul, "gelu": gelu_and_mul, "gelu_tanh": lambda x: gelu_and_mul(x, "tanh")}
+
+
+def moe_experts(
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w_gate_up: torch.Tensor,
+    w_down: torch.Tensor, activation: str = "silu",
+) -> torch.Tensor:
+    """sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]) for x [T, H]; w_gate_up [E, 2I, H]
+    ([gate | up] rows), w_down [E, H, I]. One matmul per expert over its tokens, sorted by expert."""
+    if activation not in _GATED:
+        raise ValueError(f"moe_experts activation must be one of {sorted(_GATED)}, got {activation!r}")
+    T, K = topk_ids.shape
+    out = torch.zeros_like(x)
+    if T == 0:
+        return out
+    flat_ids = topk_ids.reshape(-1)
+    order = flat_ids.argsort(stable=True)  # pair index t * K + k, grouped by expert
+    tokens = order // K
+    counts = torch.bincount(flat_ids, minlength=w_gate_up.shape[0]).tolist()
+    rows = x.index_select(0, tokens)  # [T*K, H]
+    expert_out = torch.empty_like(rows)
+    act = _GATED[activation]
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            h = act(F.linear(rows[start: start + n], w_gate_up[e]))
+            torch.matmul(h, w_down[e].t(), out=expert_out[start: start + n])
+            start += n
+    # weigh in float32 and add into the token's row in expert order, as HF's experts loop does
+    weights = topk_weights.reshape(-1).index_select(0, order).float()[:, None]
+    expert_out = (expert_out.float() * weights).to(x.dtype)
+    return out.index_add_(0, tokens, expert_out)

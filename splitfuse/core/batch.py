@@ -33,6 +33,9 @@ class BatchMeta:
     # The same lengths as Python lists, for ops that plan per sequence without a device sync.
     query_start_host: list[int] = field(default_factory=list)
     context_lens_host: list[int] = field(default_factory=list)
+    # [S] int32, tokens each sequence holds, prompt + generated, computed or not (Phi-3's longrope
+    # picks its frequencies by it)
+    seq_lens: torch.Tensor | None = None
     # Per-step scratch that ops build once and reuse in every layer (attention plans, buffers).
     # A BatchMeta describes one step: never edit one in place to reuse it for another.
     step_cache: dict = field(default_factory=dict, repr=False, compare=False)
@@ -96,4 +99,5 @@ def build_batch(plan: StepPlan, block_size: int) -> BatchMeta:
         is_decode_only=max_query_len == 1,
         query_start_host=query_start,
         context_lens_host=context_lens,
+        seq_lens=torch.tensor([len(item.sequence.token_ids) for item in plan.items], dtype=torch.int32),
     )

@@ -38,6 +38,7 @@ class Engine:
         self.kv_cache = backend.allocate_kv_cache(
             model.num_layers, num_kv_blocks, block_size, model.num_kv_heads, model.head_dim, model.dtype
         )
+        backend.warm_up(model, self.kv_cache, config, max_model_len, block_size)
         self.scheduler = Scheduler(config.token_budget, config.max_seqs, self.blocks)
         self.requests: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
@@ -108,11 +109,19 @@ class Engine:
         tokens, logprobs = self._forward(plan, sampled)
         for item in plan.items:
             item.sequence.num_computed += item.num_tokens
-        return [self._append(seq, token, lp) for seq, token, lp in zip(sampled, tokens, logprobs)]
+        outputs = [self._append(seq, token, lp) for seq, token, lp in zip(sampled, tokens, logprobs)]
+        # a model whose cached K/V go stale when a sequence reaches some length (Phi-3's longrope
+        # switches frequencies there, and HF recomputes) has the sequence recomputed
+        stale_at = getattr(self.model, "kv_stale_at_length", None)
+        if stale_at is not None:
+            for seq in sampled:
+                if len(seq.token_ids) == stale_at and not seq.is_finished:
+                    self.scheduler.recompute(seq)
+        return outputs
 
     def _forward(self, plan: StepPlan, sampled: list[Sequence]):
         meta = self.backend.prepare_batch(build_batch(plan, self.blocks.block_size))
-        hidden = self.model.forward(meta.input_ids, meta.positions, meta, self.kv_cache)
+        hidden = self.backend.forward(self.model, meta, self.kv_cache)
         logits = self.model.logits(hidden[meta.sample_index]).float()
         batch = self._sampling_batch(sampled)
         tokens = self.backend.sample(logits, batch)

@@ -136,6 +136,15 @@ class Scheduler:
             plan.items.append(PlanItem(seq, chunk, chunk == remaining))
             budget -= chunk
 
+    def recompute(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks and queue it first, to be recomputed from its tokens
+        (for a model whose cached K/V go stale at some length)."""
+        self.running.remove(seq)
+        self.blocks.release(seq.block_table)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
     def _preempt(self, seq: Sequence, plan: StepPlan) -> int:
         """Free seq's blocks and queue it first for recompute; returns tokens it gave back."""
         returned = 0
@@ -143,11 +152,7 @@ class Scheduler:
             if item.sequence is seq:
                 returned = plan.items.pop(i).num_tokens
                 break
-        self.running.remove(seq)
-        self.blocks.release(seq.block_table)
-        seq.num_computed = 0
-        seq.status = Status.WAITING
-        self.waiting.appendleft(seq)
+        self.recompute(seq)
         plan.preempted.append(seq)
         self.num_preemptions += 1
         return returned

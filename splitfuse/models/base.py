@@ -19,6 +19,9 @@ class CausalLM:
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    # When a sequence reaches this many tokens its cached K/V are stale and the engine recomputes it
+    # (Phi-3's longrope switches frequencies there); None: never.
+    kv_stale_at_length: int | None = None
 
     def __init__(self, config, backend, dtype: torch.dtype, max_model_len: int) -> None:
         self.config = config
@@ -93,3 +96,18 @@ def rope_cos_sin(config, head_dim: int, max_positions: int, dtype: torch.dtype, 
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
     cache = build_cos_sin_cache(inv_freq, max_positions, scaling)
     return cache.to(device=device, dtype=dtype)
+
+
+# HF activation names (ACT2FN keys) -> gelu's `approximate`; the tanh forms differ in rounding only
+_GELU_APPROXIMATE = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
+
+
+def activation_op(backend, name: str, field: str):
+    """The backend op running HF activation `name` (read from config field `field`) on a tensor."""
+    if name == "relu":
+        return backend.relu
+    if name in _GELU_APPROXIMATE:
+        approximate = _GELU_APPROXIMATE[name]
+        return lambda x: backend.gelu(x, approximate)
+    raise ValueError(f"config field {field}={name!r} is not supported; expected one of "
+                     f"{sorted(['relu', *_GELU_APPROXIMATE])}")

@@ -26,6 +26,7 @@ class LlamaForCausalLM(CausalLM):
         self.cos_sin = rope_cos_sin(config, self.head_dim, max_model_len, dtype, backend.device)
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_sizes = (q, kv, kv)
+        self.rotary_dim: int | None = None  # None: rotate the whole head
 
     def _sliding_windows(self, config) -> list[int | None]:
         window = getattr(config, "sliding_window", None)
@@ -77,7 +78,7 @@ class LlamaForCausalLM(CausalLM):
         ops, w = self.backend, self.weights
         hidden = ops.embedding(input_ids, w["embed_tokens.weight"])
         residual = None
-        num_tokens = input_ids.shape[0]
+        rope_positions = self.rope_positions(positions, meta)
         for i in range(self.num_layers):
             p = f"layers.{i}."
             if residual is None:
@@ -85,18 +86,33 @@ class LlamaForCausalLM(CausalLM):
                 x = ops.rms_norm(hidden, w[p + "input_norm.weight"], self.eps)
             else:
                 x, residual = ops.rms_norm(hidden, w[p + "input_norm.weight"], self.eps, residual)
-            qkv = ops.linear(x, w[p + "qkv.weight"], w.get(p + "qkv.bias"))
-            q, k, v = qkv.split(self.qkv_sizes, dim=-1)
-            q = q.view(num_tokens, self.num_heads, self.head_dim)
-            k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-            v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-            attn = ops.rotary_attention(q, k, v, positions, self.cos_sin, kv_cache[i], meta, self.scale,
-                                        self.sliding_windows[i])
-            hidden = ops.linear(attn.reshape(num_tokens, -1), w[p + "o.weight"])
+            q, k, v = self.project_qkv(p, x)
+            attn = ops.rotary_attention(q, k, v, rope_positions, self.cos_sin, kv_cache[i], meta, self.scale,
+                                        self.sliding_windows[i], rotary_dim=self.rotary_dim)
+            hidden = ops.linear(attn.reshape(attn.shape[0], -1), w[p + "o.weight"])
             x, residual = ops.rms_norm(hidden, w[p + "post_norm.weight"], self.eps, residual)
-            hidden = ops.linear(ops.silu_and_mul(ops.linear(x, w[p + "gate_up.weight"])), w[p + "down.weight"])
+            hidden = self.mlp(i, x)
         hidden, _ = ops.rms_norm(hidden, w["norm.weight"], self.eps, residual)
         return hidden
+
+    # Pieces a subclass overrides, so the layer loop above stays in one place.
+    def project_qkv(self, prefix: str, x: torch.Tensor):
+        """q [T, H, D], k and v [T, Hkv, D] of the normed hidden states x [T, hidden]."""
+        qkv = self.backend.linear(x, self.weights[prefix + "qkv.weight"], self.weights.get(prefix + "qkv.bias"))
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
+        T = x.shape[0]
+        return (q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim),
+                v.view(T, self.num_kv_heads, self.head_dim))
+
+    def rope_positions(self, positions: torch.Tensor, meta) -> torch.Tensor:
+        """Row of self.cos_sin each token is rotated with: its position, unless the rope picks tables."""
+        return positions
+
+    def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The feed-forward block of layer `layer` on the normed hidden states x [T, hidden]."""
+        ops, p = self.backend, f"layers.{layer}."
+        return ops.linear(ops.silu_and_mul(ops.linear(x, self.weights[p + "gate_up.weight"])),
+                          self.weights[p + "down.weight"])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.weights["embed_tokens.weight"] if self.tie_word_embeddings else self.weights["lm_head.weight"]

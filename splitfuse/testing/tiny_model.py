@@ -152,7 +152,45 @@ ARCHITECTURES: dict[str, _Arch] = {
     "llama": _Arch("LlamaConfig", "LlamaForCausalLM"),
     "mistral": _Arch("MistralConfig", "MistralForCausalLM"),
     "qwen2": _Arch("Qwen2Config", "Qwen2ForCausalLM"),
+    "mixtral": _Arch("MixtralConfig", "MixtralForCausalLM"),
+    "qwen2_moe": _Arch("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "qwen3": _Arch("Qwen3Config", "Qwen3ForCausalLM"),
+    "phi3": _Arch("Phi3Config", "Phi3ForCausalLM"),
+    "phi": _Arch("PhiConfig", "PhiForCausalLM"),
+    "falcon": _Arch("FalconConfig", "FalconForCausalLM"),
+    "opt": _Arch("OPTConfig", "OPTForCausalLM"),
+    "gemma2": _Arch("Gemma2Config", "Gemma2ForCausalLM"),
 }
+
+# Config values that keep a tiny model tiny where the config class's defaults are full-size
+# (expert counts and widths, head size); make_tiny_model's keyword arguments override them.
+TINY_DEFAULTS: dict[str, dict] = {
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 64},
+    "qwen3": {"head_dim": 16},
+    "phi": {"initializer_range": 0.1},  # at 0.02 its greedy output is nearly one token
+    "falcon": {"ffn_hidden_size": 128, "initializer_range": 0.1},
+    "opt": {"ffn_dim": 128, "init_std": 0.1},  # at 0.02 its greedy output is one token
+    "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16},
+}
+
+
+def resolve_arch(name: str) -> str:
+    """The ARCHITECTURES key for `name`: a key, or a Hugging Face causal-LM class name such as
+    "LlamaForCausalLM"; any other class transformers has (e.g. "GPT2LMHeadModel") is added."""
+    if name in ARCHITECTURES:
+        return name
+    for key, entry in ARCHITECTURES.items():
+        if entry.model_cls == name:
+            return key
+    try:
+        config_cls = getattr(transformers, name).config_class
+    except Exception:  # not a transformers model class (or one that cannot be imported here)
+        raise ValueError(f"unknown arch {name!r}; choose one of {sorted(ARCHITECTURES)} or a Hugging Face "
+                         "causal-LM class name from transformers") from None
+    ARCHITECTURES[name] = _Arch(config_cls.__name__, name)
+    return name
 
 
 @torch.no_grad()
@@ -196,8 +234,7 @@ def make_tiny_model(
 
     `config_overrides` go straight to the config class (e.g. rope_parameters, sliding_window, head_dim).
     """
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    arch = resolve_arch(arch)
     if vocab_size < VOCAB_SIZE:
         raise ValueError(f"vocab_size must be at least the tokenizer's {VOCAB_SIZE}, got {vocab_size}")
     if num_heads % num_kv_heads:
@@ -215,7 +252,7 @@ def make_tiny_model(
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
         tie_word_embeddings=tie_word_embeddings,
-        **config_overrides,
+        **{**TINY_DEFAULTS.get(arch, {}), **config_overrides},
     )
     with torch.random.fork_rng(devices=[]):  # seed locally; leave the caller's RNG alone
         torch.manual_seed(seed)

@@ -36,6 +36,10 @@ _GIB = 1 << 30
 # float32, plus sort buffers for top-p), Triton/cuBLAS workspaces and allocator fragmentation.
 _RESERVE_BYTES_PER_HIDDEN = 32
 _RESERVE_FIXED = 1 * _GIB
+# Decode batches up to this size replay CUDA graphs; capture stops after the time limit (start-up
+# must stay short), and larger batches, which are GPU-bound anyway, run eagerly.
+_MAX_GRAPH_BATCH = 256
+_GRAPH_CAPTURE_LIMIT_S = 30.0
 
 
 def _interpreter_mode() -> bool:
@@ -104,6 +108,7 @@ class CudaBackend(Backend):
         self._k_act, self._k_norm, self._k_rot = activation, rms_norm, rotary_kv
         # generator -> draws made through this backend: the sampling kernel's counter offset
         self._draws: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._graphs = None  # DecodeGraphs once warm_up captured them
 
     # ---- memory ----------------------------------------------------------------------------
     def default_dtype(self) -> torch.dtype:
@@ -171,15 +176,55 @@ class CudaBackend(Backend):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    # ---- CUDA graphs -----------------------------------------------------------------------
+    def warm_up(self, model, kv_cache, config, max_model_len: int, block_size: int) -> None:
+        """Capture decode-step CUDA graphs (see graphs.py); skipped under the interpreter (no
+        graphs on the CPU) and with enforce_eager. A model whose forward cannot be captured
+        (e.g. it syncs with the host) keeps running eagerly, with a warning."""
+        self._graphs = None
+        if self.interpreted or config.enforce_eager:
+            return
+        from splitfuse.backends.cuda.graphs import DecodeGraphs
+
+        graphs = DecodeGraphs(model, kv_cache, max_batch=min(config.max_seqs, config.token_budget, _MAX_GRAPH_BATCH),
+                              max_model_len=max_model_len, block_size=block_size, device=self.device,
+                              use_graphs=True)
+        try:
+            seconds = graphs.capture(_GRAPH_CAPTURE_LIMIT_S)
+        except Exception as exc:  # capture is an optimisation: never fail start-up for it
+            log.warning("CUDA graph capture failed, decode steps run eagerly (enforce_eager=True hides "
+                        "this): %s: %s", type(exc).__name__, exc)
+            torch.cuda.synchronize(self.device)
+            return
+        log.info("CUDA graphs: %d decode batch sizes up to %d captured in %.1f s", len(graphs.buckets),
+                 graphs.max_batch, seconds)
+        self._graphs = graphs
+
+    def forward(self, model, meta: BatchMeta, kv_cache):
+        graphs = self._graphs
+        if graphs is not None and graphs.model is model and graphs.bucket_for(meta) is not None:
+            return graphs.run(meta)
+        return super().forward(model, meta, kv_cache)
+
     # ---- model ops -------------------------------------------------------------------------
     def rms_norm(self, x, weight, eps, residual=None, weight_offset=0.0):
         return self._k_norm.rms_norm(x, weight, eps, residual, weight_offset)
+
+    def layer_norm(self, x, weight, bias, eps, residual=None):
+        from splitfuse.backends.cuda.kernels.layer_norm import layer_norm
+
+        return layer_norm(x, weight, bias, eps, residual)
 
     def silu_and_mul(self, x):
         return self._k_act.silu_and_mul(x)
 
     def gelu_and_mul(self, x, approximate="none"):
         return self._k_act.gelu_and_mul(x, approximate)
+
+    def moe_experts(self, x, topk_weights, topk_ids, w_gate_up, w_down, activation="silu"):
+        from splitfuse.backends.cuda.kernels.moe import moe_experts
+
+        return moe_experts(x, topk_weights, topk_ids, w_gate_up, w_down, activation)
 
     def rotary(self, q, k, positions, cos_sin, rotary_dim=None, interleaved=False):
         return self._k_rot.rotary_and_cache(q, k, None, positions, cos_sin, None, None, rotary_dim, interleaved)

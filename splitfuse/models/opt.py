@@ -1,0 +1,125 @@
+"""OPT: learned positions (HF's table is offset by 2), ReLU MLP, biases, pre-LN
+(`do_layer_norm_before`) or post-LN (350m), embeddings narrower than the hidden size through
+project_in/project_out (`word_embed_proj_dim`), lm_head tied to the embeddings."""
+
+from __future__ import annotations
+
+import torch
+
+from splitfuse.models.base import CausalLM, activation_op
+
+_POSITION_OFFSET = 2  # OPT's position table starts 2 rows in (a fairseq legacy)
+
+
+class OPTForCausalLM(CausalLM):
+    _RENAMED = {
+        "self_attn.out_proj": "o", "fc1": "up", "fc2": "down",
+        "self_attn_layer_norm": "attn_norm", "final_layer_norm": "mlp_norm",
+    }
+    _FUSED = {"self_attn.q_proj": 0, "self_attn.k_proj": 1, "self_attn.v_proj": 2}
+    _TOP = {"embed_tokens.weight": "embed.weight", "embed_positions.weight": "positions.weight",
+            "project_in.weight": "project_in.weight", "project_out.weight": "project_out.weight",
+            "final_layer_norm.weight": "final_norm.weight", "final_layer_norm.bias": "final_norm.bias"}
+
+    def __init__(self, config, backend, dtype: torch.dtype, max_model_len: int) -> None:
+        super().__init__(config, backend, dtype, max_model_len)
+        self.num_heads = self.num_kv_heads = config.num_attention_heads
+        self.head_dim = self.hidden_size // self.num_heads
+        self.num_layers = config.num_hidden_layers
+        self.scale = self.head_dim ** -0.5
+        self.eps = 1e-5  # nn.LayerNorm's default: OPT's config has no field for it
+        self.pre_norm = bool(config.do_layer_norm_before)
+        self.final_norm = self.pre_norm and not getattr(config, "_remove_final_layer_norm", False)
+        self.affine_norms = bool(getattr(config, "layer_norm_elementwise_affine", True))
+        self.has_bias = bool(getattr(config, "enable_bias", True))
+        self.projected = config.word_embed_proj_dim != self.hidden_size
+        self.act = activation_op(backend, config.activation_function, "activation_function")
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
+
+    # ---- weights ---------------------------------------------------------------------------
+    def map_weight_name(self, name: str):
+        if name == "lm_head.weight":
+            return name, None
+        # the hub's checkpoints name the decoder "decoder.", transformers' own "model.decoder."
+        base = name.removeprefix("model.").removeprefix("decoder.")
+        if base in self._TOP:
+            return self._TOP[base], None
+        if base.startswith("layers."):
+            _, index, suffix = base.split(".", 2)
+            module, kind = suffix.rsplit(".", 1)
+            if module in self._FUSED:
+                return f"layers.{index}.qkv.{kind}", (self._FUSED[module], 3)
+            return f"layers.{index}.{self._RENAMED[module]}.{kind}", None
+        raise KeyError(name)
+
+    def expected_weights(self) -> set[str]:
+        names = {"embed.weight", "positions.weight"}
+        if not self.tie_word_embeddings:
+            names.add("lm_head.weight")
+        if self.projected:
+            names |= {"project_in.weight", "project_out.weight"}
+        norms = ["attn_norm", "mlp_norm"]
+        if self.final_norm and self.affine_norms:
+            names |= {"final_norm.weight", "final_norm.bias"}
+        layer = ["qkv.weight", "o.weight", "up.weight", "down.weight"]
+        if self.has_bias:
+            layer += ["qkv.bias", "o.bias", "up.bias", "down.bias"]
+        if self.affine_norms:
+            layer += [f"{n}.{kind}" for n in norms for kind in ("weight", "bias")]
+        return names | {f"layers.{i}.{n}" for i in range(self.num_layers) for n in layer}
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward(self, input_ids, positions, meta, kv_cache) -> torch.Tensor:
+        ops, w = self.backend, self.weights
+        hidden = ops.embedding(input_ids, w["embed.weight"])
+        if self.projected:
+            hidden = ops.linear(hidden, w["project_in.weight"])
+        hidden = hidden + ops.embedding(positions + _POSITION_OFFSET, w["positions.weight"])
+        if self.pre_norm:
+            hidden = self._pre_norm_layers(hidden, positions, meta, kv_cache)
+        else:
+            for i in range(self.num_layers):
+                p = f"layers.{i}."
+                attn = self._attention(p, hidden, meta, kv_cache[i])
+                hidden, _ = self._norm(p + "attn_norm", attn, hidden)
+                hidden, _ = self._norm(p + "mlp_norm", self._mlp(p, hidden), hidden)
+        if self.projected:
+            hidden = ops.linear(hidden, w["project_out.weight"])
+        return hidden
+
+    def _pre_norm_layers(self, hidden, positions, meta, kv_cache) -> torch.Tensor:
+        residual = None
+        for i in range(self.num_layers):
+            p = f"layers.{i}."
+            if residual is None:
+                residual, x = hidden, self._norm(p + "attn_norm", hidden)
+            else:
+                x, residual = self._norm(p + "attn_norm", hidden, residual)
+            x, residual = self._norm(p + "mlp_norm", self._attention(p, x, meta, kv_cache[i]), residual)
+            hidden = self._mlp(p, x)
+        if self.final_norm:
+            return self._norm("final_norm", hidden, residual)[0]
+        return hidden + residual
+
+    def _norm(self, name: str, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """LayerNorm `name` of x, or (normed, sum) of x + residual."""
+        w = self.weights
+        return self.backend.layer_norm(x, w.get(name + ".weight"), w.get(name + ".bias"), self.eps, residual)
+
+    def _attention(self, p: str, x: torch.Tensor, meta, kv_layer) -> torch.Tensor:
+        ops, w = self.backend, self.weights
+        T = x.shape[0]
+        q, k, v = ops.linear(x, w[p + "qkv.weight"], w.get(p + "qkv.bias")).chunk(3, dim=-1)
+        q = q * self.scale  # HF scales q before the scores, so the scores are not scaled again
+        shape = (T, self.num_heads, self.head_dim)
+        attn = ops.attention(q.view(shape), k.view(shape), v.view(shape), kv_layer, meta, 1.0)
+        return ops.linear(attn.reshape(T, -1), w[p + "o.weight"], w.get(p + "o.bias"))
+
+    def _mlp(self, p: str, x: torch.Tensor) -> torch.Tensor:
+        ops, w = self.backend, self.weights
+        return ops.linear(self.act(ops.linear(x, w[p + "up.weight"], w.get(p + "up.bias"))),
+                          w[p + "down.weight"], w.get(p + "down.bias"))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        w = self.weights
+        return self.backend.linear(hidden, w["embed.weight"] if self.tie_word_embeddings else w["lm_head.weight"])
