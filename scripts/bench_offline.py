@@ -5,7 +5,8 @@ Both run in this process on the same tiny random Llama (built once into a temp d
 workload: N prompts of random lengths (fixed seed, random ids that avoid the special ids 0-2),
 each generating exactly --new-tokens tokens.
 
-  (a) splitfuse, backend "cpu": all prompts in one pipe() call, ignore_eos, greedy, default
+  (a) splitfuse, backend "cpu" (--backend; several comma-separated are timed side by side):
+      all prompts in one pipe() call, ignore_eos, greedy, default
       engine config (token_budget 768) unless --token-budget says otherwise;
   (b) transformers: model.generate, fp32, greedy, min_new_tokens = max_new_tokens, static
       batches of --hf-batch prompts in arrival order, left padded (pad id 0, attention_mask).
@@ -23,6 +24,7 @@ barriers by 10x or more.
 
     python scripts/bench_offline.py                        # 32 prompts, 32 new tokens, 5 repeats
     python scripts/bench_offline.py --threads 1
+    python scripts/bench_offline.py --backend cpu,cpu-native  # + a plugin backend, side by side
     python scripts/bench_offline.py --breakdown            # + where splitfuse's time goes, per stage
     python scripts/bench_offline.py --profile /tmp/sf.prof # + cProfile of one splitfuse run
 """
@@ -71,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-dir", type=Path, default=None, help="use this model instead of building the tiny Llama")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="weights and activations of both engines (default float32)")
+    p.add_argument("--backend", default="cpu",
+                   help="splitfuse backend, or several comma-separated (cpu,cpu-native) timed side by side (default cpu)")
     p.add_argument("--skip-hf", action="store_true", help="time splitfuse only")
     p.add_argument("--breakdown", action="store_true",
                    help="after timing, time splitfuse's stages (model ops, batch building, sampling, ...) per run")
@@ -216,6 +220,7 @@ class _StageTimer:
             (eng, "_append", "engine._append (detokenize, finish)"),
             (eng.backend, "embedding", "op embedding"),
             (eng.backend, "linear", "op linear (matmuls)"),
+            (eng.backend, "rotary_attention", "op rotary_attention (incl. attention)"),
             (eng.backend, "attention", "op attention"),
             (torch_ops, "write_kv", "  attention: write_kv"),
             (torch_ops, "_plan", "  attention: _plan (index building)"),
@@ -323,20 +328,28 @@ def _bench(args, argv, info, threads, model_dir) -> int:
     engine_kwargs = {"dtype": args.dtype}
     if args.token_budget is not None:
         engine_kwargs["token_budget"] = args.token_budget
-    pipe = splitfuse.pipeline(str(model_dir), backend="cpu", **engine_kwargs)
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    pipes = {name: splitfuse.pipeline(str(model_dir), backend=name, **engine_kwargs) for name in backends}
+    pipe = pipes[backends[0]]  # the one --breakdown and --profile look at
     budget = pipe.engine.config.token_budget
-    run_splitfuse(pipe, warm, 4)  # warm-up
+    for p in pipes.values():
+        run_splitfuse(p, warm, 4)  # warm-up
     hf_model = None
     if not args.skip_hf:
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).eval()
         run_hf(hf_model, warm, 4, args.hf_batch)  # warm-up
     load_before = _loadavg()
-    sf_times, hf_times, sf_cpu, hf_cpu, sf_tokens, hf_tokens = [], [], [], [], None, None
+    all_times = {name: [] for name in backends}
+    all_cpu = {name: [] for name in backends}
+    all_tokens = {}
+    hf_times, hf_cpu, hf_tokens = [], [], None
     for r in range(args.repeats):
-        t, c, sf_tokens = time_once(lambda: run_splitfuse(pipe, prompts, n_new))
-        sf_times.append(t)
-        sf_cpu.append(c)
-        line = f"run {r + 1}/{args.repeats}: splitfuse {t:.3f}s (cpu {c:.3f}s)"
+        line = f"run {r + 1}/{args.repeats}:"
+        for name, p in pipes.items():
+            t, c, all_tokens[name] = time_once(lambda: run_splitfuse(p, prompts, n_new))
+            all_times[name].append(t)
+            all_cpu[name].append(c)
+            line += f" splitfuse[{name}] {t:.3f}s (cpu {c:.3f}s)"
         if hf_model is not None:
             t, c, hf_tokens = time_once(lambda: run_hf(hf_model, prompts, n_new, args.hf_batch))
             hf_times.append(t)
@@ -344,6 +357,7 @@ def _bench(args, argv, info, threads, model_dir) -> int:
             line += f", transformers {t:.3f}s (cpu {c:.3f}s)"
         print(line, flush=True)
     load_after = _loadavg()
+    sf_times, sf_cpu, sf_tokens = all_times[backends[0]], all_cpu[backends[0]], all_tokens[backends[0]]
 
     # sanity: splitfuse vs HF unpadded batch-1 greedy
     check_ok = True
@@ -351,10 +365,12 @@ def _bench(args, argv, info, threads, model_dir) -> int:
         print(f"\nsanity check: splitfuse vs HF unpadded batch-1 greedy, first {args.check} prompts")
         for i in range(min(args.check, n_req)):
             ref = hf_greedy_ignore_eos(hf_model, prompts[i], n_new)
-            same = ref == sf_tokens[i]
-            check_ok &= same
-            first_diff = next((j for j, (a, b) in enumerate(zip(ref, sf_tokens[i])) if a != b), None)
-            print(f"  prompt {i} (len {len(prompts[i])}): {'MATCH' if same else f'DIFFER at token {first_diff}'}")
+            for name in backends:
+                same = ref == all_tokens[name][i]
+                check_ok &= same
+                first_diff = next((j for j, (a, b) in enumerate(zip(ref, all_tokens[name][i])) if a != b), None)
+                print(f"  prompt {i} (len {len(prompts[i])}) [{name}]: "
+                      f"{'MATCH' if same else f'DIFFER at token {first_diff}'}")
         padded_same = sum(a == b for a, b in zip(hf_tokens, sf_tokens))
         print(f"  (info) HF left-padded batches agree with splitfuse on {padded_same}/{n_req} prompts "
               "(generate's min_new_tokens masks EOS, padding shifts numerics)")
@@ -384,7 +400,7 @@ def _bench(args, argv, info, threads, model_dir) -> int:
         f"- Model: {model_line}",
         f"- Workload: {n_req} prompts of {args.min_len}-{args.max_len} random token ids (seed {args.seed}; "
         f"{prompt_tokens} prompt tokens), {n_new} greedy new tokens each ({gen_tokens} generated)",
-        f"- splitfuse: backend cpu, all prompts in one pipe() call, token_budget {budget}, ignore_eos",
+        f"- splitfuse: backend {', '.join(backends)}, all prompts in one pipe() call, token_budget {budget}, ignore_eos",
         f"- transformers: generate, static batches of {args.hf_batch} in arrival order, left padded, "
         f"min_new_tokens = max_new_tokens = {n_new}, attn_implementation {attn}",
         f"- Timing: one warm-up run each, then {args.repeats} timed runs of the whole workload, the two engines "
@@ -392,13 +408,13 @@ def _bench(args, argv, info, threads, model_dir) -> int:
         "",
         "| engine | time (s) | generated tokens/s | requests/s |",
         "|---|---|---|---|",
-        row("splitfuse (cpu)", sf_times),
+        *(row(f"splitfuse ({name})", all_times[name]) for name in backends),
     ]
     if hf_times:
         lines.append(row("transformers generate", hf_times))
         ratio_best = min(hf_times) / min(sf_times)
         ratio_med = statistics.median(hf_times) / statistics.median(sf_times)
-        lines += ["", f"Throughput ratio splitfuse / transformers: **{ratio_best:.2f}x** (best), {ratio_med:.2f}x (median); "
+        lines += ["", f"Throughput ratio splitfuse ({backends[0]}) / transformers: **{ratio_best:.2f}x** (best), {ratio_med:.2f}x (median); "
                       f"process CPU time per run (best): splitfuse {min(sf_cpu):.3f} s, transformers {min(hf_cpu):.3f} s "
                       f"(ratio {min(hf_cpu) / min(sf_cpu):.2f}x)."]
         if args.check:

@@ -1,4 +1,4 @@
-"""Command line: `splitfuse generate | serve | backends | models | make-tiny-model` (also `python -m splitfuse`)."""
+"""Command line: `splitfuse generate | serve | bench | backends | models | make-tiny-model` (also `python -m splitfuse`)."""
 
 from __future__ import annotations
 
@@ -78,23 +78,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_plugin_failures(manager) -> None:
+    """Plugins that did not load or had a registration refused, with where they came from and why."""
+    if manager.failures:
+        print("\nplugins with problems (everything else works without them):")
+        for failure in manager.failures:
+            print(f"  {failure.name} ({failure.source or 'unknown source'}): {failure.error}")
+
+
 def cmd_backends(args: argparse.Namespace) -> int:
     from splitfuse.backends import list_backends
+    from splitfuse.plugins import get_plugin_manager
 
-    for info in list_backends():
+    manager = get_plugin_manager()
+    registry = manager.backends()
+    manager.models()  # so that failures of model plugins are listed as well
+    failed = {(f.name, f"plugin failed to load: {f.error}") for f in manager.failures}
+    # failed plugins are listed with the other plugin problems below
+    infos = [i for i in list_backends() if (i.name, i.reason) not in failed]
+    width = max((len(registry.source(i.name)) for i in infos), default=0)
+    for info in infos:
         state = "available" if info.available else f"unavailable: {info.reason}"
         if info.available and not info.auto_selectable:
             state += " (only when named: `auto` does not pick it)"
-        print(f"{info.name:<12} priority {info.priority:>4}  {state}")
+        print(f"{info.name:<12} priority {info.priority:>4}  {registry.source(info.name):<{width}}  {state}")
+    _print_plugin_failures(manager)
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from splitfuse.models import supported_architectures
+    from splitfuse.plugins import get_plugin_manager
 
-    for arch in supported_architectures():
-        print(arch)
+    manager = get_plugin_manager()
+    registry = manager.models()
+    manager.backends()  # so that failures of backend plugins are listed as well
+    width = max((len(arch) for arch in registry.names()), default=0)
+    for arch in registry.names():
+        print(f"{arch:<{width}}  {registry.source(arch)}")
+    _print_plugin_failures(manager)
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from splitfuse.bench.cli_args import run_from_args
+
+    return run_from_args(args, _picked(args, EngineConfig))
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -142,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("make-tiny-model", help="write a random-weight HF model with a tokenizer (tests, demos)")
     tiny.add_argument("dir")
-    tiny.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2"])
+    from splitfuse.testing.tiny_model import ARCHITECTURES
+
+    tiny.add_argument("--arch", default="llama", choices=sorted(ARCHITECTURES))
     tiny.add_argument("--layers", type=int, default=2)
     tiny.add_argument("--hidden-size", type=int, default=64)
     tiny.add_argument("--heads", type=int, default=4)
@@ -150,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--intermediate-size", type=int, default=128)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_make_tiny_model)
+
+    from splitfuse.bench.cli_args import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser("bench", help="latency-throughput curves and effective throughput: splitfuse, "
+                                         "HF transformers, any OpenAI-compatible server")
+    add_bench_arguments(bench)
+    _add_model_fields(bench, EngineConfig, "engine (splitfuse's own server)")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -14,7 +14,8 @@ from splitfuse.plugins import get_plugin_manager, hookimpl, reset_plugin_manager
 
 @pytest.fixture(autouse=True)
 def fresh_plugins(monkeypatch):
-    monkeypatch.delenv("SPLITFUSE_BACKEND", raising=False)
+    for var in ("SPLITFUSE_BACKEND", "SPLITFUSE_PLUGINS", "SPLITFUSE_DISABLE_PLUGINS"):
+        monkeypatch.delenv(var, raising=False)
     reset_plugin_manager()
     yield
     reset_plugin_manager()
@@ -121,9 +122,13 @@ def test_installed_plugins_load_from_entry_points(tmp_path, monkeypatch, capsys)
     write_entry_point_plugin(tmp_path, "broken_backend", "broken_backend_mod", "import not_a_real_module\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert main(["backends"]) == 0
-    out = capsys.readouterr().out
-    assert "good" in out and "cpu" in out
-    assert "broken_backend" in out and "plugin failed to load" in out and "not_a_real_module" in out
+    lines = capsys.readouterr().out.splitlines()
+    good = next(line for line in lines if line.startswith("good "))
+    assert "good_backend 0.1" in good and good.endswith("available")  # where it came from
+    assert "built-in" in next(line for line in lines if line.startswith("cpu "))
+    problems = lines[lines.index("plugins with problems (everything else works without them):"):]
+    broken = next(line for line in problems if "broken_backend" in line)
+    assert "(broken_backend 0.1): failed to import broken_backend_mod" in broken and "not_a_real_module" in broken
     assert create_backend("auto").name == "good"
 
 
@@ -161,7 +166,7 @@ def test_backend_for_another_contract_version_is_refused_by_name():
     get_plugin_manager().register(FuturePlugin(), name="future-plugin")
     infos = {i.name: i for i in list_backends()}
     assert "future" not in infos
-    assert "contract version 2" in infos["future-plugin"].reason
+    assert "backend 'future' is written for splitfuse plugin API version 2" in infos["future-plugin"].reason
     assert infos["cpu"].available
 
 
@@ -190,3 +195,110 @@ def test_backend_instances_on_a_chosen_device():
         create_backend("two", device_index=2)
     with pytest.raises(BackendError, match="1 device"):
         create_backend("cpu", device_index=1)
+
+
+# ---- broken plugins: each is reported by name and the rest keeps working ----------------------
+def test_duplicate_backend_and_model_names_keep_the_builtin(capsys):
+    from splitfuse.models.llama import LlamaForCausalLM
+
+    class Impostor(CpuBackend):
+        name = "cpu"
+        priority = 5000
+
+    class OwnBackend(CpuBackend):
+        name = "own"
+
+    class ImpostorLlama:
+        pass
+
+    class DuplicatingPlugin:
+        @hookimpl
+        def splitfuse_register_backends(self, registry):
+            registry.add(Impostor)
+            registry.add(OwnBackend)  # still registered: only the clashing name is refused
+
+        @hookimpl
+        def splitfuse_register_models(self, registry):
+            registry.add("LlamaForCausalLM", ImpostorLlama)
+
+    get_plugin_manager().register(DuplicatingPlugin(), name="dup-plugin")
+    manager = get_plugin_manager()
+    assert manager.backends().get("cpu") is CpuBackend and manager.backends().get("own") is OwnBackend
+    assert manager.models().get("LlamaForCausalLM") is LlamaForCausalLM
+    assert type(create_backend("auto")) is not Impostor
+    errors = [f.error for f in manager.failures if f.name == "dup-plugin"]
+    assert any("backend 'cpu' is already registered by built-in" in e for e in errors)
+    assert any("model 'LlamaForCausalLM' is already registered by built-in" in e for e in errors)
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "dup-plugin (registered in code): model 'LlamaForCausalLM' is already registered by built-in" in out
+
+
+def test_plugin_module_for_another_api_version_is_not_loaded(tmp_path, monkeypatch, capsys):
+    write_entry_point_plugin(tmp_path, "api_two", "api_two_mod", """
+        from splitfuse.backends.cpu import CpuBackend
+        from splitfuse.plugins import hookimpl
+
+        SPLITFUSE_API_VERSION = 2
+
+        class ApiTwo(CpuBackend):
+            name = "api-two"
+
+        @hookimpl
+        def splitfuse_register_backends(registry):
+            registry.add(ApiTwo)
+    """)
+    write_entry_point_plugin(tmp_path, "api_one", "api_one_mod", """
+        from splitfuse.backends.cpu import CpuBackend
+        from splitfuse.plugins import hookimpl
+
+        SPLITFUSE_API_VERSION = "1.3"  # the same major version: loaded
+
+        class ApiOne(CpuBackend):
+            name = "api-one"
+
+        @hookimpl
+        def splitfuse_register_backends(registry):
+            registry.add(ApiOne)
+    """)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert "api-one " in out and "api-two " not in out
+    assert ("api_two (api_two 0.1): not loaded: plugin 'api_two' is written for splitfuse plugin API version 2, "
+            "but this splitfuse implements version 1") in out
+    with pytest.raises(BackendError, match="unknown backend 'api-two'"):
+        create_backend("api-two")
+    assert create_backend("cpu").name == "cpu"
+
+
+def test_model_class_for_another_api_version_is_refused():
+    class FutureModel:
+        api_version = 2
+
+    class CurrentModel:
+        api_version = 1
+
+    class ModelsPlugin:
+        @hookimpl
+        def splitfuse_register_models(self, registry):
+            registry.add("FutureForCausalLM", FutureModel)
+            registry.add("CurrentForCausalLM", CurrentModel)
+
+    get_plugin_manager().register(ModelsPlugin(), name="models-plugin")
+    models = get_plugin_manager().models()
+    assert "FutureForCausalLM" not in models and models.get("CurrentForCausalLM") is CurrentModel
+    [failure] = [f for f in get_plugin_manager().failures if f.name == "models-plugin"]
+    assert "model 'FutureForCausalLM' is written for splitfuse plugin API version 2" in failure.error
+
+
+def test_misspelt_hook_is_reported_and_not_registered():
+    class Misspelt:
+        @hookimpl
+        def splitfuse_register_backend(self, registry):  # missing "s"
+            registry.add(FastBackend)
+
+    get_plugin_manager().register(Misspelt(), name="misspelt")
+    [failure] = get_plugin_manager().failures
+    assert failure.name == "misspelt" and "splitfuse_register_backend" in failure.error
+    assert "fast" not in {i.name for i in list_backends()}

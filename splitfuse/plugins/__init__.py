@@ -1,10 +1,8 @@
 """Plugin system: `from splitfuse.plugins import hookimpl` to write a backend or model plugin."""
 
-from splitfuse.plugins.hookspecs import hookimpl, hookspec
+from splitfuse.plugins.hookspecs import API_VERSION, hookimpl, hookspec
 from splitfuse.plugins.manager import PluginManager, get_plugin_manager, reset_plugin_manager
 from splitfuse.plugins.registry import BackendRegistry, ModelRegistry, PluginFailure
-
-API_VERSION = 1  # the backend/model contract version plugins are written against
 
 __all__ = [
     "API_VERSION", "BackendRegistry", "ModelRegistry", "PluginFailure", "PluginManager",

@@ -5,6 +5,9 @@ from __future__ import annotations
 import pluggy
 
 PROJECT = "splitfuse"
+# The plugin API's major version: hooks, registries, the Backend contract and CausalLM. A plugin
+# that declares another major version is refused at load time; one that declares none is loaded.
+API_VERSION = 1
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 

@@ -1,24 +1,32 @@
 """A typed facade over pluggy: loads built-in and installed plugins, fills the registries.
 
-Built-ins register through the same hooks as third-party plugins. A plugin that fails to import
-or whose hook raises is recorded in `failures` and reported by name; the others keep working.
-Environment: SPLITFUSE_PLUGINS (comma list) loads only those entry points;
+Built-ins register through the same hooks as third-party plugins, and first. A plugin that fails
+to import, declares another API major version, has a malformed hook, whose hook raises, or that
+registers a name already taken is recorded in `failures`, logged by name, and the rest keeps
+working. Environment: SPLITFUSE_PLUGINS (comma list) loads only those entry points;
 SPLITFUSE_DISABLE_PLUGINS (comma list) skips those.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 
 import pluggy
 
 from splitfuse.plugins import hookspecs
-from splitfuse.plugins.registry import BackendRegistry, ModelRegistry, PluginFailure
+from splitfuse.plugins.registry import (
+    BUILTIN_SOURCE, BackendRegistry, ModelRegistry, PluginFailure, declared_version_problem,
+)
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
 BUILTIN_PLUGINS = ("splitfuse.backends.builtin", "splitfuse.models.builtin")
+VERSION_ATTRIBUTE = "SPLITFUSE_API_VERSION"  # a plugin module may declare the API it was written for
+IN_PROCESS_SOURCE = "registered in code"
+
+log = logging.getLogger("splitfuse")
 
 
 def _env_names(var: str) -> set[str] | None:
@@ -26,28 +34,63 @@ def _env_names(var: str) -> set[str] | None:
     return {n.strip() for n in value.split(",") if n.strip()} if value else None
 
 
+def _entry_point_source(ep: EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"{dist.name} {dist.version}" if dist is not None else ep.value
+
+
 class PluginManager:
     def __init__(self, load_entry_points: bool = True) -> None:
         self._pm = pluggy.PluginManager(hookspecs.PROJECT)
         self._pm.add_hookspecs(hookspecs)
-        self.failures: list[PluginFailure] = []
-        for module_name in BUILTIN_PLUGINS:
-            self._pm.register(importlib.import_module(module_name), name=module_name)
-        if load_entry_points:
-            self._load_entry_points()
-        self._pm.check_pending()
+        self._load_failures: list[PluginFailure] = []
+        self._sources: dict[str, str] = {}  # plugin name -> "built-in" or "dist-name version"
         self._backends: BackendRegistry | None = None
         self._models: ModelRegistry | None = None
+        for module_name in BUILTIN_PLUGINS:
+            self._admit(importlib.import_module(module_name), module_name, BUILTIN_SOURCE)
+        if load_entry_points:
+            self._load_entry_points()
 
-    def register(self, plugin: object, name: str | None = None) -> None:
+    def register(self, plugin: object, name: str | None = None, source: str = IN_PROCESS_SOURCE) -> None:
         """Register a plugin object (module or class with hookimpls) by hand, e.g. in tests."""
-        self._pm.register(plugin, name=name)
-        self._pm.check_pending()
+        self._admit(plugin, name or self._pm.get_canonical_name(plugin), source)
         self._backends = self._models = None
 
     def unregister(self, plugin: object) -> None:
         self._pm.unregister(plugin)
         self._backends = self._models = None
+
+    def source(self, plugin_name: str) -> str:
+        """Where a plugin came from: "built-in", a distribution's name and version, or how it was added."""
+        return self._sources.get(plugin_name, "")
+
+    @property
+    def failures(self) -> list[PluginFailure]:
+        """Plugins that did not load, then refused registrations of the registries built so far."""
+        built = [r for r in (self._backends, self._models) if r is not None]
+        return self._load_failures + [f for r in built for f in r.failures]
+
+    def _fail(self, name: str, error: str, source: str, into: list[PluginFailure] | None = None) -> None:
+        (self._load_failures if into is None else into).append(PluginFailure(name, error, source))
+        log.warning("splitfuse plugin %r (%s): %s", name, source, error)
+
+    def _admit(self, plugin: object, name: str, source: str) -> None:
+        """Register a loaded plugin unless it declares another API version or its hooks are malformed."""
+        declared = getattr(plugin, VERSION_ATTRIBUTE, None)
+        if declared is not None:
+            problem = declared_version_problem(declared, f"plugin {name!r}")
+            if problem:
+                return self._fail(name, f"not loaded: {problem}", source)
+        try:
+            self._pm.register(plugin, name=name)
+            self._pm.check_pending()  # a misspelt hook name is an error, not a silently unused function
+        except (pluggy.PluginValidationError, ValueError) as exc:  # ValueError: a module registered twice
+            if self._pm.is_registered(plugin):
+                self._pm.unregister(plugin)
+            return self._fail(name, f"not loaded: {type(exc).__name__}: {exc}", source)
+        self._sources[name] = source
+        return None
 
     def _load_entry_points(self) -> None:
         allowed = _env_names("SPLITFUSE_PLUGINS")
@@ -56,18 +99,26 @@ class PluginManager:
             if ep.name in blocked or (allowed is not None and ep.name not in allowed):
                 continue
             if self._pm.has_plugin(ep.name):
-                continue
+                continue  # the same distribution seen twice on sys.path
+            source = _entry_point_source(ep)
             try:
-                self._pm.register(ep.load(), name=ep.name)
+                plugin = ep.load()
             except Exception as exc:  # a broken plugin must not take the others down
-                self.failures.append(PluginFailure(ep.name, f"{type(exc).__name__}: {exc}"))
+                self._fail(ep.name, f"failed to import {ep.value}: {type(exc).__name__}: {exc}", source)
+                continue
+            self._admit(plugin, ep.name, source)
 
     def _call_each(self, hook, registry) -> None:
-        for impl in hook.get_hookimpls():
+        # Built-ins first, so that on a name clash the built-in keeps the name.
+        impls = sorted(hook.get_hookimpls(), key=lambda impl: self.source(impl.plugin_name) != BUILTIN_SOURCE)
+        for impl in impls:
+            name, source = impl.plugin_name, self.source(impl.plugin_name)
+            registry.registering(source, lambda error, n=name, s=source: self._fail(n, error, s, registry.failures))
             try:
                 impl.function(registry=registry)
             except Exception as exc:
-                self.failures.append(PluginFailure(impl.plugin_name, f"{type(exc).__name__}: {exc}"))
+                self._fail(name, f"{hook.name} raised {type(exc).__name__}: {exc}", source, registry.failures)
+        registry.registering("", None)  # later add() calls outside a hook raise on a refusal
 
     def backends(self) -> BackendRegistry:
         if self._backends is None:
