@@ -6,10 +6,12 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -46,6 +48,9 @@ from splitfuse.serving.protocol import (
     Usage,
     error_body,
 )
+
+# The browser playground's page, script and styles (package data).
+_STATIC = Path(__file__).parent / "static"
 
 # SamplingParams names back to the OpenAI names a client sent, for 400s that name the field.
 _OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
@@ -223,8 +228,8 @@ class _Handlers:
             async for index, out in group:
                 tracker.token(index, len(out.new_token_ids), out.finish_reason)
                 completion += len(out.new_token_ids)
-                if not out.new_text and not out.finished:
-                    continue
+                if not out.new_text and not out.finished and req.logprobs is None:
+                    continue  # a token whose text is still held back; with logprobs it is still sent
                 lps = None
                 if req.logprobs is not None:
                     lps = self.completion_logprobs(out.new_logprobs, offsets[index])
@@ -367,6 +372,13 @@ def create_app(engine: AsyncEngine, model_name: str, tokenizer, api_key: str | N
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, raw: Request):
         return await handlers.chat(req, raw)
+
+    # The playground holds no secrets, so it is served without the API key; its requests send one.
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        return FileResponse(_STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=_STATIC), name="static")
 
     # Outermost, so oversized or unauthenticated requests are turned away before parsing.
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)

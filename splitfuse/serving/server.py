@@ -114,6 +114,12 @@ def serve(model: str | os.PathLike | None = None, host: str = "127.0.0.1", port:
         time.sleep(0.05)
 
 
+def browser_url(host: str, port: int) -> str:
+    """The URL a browser on this machine opens: a wildcard bind address becomes loopback."""
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
 def run(model: str | None, host: str = "127.0.0.1", port: int = 8000, backend: str | None = "auto",
         **kwargs) -> None:
     """Serve in the foreground until SIGINT/SIGTERM: uvicorn finishes open requests, then the engine drains."""
@@ -136,7 +142,8 @@ def run(model: str | None, host: str = "127.0.0.1", port: int = 8000, backend: s
                     signal.signal(sig, handler)
 
     app, engine = build_app(model, backend, **kwargs)
-    log.warning("serving %s on http://%s:%d", app.state.handlers.model_name, host, port)
+    url = browser_url(host, port)
+    log.warning("serving %s on %s; playground: %s/", app.state.handlers.model_name, url, url)
     server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="info", lifespan="off",
                                            timeout_graceful_shutdown=60))
     try:

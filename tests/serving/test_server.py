@@ -171,6 +171,17 @@ def test_logprobs_per_token(client):
     assert len(chat.choices[0].logprobs.content) == 3
 
 
+def test_streamed_logprobs_cover_every_token(client):
+    """Tokens whose text is held back (part of a UTF-8 character, a possible stop string) still
+    arrive with their log-probabilities when a stream asks for them."""
+    kwargs = dict(model="llama", prompt="naïve café 東京 😀", max_tokens=24, temperature=0, logprobs=1)
+    full = client.completions.create(**kwargs).choices[0]
+    streamed = [c.choices[0] for c in client.completions.create(**kwargs, stream=True) if c.choices]
+    token_logprobs = [v for c in streamed if c.logprobs for v in c.logprobs.token_logprobs]
+    assert token_logprobs == full.logprobs.token_logprobs
+    assert "".join(c.text for c in streamed) == full.text
+
+
 # ---- errors ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("field,value", [("max_tokens", 0), ("temperature", 5), ("n", 0), ("top_p", 2)])
 def test_invalid_field_is_400_naming_it(client, field, value):
