@@ -42,7 +42,7 @@ def build_engine(model: str | Path | None, backend: str | None = "auto", config:
     model None = the embedded default model."""
     config = config or EngineConfig()
     if model is None:
-        from splitfuse.testing.tiny_model import default_model_dir
+        from splitfuse.data import default_model_dir
 
         model = default_model_dir()
     backend_impl = create_backend(backend, device_index)

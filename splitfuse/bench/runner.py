@@ -57,7 +57,7 @@ class BenchOptions:
 def _model_dir(options: BenchOptions) -> str:
     if options.model is not None:
         return options.model
-    from splitfuse.testing.tiny_model import default_model_dir
+    from splitfuse.data import default_model_dir
 
     return str(default_model_dir())
 

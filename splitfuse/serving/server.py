@@ -50,7 +50,7 @@ def build_app(model: str | os.PathLike | None = None, backend: str | None = "aut
         raise ValueError(f"replicas must be at least 1, got {replicas}")
     if served_model_name is None:
         if model is None:
-            from splitfuse.testing.tiny_model import default_model_dir
+            from splitfuse.data import default_model_dir
 
             model = default_model_dir()
         served_model_name = Path(model).resolve().name

@@ -10,7 +10,6 @@ import pytest
 from test_hf_parity import check_all, make_prompts
 
 from splitfuse.cli import main
-from splitfuse.testing.tiny_model import make_tiny_model
 
 # name -> (arch, config overrides); 4 experts, top-2 unless said otherwise (TINY_DEFAULTS)
 VARIANTS = {
@@ -23,20 +22,6 @@ VARIANTS = {
     "qwen2_moe-step2": ("qwen2_moe", {"decoder_sparse_step": 2, "num_experts_per_tok": 3,
                                       "norm_topk_prob": True}),
 }
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """name -> directory of that tiny model, built on first use."""
-    built: dict[str, str] = {}
-
-    def get(name: str) -> str:
-        if name not in built:
-            arch, overrides = VARIANTS[name]
-            built[name] = str(make_tiny_model(tmp_path_factory.mktemp(name), arch, **overrides))
-        return built[name]
-
-    return get
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -35,20 +35,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """name -> directory of that tiny model, built on first use."""
-    built: dict[str, str] = {}
-
-    def get(name: str) -> str:
-        if name not in built:
-            arch, overrides = VARIANTS[name]
-            built[name] = str(make_tiny_model(tmp_path_factory.mktemp(name), arch, **overrides))
-        return built[name]
-
-    return get
-
-
 def check_logprobs(pipe, hf_model, prompt: list[int], new_tokens: int = 3) -> None:
     """Log-probabilities of the greedy tokens equal HF's (finer than the tokens themselves)."""
     out = pipe([prompt], max_new_tokens=new_tokens, temperature=0.0, logprobs=1)[0]

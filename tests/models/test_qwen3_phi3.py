@@ -9,7 +9,6 @@ import random
 import pytest
 from test_hf_parity import check_all
 
-from splitfuse.testing.tiny_model import make_tiny_model
 
 # longrope with an original context of 64: of the prompts (1-200 tokens) those up to 64 tokens
 # rotate with the short factors and those over it with the long ones; the 64-token prompt grows
@@ -27,20 +26,6 @@ VARIANTS = {
     # partial rotary: 8 of each head's 16 features
     "phi3-longrope": ("phi3", LONGROPE),
 }
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """name -> directory of that tiny model, built on first use."""
-    built: dict[str, str] = {}
-
-    def get(name: str) -> str:
-        if name not in built:
-            arch, overrides = VARIANTS[name]
-            built[name] = str(make_tiny_model(tmp_path_factory.mktemp(name), arch, **overrides))
-        return built[name]
-
-    return get
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
