@@ -1,8 +1,10 @@
 """End to end on the cuda backend: greedy output equals HF transformers token for token.
 
-Without a GPU every kernel runs in the Triton interpreter, so this stays tiny: the 2-layer,
-hidden-64 llama, prompts of 1, 5 and 11 tokens, 4 new tokens, a token budget of 8 (the 11-token
-prompt is chunked and shares steps with decodes) and 4-token KV blocks.
+Llama covers RMSNorm, full rotary and GQA; Phi-2 what Llama does not: the LayerNorm kernel with
+its fused residual, partial rotary (half of each head) in the rotary + KV-write kernel, biases
+and a parallel attention/MLP block. Without a GPU every kernel runs in the Triton interpreter, so
+this stays tiny: 2 layers, hidden 64, prompts of 1, 5 and 11 tokens, 4 new tokens, a token budget
+of 8 (the 11-token prompt is chunked and shares steps with decodes) and 4-token KV blocks.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ import pytest
 
 import splitfuse
 from splitfuse.testing.parity import hf_greedy, mismatch
+from splitfuse.testing.tiny_model import make_tiny_model
 
 pytestmark = pytest.mark.slow
 
 
-def test_greedy_matches_hf(tiny_model_dir, hf_model):
+@pytest.mark.parametrize("arch", ["llama", "phi"])
+def test_greedy_matches_hf(arch, tmp_path_factory, tiny_model_dir, hf_model):
     pytest.importorskip("splitfuse.backends.cuda.kernels.paged_attention")
-    path = tiny_model_dir("llama")
+    path = tiny_model_dir("llama") if arch == "llama" else str(make_tiny_model(tmp_path_factory.mktemp(arch), arch))
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (1, 5, 11)]
     # float32 so HF's fp32 reference is comparable on a GPU too (the default there is bf16)
