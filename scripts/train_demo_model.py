@@ -4,7 +4,7 @@ Every machine with Python has the corpus, so the model can be re-created anywher
 download. Patch releases change stdlib files, so the file list is pinned with sha256 hashes
 (scripts/demo_corpus.json); a file that differs stops the run with its name.
 
-    python scripts/train_demo_model.py --out splitfuse/data/demo_model     # about 25 min on 2 cores
+    python scripts/train_demo_model.py --out splitfuse/data/demo_model     # about 18 min on 2 cores
     python scripts/train_demo_model.py --pin                               # rewrite the pinned list
 
 Reproducible: fixed seed, 2 threads, fixed number of steps. The model is trained with
@@ -196,7 +196,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="splitfuse/data/demo_model", help="model directory to write")
     p.add_argument("--pin", action="store_true", help="write the pinned file list of this Python and exit")
-    p.add_argument("--steps", type=int, default=700)
+    p.add_argument("--steps", type=int, default=1400)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3)

@@ -75,19 +75,20 @@ def test_greedy_tokens_and_logprobs_match_hf_on_held_out_text(engine_fp32, hf_de
 
 def looks_like_python(text: str) -> bool:
     """The completion compiles as Python once its last, possibly cut-off line is dropped and an
-    open block is given a body, and it has an indented body of its own."""
+    open docstring or block is closed, and it has an indented body of its own."""
     lines = text.splitlines(keepends=True)
     if not text.endswith("\n"):
         lines = lines[:-1]  # cut off mid-line by max_new_tokens
     complete = "".join(lines)
     if "\n    " not in complete:
         return False
-    for indent in range(0, 17, 4):
-        try:
-            compile(complete + " " * indent + "pass\n", "<completion>", "exec")
-            return True
-        except SyntaxError:
-            continue
+    for closer in ("", '"""\n', "'''\n"):  # a docstring the cut left open
+        for indent in range(0, 17, 4):
+            try:
+                compile(complete + closer + " " * indent + "pass\n", "<completion>", "exec")
+                return True
+            except SyntaxError:
+                continue
     return False
 
 
