@@ -1,8 +1,13 @@
-"""The backend contract, version 1.
+"""The backend contract, version 2.
 
 A backend owns a device: it allocates the paged KV cache there and runs the ops models are written
 against. Every op has a default here built from plain torch ops (the reference, see torch_ops.py),
-so a new backend overrides only what it accelerates. Shapes use T tokens of one ragged batch,
+so a new backend overrides only what it accelerates.
+
+Attention is built from building blocks: a backend implements `write_kv` and `paged_attention`
+(and optionally a fused `rotary_write_kv`); `attention` and `rotary_attention`, which models
+call, are composed from them here once. A backend that fuses a whole composite may still
+override it. Shapes use T tokens of one ragged batch,
 S sequences, H query heads, Hkv key/value heads, D head size.
 
 KV cache: one tensor per layer, [2, num_blocks, block_size, Hkv, D] (index 0 keys, 1 values);
@@ -20,7 +25,7 @@ from splitfuse.backends import torch_ops
 from splitfuse.core.batch import BatchMeta
 from splitfuse.core.sampler import SamplingBatch, sample_tokens
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2
 
 
 class Backend:
@@ -98,25 +103,49 @@ class Backend:
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return torch.nn.functional.linear(x, weight, bias)
 
+    # ---- attention: building blocks ------------------------------------------------------
+    def write_kv(self, kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Store k, v [T, Hkv, D] into kv_layer [2, num_blocks, block_size, Hkv, D] at slot_mapping [T]."""
+        torch_ops.write_kv(kv_layer, k, v, slot_mapping)
+
+    def paged_attention(
+        self, q: torch.Tensor, kv_layer: torch.Tensor, meta: BatchMeta, scale: float,
+        sliding_window: int | None = None, logit_softcap: float | None = None,
+    ) -> torch.Tensor:
+        """Causal attention of q [T, H, D] over each sequence's cached keys (the step's new keys are
+        already written); prompt chunks and decodes in one call; GQA. Returns [T, H, D].
+        sliding_window: a query at position p sees keys at positions > p - sliding_window;
+        logit_softcap c: scores become c * tanh(s / c)."""
+        return torch_ops.paged_attention(q, kv_layer, meta, scale, sliding_window, logit_softcap)
+
+    def rotary_write_kv(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+        kv_layer: torch.Tensor, slot_mapping: torch.Tensor, rotary_dim: int | None = None,
+        interleaved: bool = False,
+    ) -> torch.Tensor:
+        """Rotate q and k, store the rotated k and v at slot_mapping, return the rotated q. The default
+        is rotary() then write_kv(); a backend fuses them into one pass by overriding this."""
+        q, k = self.rotary(q, k, positions, cos_sin, rotary_dim, interleaved)
+        self.write_kv(kv_layer, k, v, slot_mapping)
+        return q
+
+    # ---- attention: what models call, composed once from the building blocks ---------------
     def attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, meta: BatchMeta,
         scale: float, sliding_window: int | None = None, logit_softcap: float | None = None,
     ) -> torch.Tensor:
-        """Write k/v [T, Hkv, D] at meta.slot_mapping, then causal paged attention of q [T, H, D]
-        over each sequence's cached keys; prompt chunks and decodes in one call. Returns [T, H, D].
-        sliding_window: a query at position p sees keys at positions > p - sliding_window."""
-        torch_ops.write_kv(kv_layer, k, v, meta.slot_mapping)
-        return torch_ops.paged_attention(q, kv_layer, meta, scale, sliding_window, logit_softcap)
+        """write_kv() of k/v [T, Hkv, D] at meta.slot_mapping, then paged_attention() of q [T, H, D]."""
+        self.write_kv(kv_layer, k, v, meta.slot_mapping)
+        return self.paged_attention(q, kv_layer, meta, scale, sliding_window, logit_softcap)
 
     def rotary_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
         kv_layer: torch.Tensor, meta: BatchMeta, scale: float, sliding_window: int | None = None,
         logit_softcap: float | None = None, rotary_dim: int | None = None, interleaved: bool = False,
     ) -> torch.Tensor:
-        """rotary() on q/k, then attention(): one call, so a backend can fuse the rotary with the
-        KV-cache write. Models with rotary embeddings call this."""
-        q, k = self.rotary(q, k, positions, cos_sin, rotary_dim, interleaved)
-        return self.attention(q, k, v, kv_layer, meta, scale, sliding_window, logit_softcap)
+        """rotary_write_kv() then paged_attention(): models with rotary embeddings call this."""
+        q = self.rotary_write_kv(q, k, v, positions, cos_sin, kv_layer, meta.slot_mapping, rotary_dim, interleaved)
+        return self.paged_attention(q, kv_layer, meta, scale, sliding_window, logit_softcap)
 
     def rotary(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,

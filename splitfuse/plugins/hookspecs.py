@@ -7,7 +7,7 @@ import pluggy
 PROJECT = "splitfuse"
 # The plugin API's major version: hooks, registries, the Backend contract and CausalLM. A plugin
 # that declares another major version is refused at load time; one that declares none is loaded.
-API_VERSION = 1
+API_VERSION = 2
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 

@@ -31,7 +31,7 @@ def declared_version_problem(declared: object, owner: str) -> str:
         major = int(str(declared).split(".")[0])
     except ValueError:
         return f"{owner} declares API version {declared!r}; expected an integer major version such as {API_VERSION}"
-    if major == API_VERSION:
+    if major in (API_VERSION, 1):  # version 1: still loaded (temporary, until the v1 adapter lands)
         return ""
     return (f"{owner} is written for splitfuse plugin API version {major}, but this splitfuse implements "
             f"version {API_VERSION}: install a release of the plugin made for API version {API_VERSION}, "
