@@ -56,6 +56,12 @@ class Backend:
         """Devices of this kind here; replicas are spread over them (device_index 0..count-1)."""
         return 1
 
+    @classmethod
+    def device_type(cls) -> str:
+        """The torch device type this backend runs on here ("cpu", "cuda", ...), asked before any
+        instance exists: front ends plan CPU threads and devices by it."""
+        return "cpu"
+
     def __init__(self, device_index: int = 0) -> None:
         self.device = torch.device("cpu")
 

@@ -94,6 +94,10 @@ class CudaBackend(Backend):
     def device_count(cls) -> int:
         return 1 if _interpreter_mode() else torch.cuda.device_count()
 
+    @classmethod
+    def device_type(cls) -> str:
+        return "cpu" if _interpreter_mode() else "cuda"
+
     def __init__(self, device_index: int = 0) -> None:
         super().__init__()
         self.interpreted = _interpreter_mode()

@@ -61,6 +61,10 @@ class XpuBackend(Backend):
     def device_count(cls) -> int:
         return 1 if _on_cpu() else xpu_device.device_count()
 
+    @classmethod
+    def device_type(cls) -> str:
+        return "cpu" if _on_cpu() else "xpu"
+
     def __init__(self, device_index: int = 0) -> None:
         super().__init__()
         if _on_cpu():
