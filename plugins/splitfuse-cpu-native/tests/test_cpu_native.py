@@ -49,6 +49,16 @@ def test_registered_by_entry_point_and_named_only():
     assert backend.device == torch.device("cpu") and backend.describe().startswith("cpu-native (")
 
 
+def test_written_for_backend_contract_v2():
+    """It implements building blocks, so it registers as itself, not through the version-1 adapter."""
+    from splitfuse.plugins import get_plugin_manager
+
+    registry = get_plugin_manager().backends()
+    assert registry.get("cpu-native") is CpuNativeBackend and "adapted" not in registry.source("cpu-native")
+    assert CpuNativeBackend.attention is Backend.attention
+    assert CpuNativeBackend.rotary_attention is Backend.rotary_attention
+
+
 def test_unavailable_reasons(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-g++")
     assert build.unavailable_reason() == "no C++ compiler (g++): 'no-such-g++' is not on PATH; install g++ or set CXX"
@@ -94,7 +104,7 @@ def test_paged_attention_fp32(native, step_name, block_size, heads, head_dim, wi
     cache, _, _ = filled_cache(step, Hkv, head_dim)
     q = torch.randn(step.meta.num_tokens, H, head_dim)
     scale = head_dim ** -0.5
-    out = native._paged_attention(q, cache, step.meta, scale, window, softcap)
+    out = native.paged_attention(q, cache, step.meta, scale, window, softcap)
     ref = torch_ops.paged_attention(q, cache, step.meta, scale, window, softcap)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -104,7 +114,7 @@ def test_paged_attention_half_precision(native, dtype):
     step = ragged_step(STEPS["mixed"], 4, seed=2)
     cache, _, _ = filled_cache(step, 2, 32, dtype)
     q = torch.randn(step.meta.num_tokens, 4, 32).to(dtype)
-    out = native._paged_attention(q, cache, step.meta, 0.2, 8, None)
+    out = native.paged_attention(q, cache, step.meta, 0.2, 8, None)
     assert out.dtype == dtype
     # fp32 softmax in both; the difference is the rounding of one bf16/fp16 output
     torch.testing.assert_close(out.float(), torch_ops.paged_attention(q, cache, step.meta, 0.2, 8).float(),

@@ -1,4 +1,6 @@
-"""Every backend op against the cpu reference on awkward shapes, in each dtype the backend declares.
+"""Every backend op against the cpu reference on awkward shapes, in each dtype the backend declares:
+the attention building blocks (write_kv, paged_attention, rotary_write_kv) each on its own, then
+the composites models call (attention, rotary_attention), then the dense ops and sampling.
 
 Shapes: odd sizes (9, 41), contexts ending on and just past a KV block boundary, GQA ratios 1, 2,
 3 and 8, prompt chunks on top of cached context mixed with decodes in one ragged batch; KV blocks
@@ -67,6 +69,7 @@ def test_declares_a_usable_contract(backend):
     assert backend.unavailable_reason() == "" and backend.is_available()
     assert isinstance(backend.auto_selectable(), bool)
     assert backend.device_count() >= 1
+    assert backend.device_type() == backend.device.type, "device_type() names the type of `device`"
     size = backend.kv_block_size(64)
     assert isinstance(size, int) and size >= 1
     blocks = backend.num_kv_blocks(EngineConfig(kv_cache_gib=0.01), 1 << 16, 64)
@@ -87,7 +90,71 @@ def test_prepare_batch_moves_the_step_to_the_device(backend):
         assert getattr(meta, name).device.type == backend.device.type, name
 
 
-# ---- attention -----------------------------------------------------------------------------------
+# ---- attention: building blocks ------------------------------------------------------------------
+ROTARY_VARIANTS = [
+    pytest.param(None, False, id="neox"),
+    pytest.param(8, False, id="partial", marks=FULL),
+    pytest.param(None, True, id="gptj", marks=FULL),
+]
+ROTARY_STEPS = [pytest.param(SMALL, 4, id="quick"), pytest.param(MIXED, 16, id="mixed-block16", marks=FULL)]
+
+
+def _fused_qkv(T, H, Hkv, D, dtype, device="cpu"):
+    """q, k, v as models make them: views of one projection's output (k and v not contiguous)."""
+    qkv = _randn(T, (H + 2 * Hkv) * D, dtype=dtype, seed=4).to(device)
+    return tuple(t.view(T, -1, D) for t in qkv.split([H * D, Hkv * D, Hkv * D], dim=-1))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused-qkv-views"])
+@pytest.mark.parametrize("specs,block_size,H,Hkv,D", ATTENTION_SHAPES)
+def test_write_kv(backend, reference, dtype, specs, block_size, H, Hkv, D, fused):
+    meta, kv, k, v = _step(specs, block_size, Hkv, D, dtype)
+    if fused:
+        _, k, v = _fused_qkv(meta.num_tokens, H, Hkv, D, dtype)
+    expected_kv = kv.clone()
+    reference.write_kv(expected_kv, k, v, meta.slot_mapping)
+    dev = backend.device
+    got_kv = kv.to(dev)
+    backend.write_kv(got_kv, k.to(dev), v.to(dev), backend.prepare_batch(meta).slot_mapping)
+    assert_close(got_kv, expected_kv, dtype, "KV cache after write_kv (k/v at slot_mapping, nothing else)")
+
+
+@pytest.mark.parametrize("window,softcap", ATTENTION_VARIANTS)
+@pytest.mark.parametrize("specs,block_size,H,Hkv,D", ATTENTION_SHAPES)
+def test_paged_attention(backend, reference, dtype, specs, block_size, H, Hkv, D, window, softcap):
+    """Over a cache that already holds the step's keys; the cache is only read."""
+    meta, kv, _, _ = _step(specs, block_size, Hkv, D, dtype)
+    q = _randn(meta.num_tokens, H, D, dtype=dtype, seed=3)
+    expected = reference.paged_attention(q, kv, meta, D ** -0.5, window, softcap)
+    dev = backend.device
+    got_kv = kv.to(dev)
+    got = backend.paged_attention(q.to(dev), got_kv, backend.prepare_batch(meta), D ** -0.5, window, softcap)
+    assert got.dtype == dtype
+    assert_close(got, expected, dtype, "paged_attention output")
+    assert_close(got_kv, kv, dtype, "KV cache after paged_attention (unchanged)")
+
+
+@pytest.mark.parametrize("rotary_dim,interleaved", ROTARY_VARIANTS)
+@pytest.mark.parametrize("specs,block_size", ROTARY_STEPS)
+def test_rotary_write_kv(backend, reference, dtype, specs, block_size, rotary_dim, interleaved):
+    H, Hkv, D = 4, 2, 16
+    meta, kv, _, _ = _step(specs, block_size, Hkv, D, dtype)
+    cos_sin = _cos_sin(rotary_dim or D).to(dtype)
+    expected_kv = kv.clone()
+    q, k, v = _fused_qkv(meta.num_tokens, H, Hkv, D, dtype)
+    expected = reference.rotary_write_kv(q, k, v, meta.positions, cos_sin, expected_kv, meta.slot_mapping,
+                                         rotary_dim, interleaved)
+    dev = backend.device
+    q, k, v = _fused_qkv(meta.num_tokens, H, Hkv, D, dtype, dev)
+    got_kv = kv.to(dev)
+    dmeta = backend.prepare_batch(meta)
+    got = backend.rotary_write_kv(q, k, v, dmeta.positions, cos_sin.to(dev), got_kv, dmeta.slot_mapping,
+                                  rotary_dim, interleaved)
+    assert_close(got, expected, dtype, "rotary_write_kv's rotated q")
+    assert_close(got_kv, expected_kv, dtype, "KV cache after rotary_write_kv (rotated keys, values at slot_mapping)")
+
+
+# ---- attention: the composites models call ------------------------------------------------------
 @pytest.mark.parametrize("window,softcap", ATTENTION_VARIANTS)
 @pytest.mark.parametrize("specs,block_size,H,Hkv,D", ATTENTION_SHAPES)
 def test_attention(backend, reference, dtype, specs, block_size, H, Hkv, D, window, softcap):
@@ -104,29 +171,19 @@ def test_attention(backend, reference, dtype, specs, block_size, H, Hkv, D, wind
     assert_close(got_kv, expected_kv, dtype, "KV cache after attention (new K/V at slot_mapping, nothing else)")
 
 
-@pytest.mark.parametrize("rotary_dim,interleaved", [
-    pytest.param(None, False, id="neox"),
-    pytest.param(8, False, id="partial", marks=FULL),
-    pytest.param(None, True, id="gptj", marks=FULL),
-])
-@pytest.mark.parametrize("specs,block_size", [
-    pytest.param(SMALL, 4, id="quick"),
-    pytest.param(MIXED, 16, id="mixed-block16", marks=FULL),
-])
+@pytest.mark.parametrize("rotary_dim,interleaved", ROTARY_VARIANTS)
+@pytest.mark.parametrize("specs,block_size", ROTARY_STEPS)
 def test_rotary_attention_from_a_fused_qkv(backend, reference, dtype, specs, block_size, rotary_dim,
                                            interleaved):
     H, Hkv, D = 4, 2, 16
     meta, kv, _, _ = _step(specs, block_size, Hkv, D, dtype)
-    T = meta.num_tokens
-    # q, k, v as models make them: views of one projection's output
-    qkv = _randn(T, (H + 2 * Hkv) * D, dtype=dtype, seed=4)
-    q, k, v = (t.view(T, -1, D) for t in qkv.split([H * D, Hkv * D, Hkv * D], dim=-1))
+    q, k, v = _fused_qkv(meta.num_tokens, H, Hkv, D, dtype)
     cos_sin = _cos_sin(rotary_dim or D).to(dtype)
     expected_kv = kv.clone()
     expected = reference.rotary_attention(q, k, v, meta.positions, cos_sin, expected_kv, meta, D ** -0.5,
                                           rotary_dim=rotary_dim, interleaved=interleaved)
     dev = backend.device
-    q, k, v = (t.view(T, -1, D) for t in qkv.to(dev).split([H * D, Hkv * D, Hkv * D], dim=-1))
+    q, k, v = _fused_qkv(meta.num_tokens, H, Hkv, D, dtype, dev)
     got_kv = kv.to(dev)
     dmeta = backend.prepare_batch(meta)
     got = backend.rotary_attention(q, k, v, dmeta.positions, cos_sin.to(dev), got_kv, dmeta, D ** -0.5,
