@@ -31,13 +31,7 @@ PROMPTS = [[5, 17, 300, 41, 9, 77, 120, 3, 64, 250, 11], [9], [400, 401, 402, 7]
 CHUNKED = dict(token_budget=5, kv_block_size=4)
 
 
-@pytest.fixture(autouse=True)
-def fresh_plugins(monkeypatch):
-    for var in ("SPLITFUSE_BACKEND", "SPLITFUSE_PLUGINS", "SPLITFUSE_DISABLE_PLUGINS"):
-        monkeypatch.delenv(var, raising=False)
-    reset_plugin_manager()
-    yield
-    reset_plugin_manager()
+pytestmark = pytest.mark.usefixtures("splitfuse_fresh_plugins")  # from splitfuse's pytest plugin
 
 
 def install_plugin_module(site: Path, dist: str, module: str, body: str) -> Path:
@@ -115,6 +109,48 @@ def test_minimal_backend_from_the_docs_matches_the_cpu_backend(doc_backend_site,
     use_site(doc_backend_site, "splitfuse_loop", monkeypatch)
     path = tiny_model_dir("llama")
     assert greedy_tokens(path, "loop") == greedy_tokens(path, "cpu")
+
+
+WRONG_BUILDING_BLOCKS = '''
+import torch
+
+from splitfuse.backends import torch_ops
+from splitfuse.backends.cpu import CpuBackend
+from splitfuse.plugins import hookimpl
+
+
+class WrongBlocks(CpuBackend):
+    name = "wrong-blocks"
+    dtypes = (torch.float32,)
+
+    def write_kv(self, kv_layer, k, v, slot_mapping):  # keys and values swapped
+        torch_ops.write_kv(kv_layer, v, k, slot_mapping)
+
+    def paged_attention(self, q, kv_layer, meta, scale, sliding_window=None, logit_softcap=None):  # no window
+        return torch_ops.paged_attention(q, kv_layer, meta, scale, None, logit_softcap)
+
+
+@hookimpl
+def splitfuse_register_backends(registry):
+    registry.add(WrongBlocks)
+'''
+
+
+def test_conformance_kit_fails_wrong_building_blocks(tmp_path):
+    site = install_plugin_module(tmp_path / "site", "wrong_blocks", "wrong_blocks", WRONG_BUILDING_BLOCKS)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    args = [a for a in CONFORMANCE if a != "--splitfuse-quick"]
+    result = subprocess.run([sys.executable, *args, "--splitfuse-backend", "wrong-blocks", "-rf", "-k",
+                             "write_kv or paged_attention or test_attention"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 1, result.stdout[-4000:]
+    failed = re.findall(r"FAILED \S+::(\w+)\[(\S+)\]", result.stdout)
+    # rotary_write_kv's default and attention are built on the wrong blocks, so they fail too
+    assert {test for test, _ in failed} == {"test_write_kv", "test_paged_attention", "test_rotary_write_kv",
+                                            "test_attention"}
+    # the window is the only thing paged_attention gets wrong
+    assert all("window5" in case for test, case in failed if test == "test_paged_attention")
+    assert re.search(r"\d+ passed", result.stdout)
 
 
 # ---- a version-1 plugin, through the adapter ---------------------------------------------------

@@ -28,13 +28,7 @@ PLUGINS_DOC = ROOT / "docs" / "plugins.md"
 CONFORMANCE = ["-m", "pytest", "--pyargs", "splitfuse.testing.conformance", "-q", "-p", "no:cacheprovider"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_plugins(monkeypatch):
-    for var in ("SPLITFUSE_BACKEND", "SPLITFUSE_PLUGINS", "SPLITFUSE_DISABLE_PLUGINS"):
-        monkeypatch.delenv(var, raising=False)
-    reset_plugin_manager()
-    yield
-    reset_plugin_manager()
+pytestmark = pytest.mark.usefixtures("splitfuse_fresh_plugins")  # from splitfuse's pytest plugin
 
 
 def run_python(args: list[str], cwd: Path, extra_path: Path | None = None) -> subprocess.CompletedProcess:

@@ -12,13 +12,7 @@ from splitfuse.cli import main
 from splitfuse.plugins import get_plugin_manager, hookimpl, reset_plugin_manager
 
 
-@pytest.fixture(autouse=True)
-def fresh_plugins(monkeypatch):
-    for var in ("SPLITFUSE_BACKEND", "SPLITFUSE_PLUGINS", "SPLITFUSE_DISABLE_PLUGINS"):
-        monkeypatch.delenv(var, raising=False)
-    reset_plugin_manager()
-    yield
-    reset_plugin_manager()
+pytestmark = pytest.mark.usefixtures("splitfuse_fresh_plugins")  # from splitfuse's pytest plugin
 
 
 class FastBackend(CpuBackend):

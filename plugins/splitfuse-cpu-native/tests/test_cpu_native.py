@@ -14,7 +14,6 @@ import torch
 import splitfuse
 from splitfuse.backends import Backend, BackendError, create_backend, list_backends, torch_ops
 from splitfuse.backends.cpu import CpuBackend
-from splitfuse.plugins import reset_plugin_manager
 from splitfuse.testing.parity import hf_greedy, mismatch
 from splitfuse.testing.ragged import filled_cache, ragged_step
 from splitfuse.testing.tiny_model import make_tiny_model
@@ -24,12 +23,7 @@ pytest.importorskip("splitfuse_cpu_native", reason="splitfuse-cpu-native is not 
 from splitfuse_cpu_native import CpuNativeBackend, build
 
 
-@pytest.fixture(autouse=True)
-def fresh_plugins(monkeypatch):
-    monkeypatch.delenv("SPLITFUSE_BACKEND", raising=False)
-    reset_plugin_manager()
-    yield
-    reset_plugin_manager()
+pytestmark = pytest.mark.usefixtures("splitfuse_fresh_plugins")  # from splitfuse's pytest plugin
 
 
 @pytest.fixture(scope="module")

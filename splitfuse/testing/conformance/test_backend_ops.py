@@ -119,77 +119,72 @@ def test_write_kv(backend, reference, dtype, specs, block_size, H, Hkv, D, fused
     assert_close(got_kv, expected_kv, dtype, "KV cache after write_kv (k/v at slot_mapping, nothing else)")
 
 
+def _check_attention_op(backend, reference, dtype, op, specs, block_size, H, Hkv, D, window, softcap, cache_note):
+    """`op` on the backend against the reference, output and KV cache afterwards: "attention" (writes
+    the step's new K/V first) or "paged_attention" (over a cache already holding them)."""
+    meta, kv, k, v = _step(specs, block_size, Hkv, D, dtype)
+    q = _randn(meta.num_tokens, H, D, dtype=dtype, seed=3)
+    new_kv = (k, v) if op == "attention" else ()
+    expected_kv = kv.clone()
+    expected = getattr(reference, op)(q, *new_kv, expected_kv, meta, D ** -0.5, window, softcap)
+    dev = backend.device
+    got_kv = kv.to(dev)
+    got = getattr(backend, op)(q.to(dev), *(t.to(dev) for t in new_kv), got_kv, backend.prepare_batch(meta),
+                               D ** -0.5, window, softcap)
+    assert got.dtype == dtype
+    assert_close(got, expected, dtype, f"{op} output")
+    assert_close(got_kv, expected_kv, dtype, f"KV cache after {op} ({cache_note})")
+
+
 @pytest.mark.parametrize("window,softcap", ATTENTION_VARIANTS)
 @pytest.mark.parametrize("specs,block_size,H,Hkv,D", ATTENTION_SHAPES)
 def test_paged_attention(backend, reference, dtype, specs, block_size, H, Hkv, D, window, softcap):
     """Over a cache that already holds the step's keys; the cache is only read."""
+    _check_attention_op(backend, reference, dtype, "paged_attention", specs, block_size, H, Hkv, D, window, softcap,
+                        "unchanged")
+
+
+def _check_rotary_op(backend, reference, dtype, op, specs, block_size, rotary_dim, interleaved):
+    """`op` on the backend against the reference, output and KV cache afterwards: "rotary_write_kv"
+    or "rotary_attention" (which attends as well), on q, k, v as models make them."""
+    H, Hkv, D = 4, 2, 16
     meta, kv, _, _ = _step(specs, block_size, Hkv, D, dtype)
-    q = _randn(meta.num_tokens, H, D, dtype=dtype, seed=3)
-    expected = reference.paged_attention(q, kv, meta, D ** -0.5, window, softcap)
-    dev = backend.device
-    got_kv = kv.to(dev)
-    got = backend.paged_attention(q.to(dev), got_kv, backend.prepare_batch(meta), D ** -0.5, window, softcap)
-    assert got.dtype == dtype
-    assert_close(got, expected, dtype, "paged_attention output")
-    assert_close(got_kv, kv, dtype, "KV cache after paged_attention (unchanged)")
+    cos_sin = _cos_sin(rotary_dim or D).to(dtype)
+
+    def run(ops, kv_layer, meta, device):
+        q, k, v = _fused_qkv(meta.num_tokens, H, Hkv, D, dtype, device)
+        where = (meta.slot_mapping,) if op == "rotary_write_kv" else (meta, D ** -0.5)
+        return getattr(ops, op)(q, k, v, meta.positions, cos_sin.to(device), kv_layer, *where,
+                                rotary_dim=rotary_dim, interleaved=interleaved)
+
+    expected_kv = kv.clone()
+    expected = run(reference, expected_kv, meta, "cpu")
+    got_kv = kv.to(backend.device)
+    got = run(backend, got_kv, backend.prepare_batch(meta), backend.device)
+    assert_close(got, expected, dtype, f"{op} output")
+    assert_close(got_kv, expected_kv, dtype, f"KV cache after {op} (rotated keys, values at slot_mapping)")
 
 
 @pytest.mark.parametrize("rotary_dim,interleaved", ROTARY_VARIANTS)
 @pytest.mark.parametrize("specs,block_size", ROTARY_STEPS)
 def test_rotary_write_kv(backend, reference, dtype, specs, block_size, rotary_dim, interleaved):
-    H, Hkv, D = 4, 2, 16
-    meta, kv, _, _ = _step(specs, block_size, Hkv, D, dtype)
-    cos_sin = _cos_sin(rotary_dim or D).to(dtype)
-    expected_kv = kv.clone()
-    q, k, v = _fused_qkv(meta.num_tokens, H, Hkv, D, dtype)
-    expected = reference.rotary_write_kv(q, k, v, meta.positions, cos_sin, expected_kv, meta.slot_mapping,
-                                         rotary_dim, interleaved)
-    dev = backend.device
-    q, k, v = _fused_qkv(meta.num_tokens, H, Hkv, D, dtype, dev)
-    got_kv = kv.to(dev)
-    dmeta = backend.prepare_batch(meta)
-    got = backend.rotary_write_kv(q, k, v, dmeta.positions, cos_sin.to(dev), got_kv, dmeta.slot_mapping,
-                                  rotary_dim, interleaved)
-    assert_close(got, expected, dtype, "rotary_write_kv's rotated q")
-    assert_close(got_kv, expected_kv, dtype, "KV cache after rotary_write_kv (rotated keys, values at slot_mapping)")
+    """Returns the rotated q."""
+    _check_rotary_op(backend, reference, dtype, "rotary_write_kv", specs, block_size, rotary_dim, interleaved)
 
 
 # ---- attention: the composites models call ------------------------------------------------------
 @pytest.mark.parametrize("window,softcap", ATTENTION_VARIANTS)
 @pytest.mark.parametrize("specs,block_size,H,Hkv,D", ATTENTION_SHAPES)
 def test_attention(backend, reference, dtype, specs, block_size, H, Hkv, D, window, softcap):
-    meta, kv, k, v = _step(specs, block_size, Hkv, D, dtype)
-    q = _randn(meta.num_tokens, H, D, dtype=dtype, seed=3)
-    expected_kv = kv.clone()
-    expected = reference.attention(q, k, v, expected_kv, meta, D ** -0.5, window, softcap)
-    dev = backend.device
-    got_kv = kv.to(dev)
-    got = backend.attention(q.to(dev), k.to(dev), v.to(dev), got_kv, backend.prepare_batch(meta), D ** -0.5,
-                            window, softcap)
-    assert got.dtype == dtype
-    assert_close(got, expected, dtype, "attention output")
-    assert_close(got_kv, expected_kv, dtype, "KV cache after attention (new K/V at slot_mapping, nothing else)")
+    _check_attention_op(backend, reference, dtype, "attention", specs, block_size, H, Hkv, D, window, softcap,
+                        "new K/V at slot_mapping, nothing else")
 
 
 @pytest.mark.parametrize("rotary_dim,interleaved", ROTARY_VARIANTS)
 @pytest.mark.parametrize("specs,block_size", ROTARY_STEPS)
 def test_rotary_attention_from_a_fused_qkv(backend, reference, dtype, specs, block_size, rotary_dim,
                                            interleaved):
-    H, Hkv, D = 4, 2, 16
-    meta, kv, _, _ = _step(specs, block_size, Hkv, D, dtype)
-    q, k, v = _fused_qkv(meta.num_tokens, H, Hkv, D, dtype)
-    cos_sin = _cos_sin(rotary_dim or D).to(dtype)
-    expected_kv = kv.clone()
-    expected = reference.rotary_attention(q, k, v, meta.positions, cos_sin, expected_kv, meta, D ** -0.5,
-                                          rotary_dim=rotary_dim, interleaved=interleaved)
-    dev = backend.device
-    q, k, v = _fused_qkv(meta.num_tokens, H, Hkv, D, dtype, dev)
-    got_kv = kv.to(dev)
-    dmeta = backend.prepare_batch(meta)
-    got = backend.rotary_attention(q, k, v, dmeta.positions, cos_sin.to(dev), got_kv, dmeta, D ** -0.5,
-                                   rotary_dim=rotary_dim, interleaved=interleaved)
-    assert_close(got, expected, dtype, "rotary_attention output")
-    assert_close(got_kv, expected_kv, dtype, "KV cache after rotary_attention (rotated keys)")
+    _check_rotary_op(backend, reference, dtype, "rotary_attention", specs, block_size, rotary_dim, interleaved)
 
 
 @pytest.mark.parametrize("T,H,Hkv,D,rotary_dim,interleaved", [
