@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from splitfuse.backends.base import CONTRACT_VERSION, Backend
 
-V1 = 1
 # `api_version` is the name every plugin class may use; `contract_version` the one Backend carries
 VERSION_ATTRIBUTES = ("api_version", "contract_version")
 ADAPTED_NOTE = "contract v1, adapted"
@@ -53,11 +52,6 @@ def adapt(cls: type) -> type:
         "contract_version": CONTRACT_VERSION, "adapted_from": cls,
     }
     return type(cls.__name__, bases, namespace)
-
-
-def adapted_from(cls: type) -> type:
-    """The version-1 class an adapted class wraps, or `cls` itself."""
-    return vars(cls).get("adapted_from", cls)
 
 
 def deprecation_message(name: str, cls: type, source: str) -> str:
