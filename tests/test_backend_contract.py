@@ -24,8 +24,7 @@ from splitfuse.plugins import get_plugin_manager, hookimpl, reset_plugin_manager
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKEND_DOC = ROOT / "docs" / "writing-a-backend.md"
-CONFORMANCE = ["-m", "pytest", "--pyargs", "splitfuse.testing.conformance", "-q", "-p", "no:cacheprovider",
-               "--splitfuse-quick"]
+CONFORMANCE = ["-m", "pytest", "--pyargs", "splitfuse.testing.conformance", "-q", "-p", "no:cacheprovider"]
 PROMPTS = [[5, 17, 300, 41, 9, 77, 120, 3, 64, 250, 11], [9], [400, 401, 402, 7]]
 # prompts split over several steps and sharing them with decodes; 4-token KV blocks
 CHUNKED = dict(token_budget=5, kv_block_size=4)
@@ -45,11 +44,13 @@ def install_plugin_module(site: Path, dist: str, module: str, body: str) -> Path
     return site
 
 
-def run_conformance(backend: str, site: Path, cwd: Path) -> subprocess.CompletedProcess:
+def run_conformance(backend: str, site: Path, cwd: Path, *options: str) -> subprocess.CompletedProcess:
+    """The conformance kit's command line on a backend installed in `site` (the quick subset unless
+    options select cases)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, *CONFORMANCE, "--splitfuse-backend", backend], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
+    args = [*CONFORMANCE, "--splitfuse-backend", backend, *(options or ["--splitfuse-quick"])]
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
 def assert_conformance_passed(result: subprocess.CompletedProcess) -> None:
@@ -138,11 +139,9 @@ def splitfuse_register_backends(registry):
 
 def test_conformance_kit_fails_wrong_building_blocks(tmp_path):
     site = install_plugin_module(tmp_path / "site", "wrong_blocks", "wrong_blocks", WRONG_BUILDING_BLOCKS)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
-    args = [a for a in CONFORMANCE if a != "--splitfuse-quick"]
-    result = subprocess.run([sys.executable, *args, "--splitfuse-backend", "wrong-blocks", "-rf", "-k",
-                             "write_kv or paged_attention or test_attention"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=900)
+    # all shapes and variants (the sliding window is not in the quick subset)
+    result = run_conformance("wrong-blocks", site, tmp_path, "-rf", "-k",
+                             "write_kv or paged_attention or test_attention")
     assert result.returncode == 1, result.stdout[-4000:]
     failed = re.findall(r"FAILED \S+::(\w+)\[(\S+)\]", result.stdout)
     # rotary_write_kv's default and attention are built on the wrong blocks, so they fail too
@@ -215,7 +214,9 @@ def test_v1_attention_override_serves_a_rotary_model(v1_site, tiny_model_dir, mo
 
 
 def test_v1_plugin_passes_the_conformance_kit(v1_site, tmp_path):
-    assert_conformance_passed(run_conformance("counting-v1", v1_site, tmp_path))
+    result = run_conformance("counting-v1", v1_site, tmp_path)
+    assert_conformance_passed(result)
+    assert "backend 'counting-v1' (counting_v1 0.1) is written for backend contract version 1" in result.stdout
 
 
 # ---- how the adapter reads version-1 classes ----------------------------------------------------
