@@ -112,7 +112,7 @@ class Engine:
         outputs = [self._append(seq, token, lp) for seq, token, lp in zip(sampled, tokens, logprobs)]
         # a model whose cached K/V go stale when a sequence reaches some length (Phi-3's longrope
         # switches frequencies there, and HF recomputes) has the sequence recomputed
-        stale_at = getattr(self.model, "kv_stale_at_length", None)
+        stale_at = self.model.recompute_kv_at_length()
         if stale_at is not None:
             for seq in sampled:
                 if len(seq.token_ids) == stale_at and not seq.is_finished:
