@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from splitfuse.models.base import CausalLM, add_norm
-from splitfuse.models.weight_tables import Weight, fused
 from splitfuse.models.rope import rope_cos_sin
+from splitfuse.models.weight_tables import Weight, fused
 
 
 class LlamaForCausalLM(CausalLM):

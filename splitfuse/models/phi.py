@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from splitfuse.models.base import CausalLM, activation_op, add_norm
-from splitfuse.models.weight_tables import Weight, fused, weight_and_bias
 from splitfuse.models.rope import rope_cos_sin
+from splitfuse.models.weight_tables import Weight, fused, weight_and_bias
 
 
 class LayerNormDecoderLM(CausalLM):
