@@ -3,6 +3,9 @@
 
 Every value is a uint32 held in an int64 tensor; products are split in 16-bit halves so that no
 int64 operation overflows. The noise of (seed, offset) is a pure function: any backend, any batch.
+The integers are bit-exact; the float transform is the same formula, whose log may differ by an
+ulp between libraries (torch here, numpy under the interpreter, the GPU's own log), so tokens
+could differ only where two tokens' keys tie within that.
 """
 
 from __future__ import annotations

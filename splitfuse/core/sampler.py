@@ -106,8 +106,9 @@ def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return tokens
 
 
-def _draw(row_logits: torch.Tensor, temperature: float, top_k: int, top_p: float, seed: int, counter: int) -> int:
-    """One token of the kept set by the exponential race, key for key as the Triton kernel.
+def _draw(row_logits: torch.Tensor, temperature: float, top_k: int, top_p: float, seed: int,
+          counter: int) -> torch.Tensor:
+    """One token (a 0-d tensor on the logits' device, no host sync) of the kept set by the exponential race, key for key as the Triton kernel.
 
     argmax over kept tokens of logit / T - log(E), E ~ Exp(1): picks token i with probability
     softmax(logit / T) over the kept set, with no cumsum; ties go to the lowest token id."""
@@ -115,7 +116,7 @@ def _draw(row_logits: torch.Tensor, temperature: float, top_k: int, top_p: float
     inv_t = float(1.0 / torch.tensor(temperature, dtype=torch.float32))  # the kernel's float32 1 / T
     noise = exponential(seed, noise_offsets(counter, row_logits.shape[-1])).to(row_logits.device)
     keys = (row_logits * inv_t - torch.log(noise)).clamp_min(_LOWEST_KEY)
-    return int(torch.where(kept, keys, float("-inf")).argmax())
+    return torch.where(kept, keys, float("-inf")).argmax()
 
 
 def _filtered_probs(row_logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
