@@ -306,11 +306,11 @@ def test_moe_experts(backend, reference, dtype, activation):
 
 # ---- sampling ------------------------------------------------------------------------------------
 def _sampling_batch(rows: list[dict]) -> SamplingBatch:
-    gens = [None if r["temperature"] == 0 else torch.Generator().manual_seed(r.get("seed", 0)) for r in rows]
     return SamplingBatch(
         temperatures=[r["temperature"] for r in rows], top_ks=[r.get("top_k", 0) for r in rows],
-        top_ps=[r.get("top_p", 1.0) for r in rows], generators=gens,
-        suppressed=[r.get("suppressed", []) for r in rows],
+        top_ps=[r.get("top_p", 1.0) for r in rows],
+        seeds=[None if r["temperature"] == 0 else r.get("seed", 0) for r in rows],
+        counters=[r.get("counter", 0) for r in rows], suppressed=[r.get("suppressed", []) for r in rows],
     )
 
 
@@ -332,12 +332,12 @@ def test_sample_respects_filters_and_seeds(backend):
         {"temperature": 0.0},
         {"temperature": 0.8, "top_k": 1, "seed": 1},  # top-k 1 is greedy whatever the temperature
         {"temperature": 1.0, "top_p": 1e-4, "seed": 2},  # a tiny nucleus holds only the top token
-        {"temperature": 1.5, "top_k": 5, "seed": 3},
+        {"temperature": 1.5, "top_k": 5, "seed": 3, "counter": 7},
         {"temperature": 1.0, "top_k": 8, "seed": 4, "suppressed": [int(logits[4].argmax())]},  # ranks 2-9
     ]
     first = backend.sample(logits.to(backend.device), _sampling_batch(rows)).cpu().tolist()
     again = backend.sample(logits.to(backend.device), _sampling_batch(rows)).cpu().tolist()
-    assert first == again, "fresh generators with the same seeds must give the same tokens"
+    assert first == again, "the same seeds and counters must give the same tokens"
     top = logits.argmax(-1).tolist()
     assert first[:3] == top[:3]
     assert first[3] in logits[3].topk(5).indices.tolist()
