@@ -8,7 +8,7 @@ import pytest
 
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.core.engine import AdmissionError
-from splitfuse.pipeline import build_engine
+from splitfuse.assembly import build_engine
 from splitfuse.serving.bridge import AsyncEngine, EngineError, EngineStopped, QueueFull
 
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0)
