@@ -25,7 +25,7 @@ from splitfuse.serving.bridge import EngineFront
 from splitfuse.serving.errors import EngineStopped, ReplicaLost
 from splitfuse.serving.loop import Abort, Close
 from splitfuse.serving.replica_worker import replica_main
-from splitfuse.serving.routes import Routes
+from splitfuse.serving.routes import Route, Routes
 
 log = logging.getLogger("splitfuse.serving")
 
@@ -61,15 +61,20 @@ class _Replica:
     def __init__(self, pool: ReplicaPool, index: int, process, conn) -> None:
         self.pool, self.index, self.process, self.conn = pool, index, process, conn
         self.alive = True
-        self.routes = Routes(pool.lock)
+        self.routing = Routes(pool.lock)
         self.stats = EngineStats()
         self.assigned = 0
         self._send_lock = threading.Lock()
         self.thread: threading.Thread | None = None
 
+    @property
+    def routes(self) -> dict[str, Route]:
+        """Its requests in flight, by id."""
+        return self.routing.routes
+
     def load(self) -> ReplicaLoad:
         """The router's view; the caller holds the pool's lock."""
-        return ReplicaLoad(self.index, self.alive, self.routes.outstanding(), self.assigned)
+        return ReplicaLoad(self.index, self.alive, self.routing.outstanding(), self.assigned)
 
     def send(self, message) -> bool:
         """False when the process is gone; the reader thread then fails its requests."""
@@ -93,12 +98,12 @@ class _Replica:
             kind = message[0]
             if kind == "outputs":
                 self.stats = message[2]
-                for request_id in self.routes.deliver(message[1]):
+                for request_id in self.routing.deliver(message[1]):
                     self.pool.abort(request_id)  # the client's loop is closed; nobody is listening
             elif kind == "stats":
                 self.stats = message[1]
             elif kind == "admitted":
-                self.routes.admitted(message[1], message[2])
+                self.routing.admitted(message[1], message[2])
         self._died()
 
     def _died(self) -> None:
@@ -108,7 +113,7 @@ class _Replica:
         self.process.join(5)
         code = self.process.exitcode
         lost = ReplicaLost(f"replica {self.index} exited (code {code}) while serving this request; retry")
-        failed = self.routes.fail_all(lost, EngineStopped(str(lost)))
+        failed = self.routing.fail_all(lost, EngineStopped(str(lost)))
         if not self.pool.closing:
             log.error("replica %d (pid %s) exited with code %s; %d requests failed", self.index,
                       self.process.pid, code, failed)
@@ -116,9 +121,9 @@ class _Replica:
     def describe(self) -> dict:
         state = "ok" if self.alive else "dead"
         with self.pool.lock:
-            in_flight, outstanding = len(self.routes.routes), self.routes.outstanding()
+            in_flight, outstanding = len(self.routes), self.routing.outstanding()
         info = {"index": self.index, "pid": self.process.pid, "state": state, "requests": self.assigned,
-                "finished": self.routes.num_finished, "in_flight": in_flight, "outstanding_tokens": outstanding}
+                "finished": self.routing.num_finished, "in_flight": in_flight, "outstanding_tokens": outstanding}
         if not self.alive:
             info["exitcode"] = self.process.exitcode
         return {**info, **vars(self.stats)}
@@ -216,7 +221,7 @@ class ReplicaPool(EngineFront):
             # Pick and reserve under one lock, so concurrent submits see each other's load.
             replica = self.replicas[pick_replica([r.load() for r in self.replicas])]
             replica.assigned += 1
-            replica.routes.open(group.group_id, group.requests, loop, queue, admitted)
+            replica.routing.open(group.group_id, group.requests, loop, queue, admitted)
         # A failed send needs no handling here: the reader thread sees the death too and settles
         # the future with EngineStopped.
         replica.send(group)
@@ -224,7 +229,7 @@ class ReplicaPool(EngineFront):
     def abort(self, request_id: str) -> None:
         """Forwarded to the replica that holds the request; a finished or lost one needs nothing."""
         for replica in self.replicas:
-            if replica.routes.drop(request_id):
+            if replica.routing.drop(request_id):
                 if replica.alive:
                     replica.send(Abort(request_id))
                 return
