@@ -122,14 +122,15 @@ class Engine:
         """Queue a group of (prompt_ids, params, request_id or None) all or none: if one cannot be
         admitted, none is queued and the AdmissionError names it (index, id) and says why."""
         requests = list(requests)
-        given = [rid for _, _, rid in requests if rid is not None]
+        seen: set[str] = set()
         for index, (prompt_ids, params, request_id) in enumerate(requests):
             try:
-                if request_id is not None and (request_id in self.requests or given.count(request_id) > 1):
+                if request_id is not None and (request_id in self.requests or request_id in seen):
                     raise AdmissionError(f"request_id {request_id!r} is already in use")
                 self._check_admissible([int(t) for t in prompt_ids], params)
             except AdmissionError as exc:
                 raise AdmissionError(exc.reason, index, request_id) from None
+            seen.add(request_id)
         added: list[str] = []
         try:
             for prompt_ids, params, request_id in requests:

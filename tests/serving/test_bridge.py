@@ -9,7 +9,7 @@ import pytest
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.core.engine import AdmissionError
 from splitfuse.assembly import build_engine
-from splitfuse.serving.bridge import AsyncEngine, EngineError, EngineStopped, QueueFull
+from splitfuse.serving.bridge import AsyncEngine, EngineClosed, EngineError, EngineStopped, QueueFull
 
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0)
 
@@ -113,3 +113,23 @@ def test_close_drains_running_requests_then_refuses_new_ones(engine):
     assert not engine.ready
     with pytest.raises(EngineStopped):
         asyncio.run(_collect(engine, [1, 2]))
+
+
+def test_close_without_drain_fails_running_requests_with_engine_closed(engine):
+    async def run():
+        task = asyncio.create_task(_collect(engine, [1, 2, 3], SamplingParams(max_new_tokens=400, temperature=0,
+                                                                              ignore_eos=True)))
+        while engine.stats.running == 0:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(engine.close, False)
+        with pytest.raises(EngineClosed):
+            await task
+
+    asyncio.run(run())
+    assert not engine.ready
+    assert engine.engine.blocks.num_free == engine.engine.blocks.num_blocks
+
+
+def test_engine_settings_and_stats_reach_the_front(engine):
+    assert engine.settings == engine.engine.settings and engine.settings.block_size == 16
+    assert engine.stats.kv_blocks_total == 64 and engine.stats.preemptions == 0

@@ -136,3 +136,37 @@ def test_replicas_spread_over_the_backends_devices():
     assert replica_devices(2, 5) == [0, 1, 0, 1, 0]
     assert replica_devices(1, 3) == [0, 0, 0]  # one device (the cpu): all share it
     assert replica_devices(0, 2) == [0, 0]  # a backend reporting none still gets index 0
+
+
+@pytest.mark.parametrize("device_type, devices, want_threads, want_devices", [
+    ("cpu", 1, 4, [0, 0]),  # replicas on the CPU share its 8 cores
+    ("cuda", 2, None, [0, 1]),  # replicas on devices leave threads to torch, one device each
+])
+def test_replica_placement_asks_the_backend_where_it_runs(monkeypatch, device_type, devices, want_threads,
+                                                          want_devices):
+    from splitfuse.backends.base import Backend
+    from splitfuse.serving import replicas
+
+    class Fake(Backend):
+        name = "fake"
+
+        @classmethod
+        def device_type(cls) -> str:
+            return device_type
+
+        @classmethod
+        def device_count(cls) -> int:
+            return devices
+
+    asked = []
+    monkeypatch.setattr(replicas, "backend_class", lambda name: asked.append(name) or Fake)
+    placement = replicas.place_replicas("auto", 2, cpu_count=8)
+    assert (placement.threads, placement.devices) == (want_threads, want_devices)
+    assert asked == ["auto"]  # auto is resolved by backend selection, not by asking torch
+
+
+def test_the_cpu_backend_splits_the_cores_between_replicas():
+    from splitfuse.serving.replicas import place_replicas
+
+    assert place_replicas("cpu", 3, cpu_count=7).threads == 2
+    assert place_replicas("cpu", 16, cpu_count=4).threads == 1

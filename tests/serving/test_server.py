@@ -71,6 +71,15 @@ def test_served_name_defaults_to_the_directory_name(tiny_model_dir):
         engine.close()
 
 
+def test_requests_without_sampling_fields_take_the_models_defaults(client, pipe):
+    """The tiny model's generation_config.json does not sample: the server and the pipeline both
+    start from that, so a request that sets no temperature is greedy in both."""
+    want = pipe(PROMPT, max_new_tokens=12)[0]
+    got = client.completions.create(model="llama", prompt=PROMPT, max_tokens=12)
+    assert pipe.sampling_params().temperature == 0.0
+    assert got.choices[0].text == want.text
+
+
 def test_completion_equals_pipeline_greedy(client, pipe):
     want = pipe(PROMPT, max_new_tokens=12, temperature=0)[0]
     got = client.completions.create(model="llama", prompt=PROMPT, max_tokens=12, temperature=0)
