@@ -133,18 +133,13 @@ def test_settings_resolve_what_the_config_leaves_open(make_engine):
 def test_a_failed_step_aborts_only_its_requests_and_names_them(make_engine, monkeypatch):
     engine = make_engine(max_seqs=1)  # one request per step: the second waits outside the failure
     engine.add_requests([([1, 5, 9], GREEDY, "in-step"), ([1, 6, 9], GREEDY, "waiting")])
-    forward = engine.model.forward
-    calls = []
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
 
-    def broken_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("boom")
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(engine.model, "forward", broken_once)
+    monkeypatch.setattr(engine.model, "forward", boom)
     with pytest.raises(StepError, match="RuntimeError: boom") as info:
         engine.step()
+    monkeypatch.undo()
     assert info.value.request_ids == ["in-step"]
     assert isinstance(info.value.__cause__, RuntimeError)
     assert list(engine.requests) == ["waiting"] and engine.stats().kv_blocks_used == 0

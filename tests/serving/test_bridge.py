@@ -83,17 +83,8 @@ def test_queue_limit_raises_queue_full(engine):
         asyncio.run(_collect(engine, [1, 2]))
 
 
-def test_failed_step_fails_its_requests_and_the_loop_goes_on(engine, monkeypatch):
-    forward = engine.engine.model.forward
-    calls = []
-
-    def broken_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("boom")
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(engine.engine.model, "forward", broken_once)
+def test_failed_step_fails_its_requests_and_the_loop_goes_on(engine, fail_once):
+    fail_once(engine.engine.model, "forward", "boom")
     with pytest.raises(EngineError, match="boom"):
         asyncio.run(_collect(engine, [1, 2, 3]))
     assert asyncio.run(_collect(engine, [1, 2, 3]))[-1].finished

@@ -114,17 +114,8 @@ def test_an_aborted_request_stops(engine):
     assert sink.stats[-1].kv_blocks_used == 0
 
 
-def test_a_failed_step_fails_only_its_requests(engine, monkeypatch):
-    forward = engine.model.forward
-    calls = []
-
-    def broken_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("boom")
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(engine.model, "forward", broken_once)
+def test_a_failed_step_fails_only_its_requests(engine, fail_once):
+    fail_once(engine.model, "forward", "boom")
     # max_seqs=1: the second group waits outside the failing step.
     sink, _ = run(engine, [group(0, [1, 5, 9]), group(1, [1, 6, 9])])
     [failed] = sink.results["g0-0"]

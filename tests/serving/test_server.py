@@ -259,18 +259,8 @@ def test_full_queue_is_429(client, server):
     assert client.completions.create(model="llama", prompt=PROMPT, max_tokens=2).choices
 
 
-def test_engine_failure_fails_only_that_request(client, server, monkeypatch):
-    model = server.engine.engine.model
-    forward = model.forward
-    calls = []
-
-    def broken_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("injected failure")
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(model, "forward", broken_once)
+def test_engine_failure_fails_only_that_request(client, server, fail_once):
+    fail_once(server.engine.engine.model, "forward", "injected failure")
     with pytest.raises(openai.InternalServerError) as err:
         client.completions.create(model="llama", prompt=PROMPT, max_tokens=4)
     assert "injected failure" in err.value.body["message"]
