@@ -130,7 +130,8 @@ class Engine:
                 self._check_admissible([int(t) for t in prompt_ids], params)
             except AdmissionError as exc:
                 raise AdmissionError(exc.reason, index, request_id) from None
-            seen.add(request_id)
+            if request_id is not None:
+                seen.add(request_id)
         added: list[str] = []
         try:
             for prompt_ids, params, request_id in requests:
