@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from splitfuse.core.request import RequestOutput
 from splitfuse.serving.errors import EngineClosed, EngineError, EngineStopped, QueueFull, ReplicaLost
 from splitfuse.serving.loop import Abort, AddGroup, Close, Command, EngineLoop, Outputs
 from splitfuse.serving.routes import Routes
+
+log = logging.getLogger("splitfuse.serving")
 
 __all__ = ["AsyncEngine", "EngineClosed", "EngineError", "EngineFront", "EngineStopped", "QueueFull",
            "ReplicaLost", "RequestGroup"]
@@ -66,7 +69,15 @@ class RequestGroup:
 
 class EngineFront:
     """submit() and generate() over engines fed through AddGroup commands; a subclass routes the
-    group (dispatch) and aborts requests (abort)."""
+    group (dispatch) and aborts requests (abort), and says what the app reads below."""
+
+    tokenizer: object
+    settings: EngineSettings
+    max_model_len: int
+    sampling_defaults: dict  # the model's generation_config.json values
+    stats: EngineStats  # the latest the engine published
+    ready: bool  # accepting requests and able to serve them
+    max_waiting: int
 
     def __init__(self) -> None:
         self.lock = threading.Lock()  # the routes of every engine behind this front
@@ -155,8 +166,19 @@ class AsyncEngine(EngineFront):
         self._routes = Routes(self.lock)
         self._commands = _CommandQueue()
         self._loop = EngineLoop(engine, self._commands, self, max_waiting)
-        self._thread = threading.Thread(target=self._loop.run, name="splitfuse-engine", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="splitfuse-engine", daemon=True)
         self._thread.start()
+
+    def _serve(self) -> None:
+        """The engine thread: the loop until it is closed; were it to die, no caller is left waiting."""
+        try:
+            self._loop.run()
+        except Exception:  # a bug outside the engine's step: reported here, callers get errors below
+            log.exception("the engine loop stopped")
+        finally:
+            self._commands.close()
+            self._routes.fail_all(EngineError("the engine stopped while serving this request"),
+                                  EngineStopped("the engine has stopped"))
 
     @property
     def ready(self) -> bool:

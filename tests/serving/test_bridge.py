@@ -124,3 +124,15 @@ def test_close_without_drain_fails_running_requests_with_engine_closed(engine):
 def test_engine_settings_and_stats_reach_the_front(engine):
     assert engine.settings == engine.engine.settings and engine.settings.block_size == 16
     assert engine.stats.kv_blocks_total == 64 and engine.stats.preemptions == 0
+
+
+def test_an_engine_thread_that_dies_leaves_no_caller_waiting(engine, monkeypatch):
+    def broken_step():
+        raise RuntimeError("a bug outside the engine's step")
+
+    monkeypatch.setattr(engine.engine, "step", broken_step)  # not a StepError: the loop itself stops
+    with pytest.raises(EngineError, match="stopped while serving"):
+        asyncio.run(_collect(engine, [1, 2, 3]))
+    assert not engine.ready
+    with pytest.raises(EngineStopped):
+        asyncio.run(_collect(engine, [1, 2]))
