@@ -101,9 +101,11 @@ def test_killing_a_replica_fails_only_its_requests(server, client):
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
             tasks = [asyncio.create_task(http.post("/v1/completions", json={**long, "prompt": p}))
                      for p in PROMPTS]
-            # Kill replica 0 once both replicas are generating, so it dies with requests in flight.
+            # Kill replica 0 once every request is routed and both replicas are generating, so it
+            # dies with requests in flight and none reaches it afterwards.
             deadline = time.monotonic() + 20
-            while not all(r.routes for r in pool.replicas) or not all(r.stats.running for r in pool.replicas):
+            while (sum(len(r.routes) for r in pool.replicas) < len(PROMPTS)
+                   or not all(r.routes for r in pool.replicas) or not all(r.stats.running for r in pool.replicas)):
                 assert time.monotonic() < deadline, "requests never reached both replicas"
                 await asyncio.sleep(0.01)
             doomed = len(pool.replicas[0].routes)
