@@ -93,6 +93,12 @@ def test_streaming_and_n_through_replicas(client):
     assert len({c.text for c in many.choices}) == 1 and len(many.choices) == 3
 
 
+def test_the_pool_reports_what_its_replicas_were_built_with(server):
+    settings = server.engine.settings
+    assert (settings.block_size, settings.num_kv_blocks, settings.dtype) == (16, 64, "float32")
+    assert settings.max_model_len == server.engine.max_model_len and "cpu" in settings.backend
+
+
 def test_killing_a_replica_fails_only_its_requests(server, client):
     pool = server.engine
     long = {"model": "llama", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
