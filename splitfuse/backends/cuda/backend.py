@@ -15,13 +15,12 @@ import dataclasses
 import importlib
 import logging
 import os
-import random
-import weakref
 
 import torch
 
 from splitfuse.backends.base import Backend
 from splitfuse.core.batch import BatchMeta
+from splitfuse.core.philox import seed_to_int64
 
 log = logging.getLogger("splitfuse")
 
@@ -110,8 +109,6 @@ class CudaBackend(Backend):
         from splitfuse.backends.cuda.kernels import activation, rms_norm, rotary_kv
 
         self._k_act, self._k_norm, self._k_rot = activation, rms_norm, rotary_kv
-        # generator -> draws made through this backend: the sampling kernel's counter offset
-        self._draws: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._graphs = None  # DecodeGraphs once warm_up captured them
 
     # ---- memory ----------------------------------------------------------------------------
@@ -250,12 +247,9 @@ class CudaBackend(Backend):
         """Next tokens [S'] int64 on the device, sampled by one Triton launch (plus one sort when
         a row uses top-k/top-p) with no host sync; see kernels/sampling.py.
 
-        Randomness: the kernel's noise is counter-based. Each row's seed is its generator's
-        initial_seed() and its offset the number of draws made so far through this backend for
-        that generator (kept in a WeakKeyDictionary, so finished requests drop out). A seeded
-        request therefore samples the same tokens alone or in any batch, run after run; but the
-        cpu backend draws from the generator's own stream, so the two backends give different
-        (each reproducible) tokens for the same seed. The generator's state is not advanced."""
+        Each row's noise is Philox keyed by the row's seed at its draw counter, both from the
+        batch: the backend keeps no per-request state, and the cpu backend draws the same noise
+        (core.philox), so a seed gives the same tokens on either backend, alone or in any batch."""
         if batch.all_greedy and not any(batch.suppressed):
             return logits.argmax(dim=-1)
         from splitfuse.backends.cuda.kernels.sampling import sample
@@ -272,24 +266,16 @@ class CudaBackend(Backend):
     def _sampling_tensors(self, batch, vocab: int):
         """Host-side per-row settings packed into two CPU tensors (two small copies per step):
         floats [2, S'] = temperatures, top_ps; ints = top_ks | seeds | offsets | rows that filter
-        | suppressed ids [S', M] (-1 padding). Advances the draw counters of the sampled rows."""
-        draws = self._draws
+        | suppressed ids [S', M] (-1 padding). Offsets are the rows' draw counters."""
         S = len(batch.temperatures)
         seeds, offsets, filter_rows = [0] * S, [0] * S, []
-        for row, (temp, top_k, top_p, gen) in enumerate(
-            zip(batch.temperatures, batch.top_ks, batch.top_ps, batch.generators)
-        ):
-            if temp == 0 or top_k == 1:
+        for row, (top_k, top_p) in enumerate(zip(batch.top_ks, batch.top_ps)):
+            if batch.is_greedy_row(row):
                 continue
             if 0 < top_k < vocab or top_p < 1.0:
                 filter_rows.append(row)
-            if gen is None:  # a sampled row without a generator: unseeded, like the global RNG
-                seeds[row] = random.getrandbits(63)
-                continue
-            seed = gen.initial_seed() & 0xFFFFFFFFFFFFFFFF  # a uint64; the kernel reads the bits
-            seeds[row] = seed - (1 << 64) if seed >= 1 << 63 else seed
-            offsets[row] = draws.get(gen, 0)
-            draws[gen] = offsets[row] + 1  # per occurrence: a shared generator gets fresh noise
+            seeds[row] = seed_to_int64(batch.seed_of(row))  # the kernel reads the seed's 64 bits
+            offsets[row] = batch.counters[row]
         width = max((len(ids) for ids in batch.suppressed), default=0)
         padded = [id_ for ids in batch.suppressed for id_ in list(ids) + [-1] * (width - len(ids))]
         floats = torch.tensor([batch.temperatures, batch.top_ps], dtype=torch.float32)
