@@ -12,16 +12,42 @@ from pydantic import BaseModel, ValidationError
 from splitfuse.config import EngineConfig, SamplingParams
 
 
+def field_flag(name: str, info) -> str:
+    """The CLI flag of a pydantic field: --token-budget; a switch that is on by default is turned
+    off with --no-...: enable_prefix_caching -> --no-prefix-caching."""
+    if info.annotation is bool and info.default is True:
+        return "--no-" + name.removeprefix("enable_").replace("_", "-")
+    return "--" + name.replace("_", "-")
+
+
+def engine_flags(engine: dict) -> list[str]:
+    """Command-line flags that give a child `splitfuse serve` these EngineConfig values."""
+    flags: list[str] = []
+    for name, value in engine.items():
+        info = EngineConfig.model_fields[name]
+        flag = field_flag(name, info)
+        if info.annotation is bool:
+            if value is not None and value != info.default:
+                flags.append(flag)
+        elif isinstance(value, list):
+            for item in value:
+                flags += [flag, str(item)]
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags
+
+
 def _add_model_fields(parser: argparse.ArgumentParser, model: type[BaseModel], title: str) -> None:
     """One --flag per pydantic field, so the CLI and the Python API share names and validation."""
     group = parser.add_argument_group(title)
     for name, info in model.model_fields.items():
-        flag = "--" + name.replace("_", "-")
+        flag = field_flag(name, info)
         annotation = info.annotation
         args = typing.get_args(annotation)
         help_text = info.description or ""
         if annotation is bool:
-            group.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
+            action = "store_false" if info.default is True else "store_true"
+            group.add_argument(flag, dest=name, action=action, default=None, help=help_text)
         elif typing.get_origin(annotation) is list:
             item = args[0] if args else str
             group.add_argument(flag, dest=name, action="append", type=item, default=None,

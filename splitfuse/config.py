@@ -27,6 +27,7 @@ class EngineConfig(BaseModel):
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size where the device has no free-memory query (cpu)")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="fraction of device memory to use")
     dtype: DType = "auto"
+    enable_prefix_caching: bool = Field(True, description="reuse the KV cache of prompt prefixes other requests computed")
     enforce_eager: bool = Field(False, description="run every step op by op: no CUDA graphs for decode steps")
     max_model_len: int | None = Field(None, ge=1, description="longest prompt + generation; None = model's limit")
     trust_remote_code: bool = Field(False, description="run Python code shipped in the model directory (config, tokenizer)")

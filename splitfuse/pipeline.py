@@ -23,6 +23,7 @@ class Response:
     prompt_length: int
     finish_reason: str  # "stop" | "length"
     logprobs: list[TokenLogprob] | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not computed)
     generated_length: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -96,7 +97,7 @@ class Pipeline:
         logprobs = [lp for o in outputs for lp in o.new_logprobs] if params.logprobs is not None else None
         return Response(
             text="".join(o.new_text for o in outputs), token_ids=token_ids, prompt_length=prompt_length,
-            finish_reason=outputs[-1].finish_reason, logprobs=logprobs,
+            finish_reason=outputs[-1].finish_reason, logprobs=logprobs, num_cached_tokens=outputs[0].num_cached_tokens,
         )
 
     def stream(self, prompt: Prompt, **sampling) -> Iterator[str]:

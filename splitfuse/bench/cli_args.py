@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, help="bearer token for --endpoint")
     parser.add_argument("--baseline", default="", metavar="LIST",
                         help="comma-separated: hf (static generate batches and transformers' continuous batching), "
-                             "hf-static, hf-cb")
+                             "hf-static, hf-cb, no-prefix-cache (splitfuse's own server with prefix caching off)")
     load = parser.add_argument_group("load")
     load.add_argument("--clients", type=_int_list, default=None,
                       help="closed loop: concurrent clients to sweep (default 1,2,4,8,16,32 unless --rate is given)")
@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     work.add_argument("--gen-len", type=int, default=60, help="mean generated tokens (FastGen: 60 or 128)")
     work.add_argument("--variance", type=float, default=0.3,
                       help="std / mean of both lengths (FastGen's 30%%); 0 gives fixed lengths")
+    work.add_argument("--shared-prefix-len", type=int, default=0, metavar="N",
+                      help="every prompt starts with the same N random tokens (a system prompt), then its own "
+                           "--prompt-len suffix")
     work.add_argument("--prompts-file", default=None, metavar="FILE",
                       help="JSONL ({\"prompt\": text or ids, \"max_tokens\": n}) or one prompt per line")
     work.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer for text prompts (default: MODEL's)")
@@ -80,14 +83,15 @@ def run_from_args(args: argparse.Namespace, engine: dict) -> int:
 
     clients = args.clients if args.clients is not None else ([] if args.rate else [1, 2, 4, 8, 16, 32])
     baselines = [b.strip() for b in args.baseline.split(",") if b.strip()]
-    unknown = sorted(set(baselines) - {"hf", "hf-static", "hf-cb"})
+    unknown = sorted(set(baselines) - {"hf", "hf-static", "hf-cb", "no-prefix-cache"})
     if unknown:
-        raise ValueError(f"--baseline: unknown {', '.join(unknown)}; expected hf, hf-static or hf-cb")
+        raise ValueError(f"--baseline: unknown {', '.join(unknown)}; expected hf, hf-static, hf-cb or no-prefix-cache")
     options = BenchOptions(
         out=args.out, model=args.model, endpoints=args.endpoint, served_model=args.served_model,
         api_key=args.api_key, backend=args.backend, engine=engine, baselines=baselines, clients=clients,
         rates=args.rate, requests=args.requests, warmup=args.warmup, prompt_len=args.prompt_len,
-        gen_len=args.gen_len, variance=args.variance, prompts_file=args.prompts_file, tokenizer=args.tokenizer,
+        gen_len=args.gen_len, variance=args.variance, shared_prefix_len=args.shared_prefix_len,
+        prompts_file=args.prompts_file, tokenizer=args.tokenizer,
         max_len=args.max_len, send_ids=args.send_ids, seed=args.seed, sla_rates=args.sla_rates,
         goodput=metrics.parse_goodput(args.goodput), hf_device=args.hf_device, hf_dtype=args.hf_dtype,
         hf_batch_size=args.hf_batch_size, plots=args.plots, progress=args.progress,

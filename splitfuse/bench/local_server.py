@@ -12,6 +12,7 @@ import time
 import httpx
 
 from splitfuse.bench.clients import OpenAIClient
+from splitfuse.cli import engine_flags
 
 
 class LocalServer(OpenAIClient):
@@ -19,8 +20,8 @@ class LocalServer(OpenAIClient):
     (so the client never competes with it for the GIL), measured over HTTP like any endpoint."""
 
     def __init__(self, model_dir: str, backend: str | None, engine: dict, send_ids: bool,
-                 ready_timeout: float = 600.0) -> None:
-        super().__init__("http://127.0.0.1:0/v1", None, "splitfuse", send_ids)
+                 ready_timeout: float = 600.0, name: str = "splitfuse") -> None:
+        super().__init__("http://127.0.0.1:0/v1", None, name, send_ids)
         self.model_dir, self.backend, self.engine = model_dir, backend, engine
         self.ready_timeout = ready_timeout
         self.process: asyncio.subprocess.Process | None = None
@@ -28,16 +29,7 @@ class LocalServer(OpenAIClient):
     def command(self, port: int) -> list[str]:
         cmd = [sys.executable, "-m", "splitfuse", "serve", self.model_dir, "--host", "127.0.0.1", "--port", str(port),
                "--backend", self.backend or "auto", "--max-waiting", "100000"]
-        for name, value in self.engine.items():
-            flag = "--" + name.replace("_", "-")
-            if value is True:
-                cmd.append(flag)
-            elif isinstance(value, list):
-                for item in value:
-                    cmd += [flag, str(item)]
-            elif value is not None and value is not False:
-                cmd += [flag, str(value)]
-        return cmd
+        return cmd + engine_flags(self.engine)
 
     async def start(self) -> None:
         with socket.socket() as sock:  # a free port; the child binds it a moment later

@@ -40,6 +40,7 @@ class BenchOptions:
     prompt_len: int = 2600
     gen_len: int = 60
     variance: float = 0.3
+    shared_prefix_len: int = 0  # every prompt starts with the same this many tokens
     prompts_file: str | None = None
     tokenizer: str | None = None
     max_len: int | None = None
@@ -102,6 +103,9 @@ def _systems(options: BenchOptions, model_dir: str, workload: list[workloads.Ben
         systems += [OpenAIClient(url, options.served_model, url, send_ids, options.api_key) for url in options.endpoints]
     else:
         systems.append(LocalServer(model_dir, options.backend, options.engine, send_ids))
+        if "no-prefix-cache" in options.baselines:  # the same server with prefix caching off
+            systems.append(LocalServer(model_dir, options.backend, {**options.engine, "enable_prefix_caching": False},
+                                       send_ids, name="splitfuse-no-prefix-cache"))
     from splitfuse.bench import hf_baseline
 
     device, dtype = hf_settings(options)
@@ -209,7 +213,7 @@ async def run_async(options: BenchOptions) -> dict:
     else:
         special = set(getattr(tokenizer, "all_special_ids", []) or [])
         all_requests = workloads.synthetic(total, options.prompt_len, options.gen_len, options.variance, max_len,
-                                           vocab, options.seed, special)
+                                           vocab, options.seed, special, options.shared_prefix_len)
     if not send_ids:
         for r, text in zip(all_requests, workloads.as_text(all_requests, tokenizer)):
             r.prompt_text = text
@@ -226,7 +230,8 @@ async def run_async(options: BenchOptions) -> dict:
         "workload": {
             "source": options.prompts_file or "random token ids", "requests_per_point": len(workload),
             "warmup_requests": len(warm), "prompt_len": options.prompt_len, "gen_len": options.gen_len,
-            "variance": options.variance, "max_len": max_len, "seed": options.seed,
+            "variance": options.variance, "shared_prefix_len": options.shared_prefix_len, "max_len": max_len,
+            "seed": options.seed,
             "prompt_tokens": [len(r.prompt_ids) for r in workload], "gen_tokens": [r.gen_len for r in workload],
             "prompts_sent_as": "token ids" if send_ids else "text",
         },

@@ -60,6 +60,9 @@ class EngineStats:
     kv_blocks_total: int = 0
     preemptions: int = 0  # since start
     steps: int = 0  # step() calls since start
+    prompt_tokens_cached: int = 0  # prompt tokens served from the prefix cache, since start
+    prompt_tokens_computed: int = 0  # prompt tokens run through the model at admission, since start
+    kv_blocks_cached: int = 0  # blocks holding a reusable prefix (in use or evictable)
 
 
 Request = tuple[list[int], SamplingParams, str | None]  # (prompt_ids, params, request_id or None)
@@ -79,12 +82,16 @@ class Engine:
         self.max_model_len = max_model_len
         # The model's generation_config.json sampling values, for front ends to start from.
         self.sampling_defaults = dict(sampling_defaults or {})
-        self.blocks = BlockManager(num_kv_blocks, block_size)
+        # A model whose K/V at a position depend on more than the tokens before it (Phi-3's longrope
+        # recomputes everything past a length) cannot share blocks by token hash.
+        recompute_at = model.recompute_kv_at_length()
+        self.blocks = BlockManager(num_kv_blocks, block_size,
+                                   enable_caching=config.enable_prefix_caching and recompute_at is None)
         self.kv_cache = backend.allocate_kv_cache(
             model.num_layers, num_kv_blocks, block_size, model.num_kv_heads, model.head_dim, model.dtype
         )
         backend.warm_up(model, self.kv_cache, config, max_model_len, block_size)
-        self.scheduler = Scheduler(config.token_budget, config.max_seqs, self.blocks)
+        self.scheduler = Scheduler(config.token_budget, config.max_seqs, self.blocks, recompute_at)
         self.settings = EngineSettings(block_size, num_kv_blocks, max_model_len,
                                        str(model.dtype).removeprefix("torch."), backend.describe())
         self.requests: dict[str, Sequence] = {}
@@ -189,6 +196,8 @@ class Engine:
             running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
             kv_blocks_used=blocks.num_used, kv_blocks_free=blocks.num_free, kv_blocks_total=blocks.num_blocks,
             preemptions=self.scheduler.num_preemptions, steps=self._num_steps,
+            prompt_tokens_cached=self.scheduler.num_cached_prompt_tokens,
+            prompt_tokens_computed=self.scheduler.num_computed_prompt_tokens, kv_blocks_cached=blocks.num_cached,
         )
 
     # ---- one step --------------------------------------------------------------------------
@@ -214,16 +223,18 @@ class Engine:
             return []
         sampled = [item.sequence for item in plan.items if item.samples]
         tokens, logprobs = self._forward(plan, sampled)
-        for item in plan.items:
-            item.sequence.num_computed += item.num_tokens
-        outputs = [self._append(seq, token, lp) for seq, token, lp in zip(sampled, tokens, logprobs)]
-        # a model whose cached K/V go stale when a sequence reaches some length (Phi-3's longrope
-        # switches frequencies there, and HF recomputes) has the sequence recomputed
-        stale_at = self.model.recompute_kv_at_length()
-        if stale_at is not None:
-            for seq in sampled:
-                if len(seq.token_ids) == stale_at and not seq.is_finished:
-                    self.scheduler.recompute(seq)
+        outputs = []
+        for result, logprob in zip(self.scheduler.apply(plan, tokens), logprobs):
+            seq = result.sequence
+            if logprob is not None:
+                seq.logprobs.append(logprob)
+            if result.finish_reason is not None:
+                del self.requests[seq.request_id]
+            outputs.append(RequestOutput(
+                request_id=seq.request_id, new_token_ids=[result.token], new_text=result.text,
+                finished=result.finish_reason is not None, finish_reason=result.finish_reason,
+                new_logprobs=[logprob] if logprob is not None else [], num_cached_tokens=seq.num_cached_tokens or 0,
+            ))
         return outputs
 
     def _forward(self, plan: StepPlan, sampled: list[Sequence]):
@@ -268,29 +279,3 @@ class Engine:
             top = dict(zip(top_ids[row][:want], top_values[row][:want])) if want and top_ids else {}
             out.append(TokenLogprob(token_id=int(tokens[row]), logprob=chosen[row], top=top))
         return out
-
-    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
-        seq.token_ids.append(token)
-        if logprob is not None:
-            seq.logprobs.append(logprob)
-        detok = seq.detokenizer
-        reason = None
-        text = ""
-        if token in seq.stop_token_ids:  # sampling masked them until min_new_tokens
-            reason = "stop"  # the stop token stays in token_ids (as HF generate) but adds no text
-        else:
-            text = detok.add(token) if detok is not None else ""
-            if detok is not None and detok.stop_hit is not None:
-                reason = "stop"
-            elif len(seq.token_ids) >= seq.max_len:
-                reason = "length"
-        if reason is not None:
-            if detok is not None and detok.stop_hit is None:
-                text += detok.flush()  # release text held back in case a stop string followed
-            seq.finish_reason = reason
-            self.scheduler.remove(seq)
-            del self.requests[seq.request_id]
-        return RequestOutput(
-            request_id=seq.request_id, new_token_ids=[token], new_text=text, finished=reason is not None,
-            finish_reason=reason, new_logprobs=[logprob] if logprob is not None else [],
-        )

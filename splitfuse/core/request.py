@@ -35,6 +35,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens the request found in the prefix cache
 
 
 @dataclass(eq=False)

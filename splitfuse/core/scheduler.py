@@ -68,6 +68,9 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self._step = 0
         self.num_preemptions = 0  # since start, for metrics and tests
+        # Prompt tokens at first admission, since start: found in the prefix cache / to compute.
+        self.num_cached_prompt_tokens = 0
+        self.num_computed_prompt_tokens = 0
 
     # ---- queue -----------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -166,6 +169,8 @@ class Scheduler:
             seq.num_computed = num_cached
             if seq.num_cached_tokens is None:  # first admission: what the prompt got from the cache
                 seq.num_cached_tokens = num_cached
+                self.num_cached_prompt_tokens += num_cached
+                self.num_computed_prompt_tokens += seq.num_prompt_tokens - num_cached
             self.blocks.grow(seq.block_table, num_cached + chunk)
             plan.items.append(PlanItem(seq, chunk, chunk == remaining))
             budget -= chunk

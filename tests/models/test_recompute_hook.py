@@ -12,9 +12,13 @@ VARIANTS = {"llama": ("llama", {})}
 RECOMPUTE_AT = 10
 
 
+def make_pipe(model_dir):
+    return splitfuse.pipeline(model_dir("llama"), backend="cpu", token_budget=16, kv_block_size=4)
+
+
 @pytest.fixture
 def pipe(model_dir):
-    return splitfuse.pipeline(model_dir("llama"), backend="cpu", token_budget=16, kv_block_size=4)
+    return make_pipe(model_dir)
 
 
 def run_recording_recomputes(pipe, prompts, monkeypatch) -> tuple[list[list[int]], list[int]]:
@@ -38,10 +42,12 @@ def test_no_recompute_by_default(pipe, monkeypatch):
     assert recomputed == []
 
 
-def test_a_sequence_reaching_the_length_is_recomputed_to_the_same_tokens(pipe, monkeypatch):
+def test_a_sequence_reaching_the_length_is_recomputed_to_the_same_tokens(pipe, model_dir, monkeypatch):
     prompts = make_prompts()[:4]  # 1, 2, 7 and 33 tokens, 12 generated each
     before, _ = run_recording_recomputes(pipe, prompts, monkeypatch)
-    monkeypatch.setattr(pipe.engine.model, "recompute_kv_at_length", lambda: RECOMPUTE_AT)
+    # the engine asks the model once, when it is built
+    monkeypatch.setattr(type(pipe.engine.model), "recompute_kv_at_length", lambda self: RECOMPUTE_AT)
+    pipe = make_pipe(model_dir)
     after, recomputed = run_recording_recomputes(pipe, prompts, monkeypatch)
     # the 1-, 2- and 7-token prompts grow through 10 tokens while generating, the 33-token one never
     assert recomputed == [RECOMPUTE_AT] * 3
