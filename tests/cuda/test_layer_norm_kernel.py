@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from splitfuse.backends import torch_ops
-from splitfuse.backends.cuda.kernels.layer_norm import layer_norm
+from splitfuse.backends.triton.layer_norm import layer_norm
 
 # fp32: the same float32 math as torch; only the order of the two row sums differs (tree
 # reductions): a few ulps of the normalised value, times |weight| up to ~3 here.

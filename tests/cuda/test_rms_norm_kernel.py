@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from splitfuse.backends import torch_ops
-from splitfuse.backends.cuda.kernels.rms_norm import rms_norm
+from splitfuse.backends.triton.rms_norm import rms_norm
 
 # fp32: same float32 math as the reference; only the order of the sum of squares differs (a tree
 # reduction) and, on the GPU, rsqrt is an approximate instruction: a few ulps.

@@ -61,7 +61,7 @@ def _triton_import_error() -> str:
 
 
 def _paged_attention():
-    from splitfuse.backends.cuda.kernels.paged_attention import paged_attention
+    from splitfuse.backends.triton.paged_attention import paged_attention
 
     return paged_attention
 
@@ -107,7 +107,7 @@ class CudaBackend(Backend):
             self.device = torch.device("cuda", device_index)
             torch.cuda.set_device(self.device)  # kernels launch on the current device
         # kernels are imported here, not at module import (where triton may be absent)
-        from splitfuse.backends.cuda.kernels import activation, rms_norm, rotary_kv
+        from splitfuse.backends.triton import activation, rms_norm, rotary_kv
 
         self._k_act, self._k_norm, self._k_rot = activation, rms_norm, rotary_kv
         # generator -> draws made through this backend: the sampling kernel's counter offset
@@ -215,7 +215,7 @@ class CudaBackend(Backend):
         return self._k_norm.rms_norm(x, weight, eps, residual, weight_offset)
 
     def layer_norm(self, x, weight, bias, eps, residual=None):
-        from splitfuse.backends.cuda.kernels.layer_norm import layer_norm
+        from splitfuse.backends.triton.layer_norm import layer_norm
 
         return layer_norm(x, weight, bias, eps, residual)
 
@@ -226,7 +226,7 @@ class CudaBackend(Backend):
         return self._k_act.gelu_and_mul(x, approximate)
 
     def moe_experts(self, x, topk_weights, topk_ids, w_gate_up, w_down, activation="silu"):
-        from splitfuse.backends.cuda.kernels.moe import moe_experts
+        from splitfuse.backends.triton.moe import moe_experts
 
         return moe_experts(x, topk_weights, topk_ids, w_gate_up, w_down, activation)
 
@@ -258,7 +258,7 @@ class CudaBackend(Backend):
         (each reproducible) tokens for the same seed. The generator's state is not advanced."""
         if batch.all_greedy and not any(batch.suppressed):
             return logits.argmax(dim=-1)
-        from splitfuse.backends.cuda.kernels.sampling import sample
+        from splitfuse.backends.triton.sampling import sample
 
         floats, ints, num_filter, width = self._sampling_tensors(batch, logits.shape[-1])
         S = len(batch.temperatures)

@@ -75,7 +75,7 @@ class XpuBackend(Backend):
         self.kernels = kernels.choose(self.device.type)  # "triton" | "torch"
         self._k_act = self._k_norm = self._k_rot = self._k_attn = None
         if self.kernels == "triton":  # imported here: triton may be absent where this module loads
-            from splitfuse.backends.cuda.kernels import activation, paged_attention, rms_norm, rotary_kv
+            from splitfuse.backends.triton import activation, paged_attention, rms_norm, rotary_kv
 
             self._k_act, self._k_norm, self._k_rot = activation, rms_norm, rotary_kv
             self._k_attn = paged_attention.paged_attention
