@@ -21,7 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from splitfuse.backends.triton.common import as_rows, check_device, check_floating, check_like, num_warps, rows_per_program
+from splitfuse.backends.triton.common import (
+    as_rows, check_device, check_floating, check_like, num_warps, rows_per_program,
+)
 
 # Widest row kept in registers in one tile; wider rows are processed in chunks.
 MAX_BLOCK_N = 8192

@@ -17,7 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from splitfuse.backends.triton.common import check_device, check_floating, check_index, check_same_shape, num_warps, unit_last
+from splitfuse.backends.triton.common import (
+    check_device, check_floating, check_index, check_same_shape, num_warps, unit_last,
+)
 
 
 @triton.jit
