@@ -9,6 +9,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
+def is_greedy(temperature: float, top_k: int) -> bool:
+    """The one greedy rule: temperature 0 or top_k 1 takes the argmax and draws no noise."""
+    return temperature <= 0 or top_k == 1
+
+
 class EngineConfig(BaseModel):
     """Knobs of one engine instance; names match the pipeline's keyword arguments."""
 
@@ -66,7 +71,7 @@ class SamplingParams(BaseModel):
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return is_greedy(self.temperature, self.top_k)
 
 
 def split_kwargs(kwargs: dict) -> tuple[dict, dict]:

@@ -35,17 +35,9 @@ def _isolated_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Returns a function name -> directory of that tiny model, built once per session."""
-    from splitfuse.testing.tiny_model import make_tiny_model
+    from splitfuse.testing.tiny_model import tiny_model_builder
 
-    built: dict[str, str] = {}
-
-    def get(name: str) -> str:
-        if name not in built:
-            arch, overrides = TINY_MODELS[name]
-            built[name] = str(make_tiny_model(tmp_path_factory.mktemp(name), arch, **overrides))
-        return built[name]
-
-    return get
+    return tiny_model_builder(tmp_path_factory, TINY_MODELS)
 
 
 @pytest.fixture(scope="session")

@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 import splitfuse
-from splitfuse.testing.parity import hf_greedy, mismatch
-
-PROMPT_LENGTHS = [1, 2, 7, 33, 64, 129, 200]
-NEW_TOKENS = 8
-
-
-def make_prompts(seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    # Ids 0-2 are pad/bos/eos: random prompts avoid them so EOS only comes from the model.
-    return [[rng.randrange(3, 512) for _ in range(n)] for n in PROMPT_LENGTHS]
+from splitfuse.testing.parity import NEW_TOKENS, check_all, check_preemption, hf_greedy, make_prompts
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +29,6 @@ ENGINE_SETTINGS = {
 }
 
 
-def check_all(name, settings, tiny_model_dir, hf_model, references, prompts=None, new_tokens=NEW_TOKENS):
-    path = tiny_model_dir(name)
-    pipe = splitfuse.pipeline(path, backend="cpu", **settings)
-    prompts = prompts or make_prompts()
-    expected = references(name) if references else [hf_greedy(hf_model(path), p, new_tokens) for p in prompts]
-    responses = pipe(prompts, max_new_tokens=new_tokens, temperature=0.0)
-    problems = [mismatch(hf_model(path), p, r.token_ids, ref) for p, r, ref in zip(prompts, responses, expected)]
-    assert [p for p in problems if p] == []
-    assert pipe.engine.blocks.num_free == pipe.engine.blocks.num_blocks
-    return pipe
-
-
 @pytest.mark.parametrize("settings", list(ENGINE_SETTINGS), ids=list(ENGINE_SETTINGS))
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
 def test_greedy_matches_hf(name, settings, tiny_model_dir, hf_model, references):
@@ -66,11 +43,7 @@ def test_llama3_rope_scaling_and_tied_embeddings_match_hf(tiny_model_dir, hf_mod
 def test_preemption_recomputes_to_the_same_tokens(name, tiny_model_dir, hf_model):
     """40 blocks of 4 tokens admit three of these prompts, which then outgrow the cache while
     decoding 40 tokens each: the newest is preempted and recomputed, and the output is unchanged."""
-    rng = random.Random(2)
-    prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (33, 40, 47, 54)]
-    settings = dict(token_budget=32, kv_block_size=4, num_kv_blocks=40)
-    pipe = check_all(name, settings, tiny_model_dir, hf_model, None, prompts, new_tokens=40)
-    assert pipe.engine.scheduler.num_preemptions > 0
+    check_preemption(name, tiny_model_dir, hf_model)
 
 
 def test_sharded_checkpoint_loads_the_same(tmp_path, tiny_model_dir):

@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+# the rotary tables live with the models; re-exported because backends and their tests build them here
+from splitfuse.models.rope import build_cos_sin_cache as build_cos_sin_cache
+
 if TYPE_CHECKING:
     from splitfuse.core.batch import BatchMeta
 
@@ -265,15 +268,6 @@ def paged_attention(
 
 
 # ---- rotary embeddings --------------------------------------------------------------------------
-def build_cos_sin_cache(
-    inv_freq: torch.Tensor, max_positions: int, attention_scaling: float = 1.0, dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """[max_positions, rotary_dim] = cat(cos, sin), computed as HF's LlamaRotaryEmbedding does."""
-    # position * inv_freq in float32, one product per element exactly like HF, so fp32 is bit-identical
-    freqs = torch.arange(max_positions, device=inv_freq.device).float()[:, None] * inv_freq.float()[None, :]
-    return torch.cat((freqs.cos() * attention_scaling, freqs.sin() * attention_scaling), dim=-1).to(dtype)
-
-
 def _rotate_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool,
                  out: torch.Tensor) -> torch.Tensor:
     """Rotate the first rotary_dim features of x [T, heads, D] into out (same shape); cos, sin

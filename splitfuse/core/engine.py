@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import random
 
 import torch
 
@@ -56,9 +55,6 @@ class Engine:
             request_id=request_id, prompt_ids=prompt_ids, params=params, arrival=next(self._arrivals),
             max_len=min(self.max_model_len, len(prompt_ids) + params.max_new_tokens),
         )
-        if not params.is_greedy:
-            seed = params.seed if params.seed is not None else random.getrandbits(63)
-            seq.generator = torch.Generator().manual_seed(seed)
         seq.stop_token_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self.eos_token_ids
         )
@@ -112,7 +108,7 @@ class Engine:
         outputs = [self._append(seq, token, lp) for seq, token, lp in zip(sampled, tokens, logprobs)]
         # a model whose cached K/V go stale when a sequence reaches some length (Phi-3's longrope
         # switches frequencies there, and HF recomputes) has the sequence recomputed
-        stale_at = getattr(self.model, "kv_stale_at_length", None)
+        stale_at = self.model.recompute_kv_at_length()
         if stale_at is not None:
             for seq in sampled:
                 if len(seq.token_ids) == stale_at and not seq.is_finished:
@@ -125,6 +121,8 @@ class Engine:
         logits = self.model.logits(hidden[meta.sample_index]).float()
         batch = self._sampling_batch(sampled)
         tokens = self.backend.sample(logits, batch)
+        for seq in sampled:
+            seq.num_draws += 1
         logprobs = self._logprobs(logits, tokens, sampled, batch.num_logprobs)
         return tokens.tolist(), logprobs
 
@@ -137,7 +135,8 @@ class Engine:
             temperatures=[s.params.temperature for s in sampled],
             top_ks=[s.params.top_k for s in sampled],
             top_ps=[s.params.top_p for s in sampled],
-            generators=[s.generator for s in sampled],
+            seeds=[s.seed for s in sampled],
+            counters=[s.num_draws for s in sampled],
             suppressed=suppressed,
             num_logprobs=max((s.params.logprobs for s in sampled if s.params.logprobs is not None), default=-1),
         )

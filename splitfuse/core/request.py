@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,7 @@ class Sequence:
     """token_ids holds prompt + generated tokens; the first num_computed of them have K/V cached.
 
     After preemption num_computed drops to 0 and the sequence is recomputed from token_ids, so
-    nothing it generated is lost."""
+    nothing it generated is lost; seed and num_draws stay, so its random stream continues."""
 
     request_id: str
     prompt_ids: list[int]
@@ -55,13 +56,19 @@ class Sequence:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     last_scheduled_step: int = -1
-    generator: Any = None  # torch.Generator for seeded sampling, made by the engine
+    seed: int | None = None  # sampled requests: the request's seed, else a random one; greedy: None
+    num_draws: int = 0  # tokens sampled so far: the counter of the next draw from seed's stream
     detokenizer: Any = None
     stop_token_ids: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_ids)
+        if self.params.is_greedy:
+            self.seed = None
+        elif self.seed is None:
+            # an unseeded request gets its seed now, so every backend replays the same stream
+            self.seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,27 +1,46 @@
-"""What every model class shares: weight streaming with fused matrices, rotary tables, sizes.
+"""What every model class shares: weight tables and streaming with fused matrices, sizes, the hooks
+the engine asks a model about.
 
-A model keeps its weights in a flat dict on the backend's device and runs only backend ops, so
-the same class serves every backend.
+A model keeps its weights in a flat dict on the backend's device under its own names, and runs only
+backend ops, so the same class serves every backend. Its class tables say which checkpoint tensor
+goes where; `map_weight_name` and `expected_weights` are derived from them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
-from splitfuse.backends.torch_ops import build_cos_sin_cache
+from splitfuse.models import weight_tables
+from splitfuse.models.weight_tables import Weight
 
 
 class CausalLM:
-    """Base of model classes; subclasses map HF weight names and implement forward/logits."""
+    """Base of model classes: subclasses declare weight tables and implement forward/logits.
+
+    Weight tables (checkpoint name -> `Weight` or just our name), from which `map_weight_name` and
+    `expected_weights` are derived; a subclass may override either method instead.
+    """
+
+    # names outside the layers, as the checkpoint spells them (after `strip_prefixes`)
+    global_weights: Mapping[str, Weight | str] = {}
+    # per layer: "<layer_prefix><index>.<suffix>" -> "layers.<index>.<our name>"
+    layer_prefix = "model.layers."
+    layer_weights: Mapping[str, Weight | str] = {}
+    # per expert of a mixture-of-experts layer: "<block>.experts.<e>.<suffix>" for each block in
+    # expert_blocks; Weight(name, slot, slots_per_expert) is rows slot of expert e's slots_per_expert
+    # in a matrix stacking every expert (the model's `num_experts`)
+    expert_blocks: tuple[str, ...] = ()
+    expert_weights: Mapping[str, Weight] = {}
+    # checkpoint names ending so are not weights (buffers recomputed from the config)
+    skipped_weights: tuple[str, ...] = ("rotary_emb.inv_freq",)
+    # prefixes some checkpoints put before every name, removed in this order before the lookup
+    strip_prefixes: tuple[str, ...] = ()
 
     num_layers: int
     num_kv_heads: int
     head_dim: int
-    # When a sequence reaches this many tokens its cached K/V are stale and the engine recomputes it
-    # (Phi-3's longrope switches frequencies there); None: never.
-    kv_stale_at_length: int | None = None
 
     def __init__(self, config, backend, dtype: torch.dtype, max_model_len: int) -> None:
         self.config = config
@@ -33,12 +52,23 @@ class CausalLM:
         self.weights: dict[str, torch.Tensor] = {}
         self._parts: dict[str, dict[int, torch.Tensor]] = {}
 
+    # ---- hooks the engine calls ----------------------------------------------------------------
+    def recompute_kv_at_length(self) -> int | None:
+        """A sequence reaching this many tokens has its cached K/V recomputed; None: never.
+
+        For models whose K/V depend on the sequence's length, not only on each token's position
+        (Phi-3's longrope switches rotary frequencies past the original context)."""
+        return None
+
+    # ---- weights -------------------------------------------------------------------------------
     def map_weight_name(self, name: str) -> tuple[str | None, tuple[int, int] | None]:
-        """HF checkpoint name -> (our name or None to skip, (part, parts) of a fused matrix or None)."""
-        raise NotImplementedError
+        """Checkpoint name -> (our name or None to skip, (part, parts) of a fused matrix or None);
+        KeyError for a name the tables do not know."""
+        return weight_tables.map_name(self, name)
 
     def expected_weights(self) -> set[str]:
-        raise NotImplementedError
+        """Our names of every weight `forward` reads from a checkpoint of this config."""
+        return set(weight_tables.expected_sources(self))
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Stream (name, tensor) pairs in; fused matrices are concatenated once all parts arrived."""
@@ -62,10 +92,15 @@ class CausalLM:
                 del self._parts[ours]
         missing = sorted(self.expected_weights() - set(self.weights))
         if missing or self._parts:
-            incomplete = sorted(self._parts)
-            raise ValueError(
-                f"checkpoint is missing weights for {type(self).__name__}: {missing[:8] + incomplete[:8]}"
-            )
+            raise ValueError(f"checkpoint is missing weights for {type(self).__name__}: "
+                             f"{list(self._describe_missing(missing[:8] + sorted(self._parts)[:8]))}")
+
+    def _describe_missing(self, names: list[str]) -> Iterator[str]:
+        """Each missing name, with the checkpoint names it is loaded from where the tables know them."""
+        sources = weight_tables.expected_sources(self) if self.global_weights or self.layer_weights else {}
+        for name in names:
+            known = sources.get(name)
+            yield f"{name} (from {' or '.join(known)})" if known else name
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         """Bytes one KV block takes across all layers."""
@@ -79,23 +114,12 @@ class CausalLM:
         raise NotImplementedError
 
 
-def rope_cos_sin(config, head_dim: int, max_positions: int, dtype: torch.dtype, device,
-                 rotary_dim: int | None = None) -> torch.Tensor:
-    """[max_positions, rotary_dim] cos|sin table built with transformers' own rope functions, so
-    every rope scaling type it knows (llama3, linear, yarn, ...) gives HF's exact frequencies."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    rotary_dim = rotary_dim or head_dim
-    params = getattr(config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default")
-    if rope_type == "default":
-        theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-        inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
-        scaling = 1.0
-    else:
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
-    cache = build_cos_sin_cache(inv_freq, max_positions, scaling)
-    return cache.to(device=device, dtype=dtype)
+def add_norm(norm, name: str, x: torch.Tensor, residual: torch.Tensor | None):
+    """The pre-norm step: (norm `name` of x + residual, the sum: the next residual). `norm(name, x,
+    residual=None)` returns the normed tensor alone, or (normed, sum); the first layer has no residual."""
+    if residual is None:
+        return norm(name, x), x
+    return norm(name, x, residual)
 
 
 # HF activation names (ACT2FN keys) -> gelu's `approximate`; the tanh forms differ in rounding only

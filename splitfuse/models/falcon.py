@@ -14,18 +14,24 @@ from collections.abc import Iterable
 
 import torch
 
-from splitfuse.models.phi import LayerNormDecoderLM, weight_and_bias
+from splitfuse.models.phi import LayerNormDecoderLM
+from splitfuse.models.weight_tables import Weight, weight_and_bias
 
 
 class FalconForCausalLM(LayerNormDecoderLM):
-    _TOP = {"transformer.word_embeddings.weight": "embed.weight", "lm_head.weight": "lm_head.weight",
-            **weight_and_bias({"transformer.ln_f": "final_norm"})}
-    _LAYER = weight_and_bias({
-        "self_attention.query_key_value": "qkv", "self_attention.dense": "o", "mlp.dense_h_to_4h": "up",
-        "mlp.dense_4h_to_h": "down", "input_layernorm": "attn_norm", "ln_attn": "attn_norm",
-        "ln_mlp": "mlp_norm", "post_attention_layernorm": "mlp_norm",
-    })
-    _LAYER_PREFIX = "transformer.h."
+    global_weights = {
+        "transformer.word_embeddings.weight": "embed.weight",
+        "lm_head.weight": Weight("lm_head.weight", when="not tie_word_embeddings"),
+        **weight_and_bias({"transformer.ln_f": "final_norm"}),
+    }
+    layer_prefix = "transformer.h."
+    layer_weights = {
+        **weight_and_bias({"self_attention.query_key_value": "qkv", "self_attention.dense": "o",
+                           "mlp.dense_h_to_4h": "up", "mlp.dense_4h_to_h": "down"}, bias_when="has_bias"),
+        # the 7B layout and Falcon2 name the attention's LayerNorm input_layernorm, 40B ln_attn
+        **weight_and_bias({"input_layernorm": "attn_norm", "ln_attn": "attn_norm"}),
+        **weight_and_bias({"ln_mlp": "mlp_norm", "post_attention_layernorm": "mlp_norm"}, when="mlp_norm"),
+    }
 
     def __init__(self, config, backend, dtype: torch.dtype, max_model_len: int) -> None:
         if getattr(config, "alibi", False):

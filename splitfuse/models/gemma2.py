@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import torch
 
+from splitfuse.models.base import add_norm
 from splitfuse.models.llama import LlamaForCausalLM
 
 _GEMMA_NORM_OFFSET = 1.0  # Gemma's RMSNorm scales by (1 + weight)
 
 
 class Gemma2ForCausalLM(LlamaForCausalLM):
-    _RENAMED = {
-        "self_attn.o_proj.weight": "o.weight", "mlp.down_proj.weight": "down.weight",
-        "input_layernorm.weight": "input_norm.weight", "post_attention_layernorm.weight": "post_attn_norm.weight",
+    layer_weights = {
+        **LlamaForCausalLM.layer_weights,
+        "post_attention_layernorm.weight": "post_attn_norm.weight",  # Llama's post_norm, renamed
         "pre_feedforward_layernorm.weight": "pre_ff_norm.weight",
         "post_feedforward_layernorm.weight": "post_ff_norm.weight",
     }
@@ -38,34 +39,24 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         # configs written before layer_types: even layers (0, 2, ...) slide, odd ones are global
         return [config.sliding_window if i % 2 == 0 else None for i in range(self.num_layers)]
 
-    def expected_weights(self) -> set[str]:
-        names = {"embed_tokens.weight", "norm.weight"}
-        if not self.tie_word_embeddings:
-            names.add("lm_head.weight")
-        layer = ("qkv.weight", "gate_up.weight", "o.weight", "down.weight", "input_norm.weight",
-                 "post_attn_norm.weight", "pre_ff_norm.weight", "post_ff_norm.weight")
-        return names | {f"layers.{i}.{n}" for i in range(self.num_layers) for n in layer}
-
     def forward(self, input_ids, positions, meta, kv_cache) -> torch.Tensor:
         ops, w = self.backend, self.weights
         hidden = ops.embedding(input_ids, w["embed_tokens.weight"]) * self.embed_scale
         residual = None
         for i in range(self.num_layers):
             p = f"layers.{i}."
-            if residual is None:
-                residual, x = hidden, self._norm(p + "input_norm", hidden)
-            else:
-                x, residual = self._norm(p + "input_norm", hidden, residual)
+            x, residual = add_norm(self.norm, p + "input_norm", hidden, residual)
             q, k, v = self.project_qkv(p, x)
             attn = ops.rotary_attention(q, k, v, positions, self.cos_sin, kv_cache[i], meta, self.scale,
                                         self.sliding_windows[i], self.attn_softcap)
-            attn = self._norm(p + "post_attn_norm", ops.linear(attn.reshape(attn.shape[0], -1), w[p + "o.weight"]))
-            x, residual = self._norm(p + "pre_ff_norm", attn, residual)
-            hidden = self._norm(p + "post_ff_norm", self.mlp(i, x))
-        hidden, _ = self._norm("norm", hidden, residual)
+            attn = self.norm(p + "post_attn_norm", ops.linear(attn.reshape(attn.shape[0], -1), w[p + "o.weight"]))
+            x, residual = self.norm(p + "pre_ff_norm", attn, residual)
+            hidden = self.norm(p + "post_ff_norm", self.mlp(i, x))
+        hidden, _ = self.norm("norm", hidden, residual)
         return hidden
 
-    def _norm(self, name: str, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def norm(self, name: str, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Gemma's RMSNorm `name` of x (or of x + residual, with the sum): scales by 1 + weight."""
         return self.backend.rms_norm(x, self.weights[name + ".weight"], self.eps, residual, _GEMMA_NORM_OFFSET)
 
     def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,28 @@ from __future__ import annotations
 
 import torch
 
-from splitfuse.models.base import CausalLM, rope_cos_sin
+from splitfuse.models.base import CausalLM, add_norm
+from splitfuse.models.rope import rope_cos_sin
+from splitfuse.models.weight_tables import Weight, fused
 
 
 class LlamaForCausalLM(CausalLM):
+    global_weights = {
+        "model.embed_tokens.weight": "embed_tokens.weight",
+        "model.norm.weight": "norm.weight",
+        "lm_head.weight": Weight("lm_head.weight", when="not tie_word_embeddings"),
+    }
+    layer_weights = {
+        **fused("qkv.weight", ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"]),
+        **fused("qkv.bias", ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"],
+                when="qkv_bias"),
+        **fused("gate_up.weight", ["mlp.gate_proj.weight", "mlp.up_proj.weight"]),
+        "self_attn.o_proj.weight": "o.weight",
+        "mlp.down_proj.weight": "down.weight",
+        "input_layernorm.weight": "input_norm.weight",
+        "post_attention_layernorm.weight": "post_norm.weight",
+    }
+
     def __init__(self, config, backend, dtype: torch.dtype, max_model_len: int) -> None:
         super().__init__(config, backend, dtype, max_model_len)
         self.num_heads = config.num_attention_heads
@@ -22,6 +40,7 @@ class LlamaForCausalLM(CausalLM):
         self.eps = config.rms_norm_eps
         self.scale = self.head_dim ** -0.5
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.qkv_bias = bool(getattr(config, "attention_bias", False))
         self.sliding_windows = self._sliding_windows(config)
         self.cos_sin = rope_cos_sin(config, self.head_dim, max_model_len, dtype, backend.device)
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -37,42 +56,6 @@ class LlamaForCausalLM(CausalLM):
             return [window if t == "sliding_attention" else None for t in layer_types]
         return [window] * self.num_layers
 
-    # ---- weights ---------------------------------------------------------------------------
-    # HF name suffix -> (our fused name, part index, number of parts)
-    _FUSED = {
-        "self_attn.q_proj.weight": ("qkv.weight", 0, 3), "self_attn.k_proj.weight": ("qkv.weight", 1, 3),
-        "self_attn.v_proj.weight": ("qkv.weight", 2, 3), "self_attn.q_proj.bias": ("qkv.bias", 0, 3),
-        "self_attn.k_proj.bias": ("qkv.bias", 1, 3), "self_attn.v_proj.bias": ("qkv.bias", 2, 3),
-        "mlp.gate_proj.weight": ("gate_up.weight", 0, 2), "mlp.up_proj.weight": ("gate_up.weight", 1, 2),
-    }
-    _RENAMED = {
-        "self_attn.o_proj.weight": "o.weight", "mlp.down_proj.weight": "down.weight",
-        "input_layernorm.weight": "input_norm.weight", "post_attention_layernorm.weight": "post_norm.weight",
-    }
-
-    def map_weight_name(self, name: str):
-        if name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
-            return name.split(".", 1)[1] if name.startswith("model.") else name, None
-        if name.startswith("model.layers."):
-            _, _, index, suffix = name.split(".", 3)
-            if suffix in self._FUSED:
-                fused, part, parts = self._FUSED[suffix]
-                return f"layers.{index}.{fused}", (part, parts)
-            if suffix in self._RENAMED:
-                return f"layers.{index}.{self._RENAMED[suffix]}", None
-        if name.endswith("rotary_emb.inv_freq"):
-            return None, None  # recomputed from the config
-        raise KeyError(name)
-
-    def expected_weights(self) -> set[str]:
-        names = {"embed_tokens.weight", "norm.weight"}
-        if not self.tie_word_embeddings:
-            names.add("lm_head.weight")
-        for i in range(self.num_layers):
-            names |= {f"layers.{i}.{n}" for n in ("qkv.weight", "gate_up.weight", "o.weight", "down.weight",
-                                                   "input_norm.weight", "post_norm.weight")}
-        return names
-
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, input_ids, positions, meta, kv_cache) -> torch.Tensor:
         ops, w = self.backend, self.weights
@@ -81,21 +64,21 @@ class LlamaForCausalLM(CausalLM):
         rope_positions = self.rope_positions(positions, meta)
         for i in range(self.num_layers):
             p = f"layers.{i}."
-            if residual is None:
-                residual = hidden
-                x = ops.rms_norm(hidden, w[p + "input_norm.weight"], self.eps)
-            else:
-                x, residual = ops.rms_norm(hidden, w[p + "input_norm.weight"], self.eps, residual)
+            x, residual = add_norm(self.norm, p + "input_norm", hidden, residual)
             q, k, v = self.project_qkv(p, x)
             attn = ops.rotary_attention(q, k, v, rope_positions, self.cos_sin, kv_cache[i], meta, self.scale,
                                         self.sliding_windows[i], rotary_dim=self.rotary_dim)
             hidden = ops.linear(attn.reshape(attn.shape[0], -1), w[p + "o.weight"])
-            x, residual = ops.rms_norm(hidden, w[p + "post_norm.weight"], self.eps, residual)
+            x, residual = self.norm(p + "post_norm", hidden, residual)
             hidden = self.mlp(i, x)
-        hidden, _ = ops.rms_norm(hidden, w["norm.weight"], self.eps, residual)
+        hidden, _ = self.norm("norm", hidden, residual)
         return hidden
 
     # Pieces a subclass overrides, so the layer loop above stays in one place.
+    def norm(self, name: str, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """RMSNorm `name` of x, or (normed, sum) of x + residual."""
+        return self.backend.rms_norm(x, self.weights[name + ".weight"], self.eps, residual)
+
     def project_qkv(self, prefix: str, x: torch.Tensor):
         """q [T, H, D], k and v [T, Hkv, D] of the normed hidden states x [T, hidden]."""
         qkv = self.backend.linear(x, self.weights[prefix + "qkv.weight"], self.weights.get(prefix + "qkv.bias"))
@@ -124,4 +107,8 @@ class MistralForCausalLM(LlamaForCausalLM):
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
-    """Llama layout with q/k/v biases (picked up from the checkpoint)."""
+    """Llama layout with q/k/v biases."""
+
+    def __init__(self, config, backend, dtype: torch.dtype, max_model_len: int) -> None:
+        super().__init__(config, backend, dtype, max_model_len)
+        self.qkv_bias = True  # Qwen2's attention always has them; its config has no field for it

@@ -9,16 +9,28 @@ stacked tensors (transformers' in-memory layout); both load.
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from splitfuse.models.llama import LlamaForCausalLM
+from splitfuse.models.weight_tables import Weight, fused
 
-# model.layers.<i>.<block>.experts.<e>.<proj>.weight
-_PER_EXPERT = re.compile(r"model\.layers\.(\d+)\.(\w+)\.experts\.(\d+)\.(\w+)\.weight")
-# model.layers.<i>.<block>.experts.gate_up_proj | down_proj
-_STACKED = re.compile(r"model\.layers\.(\d+)\.(\w+)\.experts\.(gate_up_proj|down_proj)")
+
+def per_expert_weights(gate: str, up: str, down: str) -> dict[str, Weight]:
+    """One expert's projections: its gate then up rows in the stacked gate_up (so expert 0's gate,
+    its up, expert 1's gate, ...: viewed as [E, 2I, H]), and its down rows in the stacked down."""
+    return {f"{gate}.weight": Weight("experts.gate_up", 0, 2, when="is_sparse"),
+            f"{up}.weight": Weight("experts.gate_up", 1, 2, when="is_sparse"),
+            f"{down}.weight": Weight("experts.down", 0, 1, when="is_sparse")}
+
+
+def sparse_block_weights(blocks: tuple[str, ...]) -> dict[str, Weight]:
+    """A sparse layer's router, and its experts as stacked tensors (transformers' in-memory layout)."""
+    table = {}
+    for block in blocks:
+        table[f"{block}.gate.weight"] = Weight("router.weight", when="is_sparse")
+        table[f"{block}.experts.gate_up_proj"] = Weight("experts.gate_up", when="is_sparse")
+        table[f"{block}.experts.down_proj"] = Weight("experts.down", when="is_sparse")
+    return table
 
 
 class _SparseMoeLM(LlamaForCausalLM):
@@ -27,9 +39,13 @@ class _SparseMoeLM(LlamaForCausalLM):
     num_experts: int
     top_k: int
     renormalize: bool
-    moe_block: str  # the checkpoint's name of a sparse layer's block ("mlp", "block_sparse_moe")
-    # checkpoint projection name of one expert -> (0 gate, 1 up, or "down")
-    expert_parts: dict[str, int | str]
+
+    # dense layers keep Llama's MLP; a sparse one holds a router and the experts instead
+    layer_weights = {
+        **LlamaForCausalLM.layer_weights,
+        **fused("gate_up.weight", ["mlp.gate_proj.weight", "mlp.up_proj.weight"], when="not is_sparse"),
+        "mlp.down_proj.weight": Weight("down.weight", when="not is_sparse"),
+    }
 
     def __init__(self, config, backend, dtype: torch.dtype, max_model_len: int) -> None:
         super().__init__(config, backend, dtype, max_model_len)
@@ -39,28 +55,6 @@ class _SparseMoeLM(LlamaForCausalLM):
         return True
 
     # ---- weights ---------------------------------------------------------------------------
-    def map_weight_name(self, name: str):
-        m = _PER_EXPERT.fullmatch(name)
-        if m and m.group(2) in (self.moe_block, "mlp") and m.group(4) in self.expert_parts:
-            layer, expert, part = m.group(1), int(m.group(3)), self.expert_parts[m.group(4)]
-            if part == "down":
-                return f"layers.{layer}.experts.down", (expert, self.num_experts)
-            # gate then up of expert 0, then of expert 1, ...: concatenated they view as [E, 2I, H]
-            return f"layers.{layer}.experts.gate_up", (2 * expert + part, 2 * self.num_experts)
-        m = _STACKED.fullmatch(name)
-        if m and m.group(2) in (self.moe_block, "mlp"):
-            return f"layers.{m.group(1)}.experts.{m.group(3).removesuffix('_proj')}", None
-        if re.fullmatch(rf"model\.layers\.\d+\.({self.moe_block}|mlp)\.gate\.weight", name):
-            return f"layers.{name.split('.')[2]}.router.weight", None
-        return super().map_weight_name(name)
-
-    def expected_weights(self) -> set[str]:
-        names = super().expected_weights()
-        for i in self.sparse_layers:
-            names -= {f"layers.{i}.gate_up.weight", f"layers.{i}.down.weight"}
-            names |= {f"layers.{i}.{n}" for n in ("router.weight", "experts.gate_up", "experts.down")}
-        return names
-
     def load_weights(self, named_tensors) -> None:
         super().load_weights(named_tensors)
         for i in self.sparse_layers:
@@ -83,8 +77,9 @@ class _SparseMoeLM(LlamaForCausalLM):
 class MixtralForCausalLM(_SparseMoeLM):
     """Mixtral: every layer sparse, top-k weights always renormalised; optional sliding window."""
 
-    moe_block = "block_sparse_moe"
-    expert_parts = {"w1": 0, "w3": 1, "w2": "down"}
+    expert_blocks = ("block_sparse_moe", "mlp")  # transformers' older and newer name of the block
+    expert_weights = per_expert_weights("w1", "w3", "w2")
+    layer_weights = {**_SparseMoeLM.layer_weights, **sparse_block_weights(expert_blocks)}
     renormalize = True
 
     def __init__(self, config, backend, dtype: torch.dtype, max_model_len: int) -> None:
@@ -96,14 +91,15 @@ class MixtralForCausalLM(_SparseMoeLM):
 class Qwen2MoeForCausalLM(_SparseMoeLM):
     """Qwen2-MoE: qkv biases, routed experts plus a shared expert scaled by sigmoid(gate(x))."""
 
-    moe_block = "mlp"
-    expert_parts = {"gate_proj": 0, "up_proj": 1, "down_proj": "down"}
-
-    _SHARED = {
-        "mlp.shared_expert.gate_proj.weight": ("shared.gate_up.weight", (0, 2)),
-        "mlp.shared_expert.up_proj.weight": ("shared.gate_up.weight", (1, 2)),
-        "mlp.shared_expert.down_proj.weight": ("shared.down.weight", None),
-        "mlp.shared_expert_gate.weight": ("shared.gate.weight", None),
+    expert_blocks = ("mlp",)
+    expert_weights = per_expert_weights("gate_proj", "up_proj", "down_proj")
+    layer_weights = {
+        **_SparseMoeLM.layer_weights,
+        **sparse_block_weights(expert_blocks),
+        **fused("shared.gate_up.weight", ["mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight"],
+                when="has_shared_expert_at"),
+        "mlp.shared_expert.down_proj.weight": Weight("shared.down.weight", when="has_shared_expert_at"),
+        "mlp.shared_expert_gate.weight": Weight("shared.gate.weight", when="has_shared_expert_at"),
     }
 
     def __init__(self, config, backend, dtype: torch.dtype, max_model_len: int) -> None:
@@ -114,25 +110,14 @@ class Qwen2MoeForCausalLM(_SparseMoeLM):
         self.sparse_step = getattr(config, "decoder_sparse_step", 1) or 1
         self.has_shared_expert = bool(getattr(config, "shared_expert_intermediate_size", 0))
         super().__init__(config, backend, dtype, max_model_len)
+        self.qkv_bias = bool(getattr(config, "qkv_bias", True))
 
     def is_sparse(self, layer: int) -> bool:
         # the rule of HF's Qwen2MoeDecoderLayer
         return layer not in self.mlp_only_layers and self.num_experts > 0 and (layer + 1) % self.sparse_step == 0
 
-    def map_weight_name(self, name: str):
-        if name.startswith("model.layers."):
-            _, _, index, suffix = name.split(".", 3)
-            if suffix in self._SHARED:
-                ours, part = self._SHARED[suffix]
-                return f"layers.{index}.{ours}", part
-        return super().map_weight_name(name)
-
-    def expected_weights(self) -> set[str]:
-        names = super().expected_weights()
-        if self.has_shared_expert:
-            for i in self.sparse_layers:
-                names |= {f"layers.{i}.shared.{n}.weight" for n in ("gate_up", "down", "gate")}
-        return names
+    def has_shared_expert_at(self, layer: int) -> bool:
+        return self.has_shared_expert and self.is_sparse(layer)
 
     def sparse_mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         ops, w, p = self.backend, self.weights, f"layers.{layer}."

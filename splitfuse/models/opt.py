@@ -6,20 +6,31 @@ from __future__ import annotations
 
 import torch
 
-from splitfuse.models.base import CausalLM, activation_op
+from splitfuse.models.base import CausalLM, activation_op, add_norm
+from splitfuse.models.weight_tables import Weight, fused, weight_and_bias
 
 _POSITION_OFFSET = 2  # OPT's position table starts 2 rows in (a fairseq legacy)
 
 
 class OPTForCausalLM(CausalLM):
-    _RENAMED = {
-        "self_attn.out_proj": "o", "fc1": "up", "fc2": "down",
-        "self_attn_layer_norm": "attn_norm", "final_layer_norm": "mlp_norm",
+    # the hub's checkpoints name the decoder "decoder.", transformers' own "model.decoder."
+    strip_prefixes = ("model.", "decoder.")
+    global_weights = {
+        "embed_tokens.weight": "embed.weight",
+        "embed_positions.weight": "positions.weight",
+        "project_in.weight": Weight("project_in.weight", when="projected"),
+        "project_out.weight": Weight("project_out.weight", when="projected"),
+        **weight_and_bias({"final_layer_norm": "final_norm"}, when="affine_final_norm"),
+        "lm_head.weight": Weight("lm_head.weight", when="not tie_word_embeddings"),
     }
-    _FUSED = {"self_attn.q_proj": 0, "self_attn.k_proj": 1, "self_attn.v_proj": 2}
-    _TOP = {"embed_tokens.weight": "embed.weight", "embed_positions.weight": "positions.weight",
-            "project_in.weight": "project_in.weight", "project_out.weight": "project_out.weight",
-            "final_layer_norm.weight": "final_norm.weight", "final_layer_norm.bias": "final_norm.bias"}
+    layer_prefix = "layers."
+    layer_weights = {
+        **fused("qkv.weight", ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"]),
+        **fused("qkv.bias", ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"],
+                when="has_bias"),
+        **weight_and_bias({"self_attn.out_proj": "o", "fc1": "up", "fc2": "down"}, bias_when="has_bias"),
+        **weight_and_bias({"self_attn_layer_norm": "attn_norm", "final_layer_norm": "mlp_norm"}, when="affine_norms"),
+    }
 
     def __init__(self, config, backend, dtype: torch.dtype, max_model_len: int) -> None:
         super().__init__(config, backend, dtype, max_model_len)
@@ -35,38 +46,7 @@ class OPTForCausalLM(CausalLM):
         self.projected = config.word_embed_proj_dim != self.hidden_size
         self.act = activation_op(backend, config.activation_function, "activation_function")
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
-
-    # ---- weights ---------------------------------------------------------------------------
-    def map_weight_name(self, name: str):
-        if name == "lm_head.weight":
-            return name, None
-        # the hub's checkpoints name the decoder "decoder.", transformers' own "model.decoder."
-        base = name.removeprefix("model.").removeprefix("decoder.")
-        if base in self._TOP:
-            return self._TOP[base], None
-        if base.startswith("layers."):
-            _, index, suffix = base.split(".", 2)
-            module, kind = suffix.rsplit(".", 1)
-            if module in self._FUSED:
-                return f"layers.{index}.qkv.{kind}", (self._FUSED[module], 3)
-            return f"layers.{index}.{self._RENAMED[module]}.{kind}", None
-        raise KeyError(name)
-
-    def expected_weights(self) -> set[str]:
-        names = {"embed.weight", "positions.weight"}
-        if not self.tie_word_embeddings:
-            names.add("lm_head.weight")
-        if self.projected:
-            names |= {"project_in.weight", "project_out.weight"}
-        norms = ["attn_norm", "mlp_norm"]
-        if self.final_norm and self.affine_norms:
-            names |= {"final_norm.weight", "final_norm.bias"}
-        layer = ["qkv.weight", "o.weight", "up.weight", "down.weight"]
-        if self.has_bias:
-            layer += ["qkv.bias", "o.bias", "up.bias", "down.bias"]
-        if self.affine_norms:
-            layer += [f"{n}.{kind}" for n in norms for kind in ("weight", "bias")]
-        return names | {f"layers.{i}.{n}" for i in range(self.num_layers) for n in layer}
+        self.affine_final_norm = self.final_norm and self.affine_norms
 
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, input_ids, positions, meta, kv_cache) -> torch.Tensor:
@@ -81,8 +61,8 @@ class OPTForCausalLM(CausalLM):
             for i in range(self.num_layers):
                 p = f"layers.{i}."
                 attn = self._attention(p, hidden, meta, kv_cache[i])
-                hidden, _ = self._norm(p + "attn_norm", attn, hidden)
-                hidden, _ = self._norm(p + "mlp_norm", self._mlp(p, hidden), hidden)
+                hidden, _ = self.norm(p + "attn_norm", attn, hidden)
+                hidden, _ = self.norm(p + "mlp_norm", self._mlp(p, hidden), hidden)
         if self.projected:
             hidden = ops.linear(hidden, w["project_out.weight"])
         return hidden
@@ -91,17 +71,14 @@ class OPTForCausalLM(CausalLM):
         residual = None
         for i in range(self.num_layers):
             p = f"layers.{i}."
-            if residual is None:
-                residual, x = hidden, self._norm(p + "attn_norm", hidden)
-            else:
-                x, residual = self._norm(p + "attn_norm", hidden, residual)
-            x, residual = self._norm(p + "mlp_norm", self._attention(p, x, meta, kv_cache[i]), residual)
+            x, residual = add_norm(self.norm, p + "attn_norm", hidden, residual)
+            x, residual = self.norm(p + "mlp_norm", self._attention(p, x, meta, kv_cache[i]), residual)
             hidden = self._mlp(p, x)
         if self.final_norm:
-            return self._norm("final_norm", hidden, residual)[0]
+            return self.norm("final_norm", hidden, residual)[0]
         return hidden + residual
 
-    def _norm(self, name: str, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def norm(self, name: str, x: torch.Tensor, residual: torch.Tensor | None = None):
         """LayerNorm `name` of x, or (normed, sum) of x + residual."""
         w = self.weights
         return self.backend.layer_norm(x, w.get(name + ".weight"), w.get(name + ".bias"), self.eps, residual)

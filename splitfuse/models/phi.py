@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from splitfuse.models.base import CausalLM, activation_op, rope_cos_sin
+from splitfuse.models.base import CausalLM, activation_op, add_norm
+from splitfuse.models.rope import rope_cos_sin
+from splitfuse.models.weight_tables import Weight, fused, weight_and_bias
 
 
 class LayerNormDecoderLM(CausalLM):
-    """Rotary-attention decoder of LayerNorm blocks; subclasses read their config and map names."""
-
-    # HF name -> ours for names outside the layers; HF layer suffix -> ours, or (ours, part, parts)
-    # for a piece of a matrix fused at load time
-    _TOP: dict[str, str] = {}
-    _LAYER: dict[str, str | tuple[str, int, int]] = {}
-    _LAYER_PREFIX = "model.layers."
+    """Rotary-attention decoder of LayerNorm blocks; subclasses read their config and declare the
+    weight tables. Conditions the tables may use: tie_word_embeddings, lm_head_bias, has_bias,
+    mlp_norm, qk_norm."""
 
     def __init__(self, config, backend, dtype: torch.dtype, max_model_len: int, *, num_kv_heads: int,
                  eps: float, activation: str, activation_field: str, parallel: bool, mlp_norm: bool,
@@ -46,59 +44,27 @@ class LayerNormDecoderLM(CausalLM):
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_sizes = (q, kv, kv)
 
-    # ---- weights ---------------------------------------------------------------------------
-    def map_weight_name(self, name: str):
-        if name in self._TOP:
-            return self._TOP[name], None
-        if name.startswith(self._LAYER_PREFIX):
-            index, suffix = name[len(self._LAYER_PREFIX):].split(".", 1)
-            ours = self._LAYER[suffix]
-            if isinstance(ours, tuple):
-                fused, part, parts = ours
-                return f"layers.{index}.{fused}", (part, parts)
-            return f"layers.{index}.{ours}", None
-        if name.endswith("rotary_emb.inv_freq"):
-            return None, None  # recomputed from the config
-        raise KeyError(name)
-
-    def expected_weights(self) -> set[str]:
-        names = {"embed.weight", "final_norm.weight", "final_norm.bias"}
-        if not self.tie_word_embeddings:
-            names.add("lm_head.weight")
-        if self.lm_head_bias:
-            names.add("lm_head.bias")
-        layer = ["attn_norm.weight", "attn_norm.bias", "qkv.weight", "o.weight", "up.weight", "down.weight"]
-        if self.has_bias:
-            layer += ["qkv.bias", "o.bias", "up.bias", "down.bias"]
-        if self.mlp_norm:
-            layer += ["mlp_norm.weight", "mlp_norm.bias"]
-        if self.qk_norm:
-            layer += ["q_norm.weight", "q_norm.bias", "k_norm.weight", "k_norm.bias"]
-        return names | {f"layers.{i}.{n}" for i in range(self.num_layers) for n in layer}
-
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, input_ids, positions, meta, kv_cache) -> torch.Tensor:
         hidden = self.backend.embedding(input_ids, self.weights["embed.weight"])
         residual = None
         for i in range(self.num_layers):
             p = f"layers.{i}."
-            x, residual = self._norm(p + "attn_norm", hidden, residual)
+            x, residual = add_norm(self.norm, p + "attn_norm", hidden, residual)
             attn = self._attention(p, x, positions, meta, kv_cache[i])
             if self.parallel:
                 # HF adds attention and MLP outputs first, then the residual (in the next norm)
-                mlp_in = self._norm(p + "mlp_norm", residual)[0] if self.mlp_norm else x
+                mlp_in = self.norm(p + "mlp_norm", residual) if self.mlp_norm else x
                 hidden = attn + self._mlp(p, mlp_in)
             else:
-                x, residual = self._norm(p + "mlp_norm", attn, residual)
+                x, residual = self.norm(p + "mlp_norm", attn, residual)
                 hidden = self._mlp(p, x)
-        hidden, _ = self._norm("final_norm", hidden, residual)
+        hidden, _ = self.norm("final_norm", hidden, residual)
         return hidden
 
-    def _norm(self, name: str, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """LayerNorm `name` of x (+ residual): (normed, the sum, which is the next residual)."""
+    def norm(self, name: str, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """LayerNorm `name` of x, or (normed, sum) of x + residual."""
         w = self.weights
-        if residual is None:
-            return self.backend.layer_norm(x, w.get(name + ".weight"), w.get(name + ".bias"), self.eps), x
         return self.backend.layer_norm(x, w.get(name + ".weight"), w.get(name + ".bias"), self.eps, residual)
 
     def _attention(self, p: str, x: torch.Tensor, positions, meta, kv_layer) -> torch.Tensor:
@@ -126,22 +92,23 @@ class LayerNormDecoderLM(CausalLM):
         return self.backend.linear(hidden, head, w.get("lm_head.bias"))
 
 
-def weight_and_bias(names: dict[str, str]) -> dict[str, str]:
-    """{hf: ours} for `.weight` and `.bias` of each module."""
-    return {f"{hf}.{kind}": f"{ours}.{kind}" for hf, ours in names.items() for kind in ("weight", "bias")}
-
-
 class PhiForCausalLM(LayerNormDecoderLM):
     """Phi-2: partial rotary, attention and MLP in parallel from one LayerNorm, biases everywhere,
     lm_head with a bias, optional per-head LayerNorm of q and k."""
 
-    _TOP = {"model.embed_tokens.weight": "embed.weight", "lm_head.weight": "lm_head.weight",
-            "lm_head.bias": "lm_head.bias", **weight_and_bias({"model.final_layernorm": "final_norm"})}
-    _LAYER = {
-        **{f"self_attn.{n}_proj.{kind}": (f"qkv.{kind}", i, 3)
-           for i, n in enumerate("qkv") for kind in ("weight", "bias")},
-        **weight_and_bias({"self_attn.dense": "o", "mlp.fc1": "up", "mlp.fc2": "down", "input_layernorm": "attn_norm",
-                      "self_attn.q_layernorm": "q_norm", "self_attn.k_layernorm": "k_norm"}),
+    global_weights = {
+        "model.embed_tokens.weight": "embed.weight",
+        "lm_head.weight": Weight("lm_head.weight", when="not tie_word_embeddings"),
+        "lm_head.bias": Weight("lm_head.bias", when="lm_head_bias"),
+        **weight_and_bias({"model.final_layernorm": "final_norm"}),
+    }
+    layer_weights = {
+        **fused("qkv.weight", ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"]),
+        **fused("qkv.bias", ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"],
+                when="has_bias"),
+        **weight_and_bias({"self_attn.dense": "o", "mlp.fc1": "up", "mlp.fc2": "down"}, bias_when="has_bias"),
+        **weight_and_bias({"input_layernorm": "attn_norm"}),
+        **weight_and_bias({"self_attn.q_layernorm": "q_norm", "self_attn.k_layernorm": "k_norm"}, when="qk_norm"),
     }
 
     def __init__(self, config, backend, dtype: torch.dtype, max_model_len: int) -> None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from splitfuse.backends.torch_ops import build_cos_sin_cache
-from splitfuse.models.base import rope_cos_sin
 from splitfuse.models.llama import LlamaForCausalLM
+from splitfuse.models.rope import longrope_cos_sin, rope_cos_sin
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
@@ -16,11 +15,12 @@ class Phi3ForCausalLM(LlamaForCausalLM):
     # longrope as transformers runs it: a sequence is rotated with the short factors while it holds
     # at most original_max_position_embeddings tokens and with the long ones after; when it grows
     # past that length HF drops its KV cache and recomputes every token with the long factors, so
-    # the engine recomputes it here too (kv_stale_at_length). cos_sin then stacks both tables.
+    # the engine recomputes it here too (recompute_kv_at_length). cos_sin then stacks both tables.
 
-    _RENAMED = {
-        **LlamaForCausalLM._RENAMED,
-        "self_attn.qkv_proj.weight": "qkv.weight", "mlp.gate_up_proj.weight": "gate_up.weight",
+    layer_weights = {
+        **LlamaForCausalLM.layer_weights,
+        "self_attn.qkv_proj.weight": "qkv.weight",  # already fused in the checkpoint
+        "mlp.gate_up_proj.weight": "gate_up.weight",
     }
 
     def __init__(self, config, backend, dtype: torch.dtype, max_model_len: int) -> None:
@@ -31,21 +31,13 @@ class Phi3ForCausalLM(LlamaForCausalLM):
         self.rotary_dim = rotary_dim if rotary_dim < self.head_dim else None
         self.long_after: int | None = None  # original_max_position_embeddings under longrope
         if params.get("rope_type") == "longrope":
-            self.cos_sin = self._longrope_tables(config, params, dtype, backend.device)
+            self.cos_sin, self.long_after = longrope_cos_sin(config, max_model_len, dtype, backend.device)
         elif self.rotary_dim is not None:
             self.cos_sin = rope_cos_sin(config, self.head_dim, max_model_len, dtype, backend.device, self.rotary_dim)
 
-    def _longrope_tables(self, config, params: dict, dtype, device) -> torch.Tensor:
-        """[2 * max_model_len, rotary_dim]: the short-factor table, then the long-factor one."""
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-        init = ROPE_INIT_FUNCTIONS["longrope"]
-        self.long_after = int(params["original_max_position_embeddings"])
-        self.kv_stale_at_length = self.long_after + 1
-        short, scaling = init(config, torch.device("cpu"))
-        long, _ = init(config, torch.device("cpu"), seq_len=self.long_after + 1)  # as HF computes it
-        tables = [build_cos_sin_cache(f, self.max_model_len, scaling) for f in (short, long)]
-        return torch.cat(tables).to(device=device, dtype=dtype)
+    def recompute_kv_at_length(self) -> int | None:
+        """Past the original context longrope rotates with the long factors: every cached K changes."""
+        return None if self.long_after is None else self.long_after + 1
 
     def rope_positions(self, positions: torch.Tensor, meta) -> torch.Tensor:
         """Rows of the long-factor table for tokens of sequences longer than the original context."""

@@ -10,16 +10,11 @@ from splitfuse.models.llama import LlamaForCausalLM
 class Qwen3ForCausalLM(LlamaForCausalLM):
     """Per-head q/k RMSNorm (weights [D], shared by the heads); optional qkv bias."""
 
-    _RENAMED = {
-        **LlamaForCausalLM._RENAMED,
-        "self_attn.q_norm.weight": "q_norm.weight", "self_attn.k_norm.weight": "k_norm.weight",
+    layer_weights = {
+        **LlamaForCausalLM.layer_weights,
+        "self_attn.q_norm.weight": "q_norm.weight",
+        "self_attn.k_norm.weight": "k_norm.weight",
     }
-
-    def expected_weights(self) -> set[str]:
-        names = super().expected_weights()
-        for i in range(self.num_layers):
-            names |= {f"layers.{i}.q_norm.weight", f"layers.{i}.k_norm.weight"}
-        return names
 
     def project_qkv(self, prefix: str, x: torch.Tensor):
         q, k, v = super().project_qkv(prefix, x)

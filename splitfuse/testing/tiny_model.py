@@ -272,6 +272,20 @@ def make_tiny_model(
     return path
 
 
+def tiny_model_builder(tmp_path_factory, variants: dict[str, tuple[str, dict]]):
+    """A function name -> directory of tiny model `variants[name]` = (arch, make_tiny_model keyword
+    arguments), each built on first use in a fresh directory of pytest's `tmp_path_factory`."""
+    built: dict[str, str] = {}
+
+    def get(name: str) -> str:
+        if name not in built:
+            arch, overrides = variants[name]
+            built[name] = str(make_tiny_model(tmp_path_factory.mktemp(name), arch, **overrides))
+        return built[name]
+
+    return get
+
+
 # Bump when the recipe below (or the tokenizer/corpus) changes, so stale caches are not reused.
 DEFAULT_MODEL_VERSION = "v1"
 DEFAULT_MODEL_KWARGS = dict(

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from splitfuse.backends.triton.sampling import filter_thresholds, sample
-from splitfuse.core.sampler import SamplingBatch, _filtered_probs
+from splitfuse.core.sampler import SamplingBatch, _filtered_probs, sample_tokens
 
 
 def _rows(device, n, temp=1.0, top_k=0, top_p=1.0, seed=0, offsets=None):
@@ -192,33 +192,55 @@ def _backend():
     return CudaBackend()
 
 
-def _batch(seeds, temps, top_ks, top_ps, suppressed=None):
+def _batch(seeds, temps, top_ks, top_ps, suppressed=None, counters=None):
     return SamplingBatch(
-        temperatures=temps, top_ks=top_ks, top_ps=top_ps,
-        generators=[None if s is None else torch.Generator().manual_seed(s) for s in seeds],
-        suppressed=suppressed or [[] for _ in seeds],
+        temperatures=temps, top_ks=top_ks, top_ps=top_ps, seeds=seeds,
+        counters=counters or [0] * len(seeds), suppressed=suppressed or [[] for _ in seeds],
     )
 
 
-def test_backend_sample_reproducible_and_counters_advance():
+def test_backend_sample_reproducible_and_stateless():
     V = 300
     logits = torch.zeros(4, V)  # uniform
     logits[3] = _logits(V, 1)
     settings = ([11, 12, None, 13], [1.0, 0.8, 0.0, 1.0], [0, 50, 0, 0], [1.0, 1.0, 1.0, 0.9])
 
-    def run(backend, batch):
-        return [backend.sample(logits.to(backend.device), batch).tolist() for _ in range(2)]
+    def run(backend):
+        # two steps: draw 0, then draw 1 of every row
+        return [backend.sample(logits.to(backend.device), _batch(*settings, counters=[c] * 4)).tolist()
+                for c in (0, 1)]
 
-    a_batch, b_batch = _batch(*settings), _batch(*settings)
-    a, b = run(_backend(), a_batch), run(_backend(), b_batch)
-    assert a == b  # same seeds, fresh backends: same tokens, step after step
-    assert a[0] != a[1]  # the draw counters advanced between the two calls
+    backend = _backend()
+    a = run(backend)
+    assert run(backend) == a == run(_backend())  # same (seed, counter), same tokens: no hidden state
+    assert a[0] != a[1]  # the counter moved: a fresh draw
     assert a[0][2] == a[1][2] == logits[2].argmax().item()  # the greedy row
-    # the generators themselves were not advanced (the kernel has its own counter-based stream)
-    assert a_batch.generators[0].get_state().equal(torch.Generator().manual_seed(11).get_state())
-    # a row drawn alone on a fresh backend matches the same request's first draw in the batch
-    alone = _backend().sample(logits[:1].to(_backend().device), _batch([11], [1.0], [0], [1.0]))
-    assert alone.tolist() == [a[0][0]]
+    # a row drawn alone matches the same request's draw in the batch
+    alone = backend.sample(logits[:1].to(backend.device), _batch([11], [1.0], [0], [1.0], counters=[1]))
+    assert alone.tolist() == [a[1][0]]
+
+
+def test_backend_sample_needs_a_seed_for_sampled_rows():
+    with pytest.raises(ValueError, match="row 0 samples .* seed is None"):
+        _backend().sample(torch.zeros(1, 8), _batch([None], [1.0], [0], [1.0]))
+
+
+@pytest.mark.parametrize("temp,top_k,top_p", FILTERS + [(1.0, 0, 1.0)], ids=str)
+def test_backend_and_cpu_sampler_draw_the_same_tokens(temp, top_k, top_p):
+    # the cpu sampler reproduces the kernel's Philox noise and exponential race key for key:
+    # every row of every setting picks the same token (seeds of every 64-bit kind, counters big
+    # and small), on peaked logits and on nearly flat ones, where the noise decides (flat, not
+    # uniform: exact ties at the top-p cutoff are the one documented difference of kept sets)
+    V, n = 300, 24
+    logits = torch.stack([_logits(V, 70 + i, scale=2.0 if i < n // 2 else 0.05) for i in range(n)])
+    seeds = [0, 1, 2**63 - 1, -1, -(2**63), 2**64 - 5, 12345, 2**40 + 3] * 3
+    counters = [0, 1, 2, 7, 100, 2**20, 2**33 + 1, 5] * 3
+    suppressed = [[int(logits[r].argmax())] if r % 5 == 0 else [] for r in range(n)]
+    batch = _batch(seeds, [temp] * n, [top_k] * n, [top_p] * n, suppressed, counters)
+    backend = _backend()
+    on_backend = backend.sample(logits.to(backend.device), batch).cpu().tolist()
+    assert on_backend == sample_tokens(logits, batch).tolist()
+    assert len(set(on_backend[n // 2:])) > 1  # the noise decided, not an argmax
 
 
 def test_backend_sample_greedy_and_suppression():

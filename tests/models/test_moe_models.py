@@ -4,12 +4,10 @@ to force preemption."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
-from test_hf_parity import check_all, make_prompts
 
 from splitfuse.cli import main
+from splitfuse.testing.parity import check_all, check_preemption, make_prompts
 
 # name -> (arch, config overrides); 4 experts, top-2 unless said otherwise (TINY_DEFAULTS)
 VARIANTS = {
@@ -33,11 +31,7 @@ def test_greedy_matches_hf_with_chunked_prompts(name, model_dir, hf_model):
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
 def test_preemption_recomputes_to_the_same_tokens(name, model_dir, hf_model):
-    rng = random.Random(2)
-    prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (33, 40, 47, 54)]
-    settings = dict(token_budget=32, kv_block_size=4, num_kv_blocks=40)
-    pipe = check_all(name, settings, model_dir, hf_model, None, prompts, new_tokens=40)
-    assert pipe.engine.scheduler.num_preemptions > 0
+    check_preemption(name, model_dir, hf_model)
 
 
 def test_models_command_lists_the_new_architectures(capsys):

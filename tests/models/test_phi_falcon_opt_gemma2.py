@@ -4,14 +4,11 @@ many steps, 4-token KV blocks, and a cache small enough to force preemption."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
-from test_hf_parity import NEW_TOKENS, check_all, make_prompts
 
 import splitfuse
-from splitfuse.testing.parity import hf_greedy
+from splitfuse.testing.parity import NEW_TOKENS, check_all, check_preemption, hf_greedy, make_prompts
 from splitfuse.testing.tiny_model import make_tiny_model
 
 # name -> (arch, config overrides); each checks one layout HF distinguishes
@@ -57,11 +54,7 @@ def test_greedy_matches_hf_with_chunked_prompts(name, model_dir, hf_model):
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_preemption_recomputes_to_the_same_tokens(name, model_dir, hf_model):
-    rng = random.Random(2)
-    prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (33, 40, 47, 54)]
-    settings = dict(token_budget=32, kv_block_size=4, num_kv_blocks=40)
-    pipe = check_all(name, settings, model_dir, hf_model, None, prompts, new_tokens=40)
-    assert pipe.engine.scheduler.num_preemptions > 0
+    check_preemption(name, model_dir, hf_model)
 
 
 def test_phi_qk_layernorm_matches_hf(tmp_path, hf_model):

@@ -4,10 +4,9 @@ chunked over many steps, 4-token KV blocks, and a cache small enough to force pr
 
 from __future__ import annotations
 
-import random
-
 import pytest
-from test_hf_parity import check_all
+
+from splitfuse.testing.parity import check_all, check_preemption
 
 
 # longrope with an original context of 64: of the prompts (1-200 tokens) those up to 64 tokens
@@ -38,8 +37,4 @@ def test_greedy_matches_hf_with_chunked_prompts(name, model_dir, hf_model):
 def test_preemption_recomputes_to_the_same_tokens(name, model_dir, hf_model):
     # with longrope these prompts (33-54 tokens) cross the original context of 64 while decoding
     # 40 tokens, and the preempted one is recomputed from its prompt plus what it generated
-    rng = random.Random(2)
-    prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (33, 40, 47, 54)]
-    settings = dict(token_budget=32, kv_block_size=4, num_kv_blocks=40)
-    pipe = check_all(name, settings, model_dir, hf_model, None, prompts, new_tokens=40)
-    assert pipe.engine.scheduler.num_preemptions > 0
+    check_preemption(name, model_dir, hf_model)

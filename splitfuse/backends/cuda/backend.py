@@ -12,13 +12,11 @@ picks it; ask for it by name (`--backend cuda`).
 
 from __future__ import annotations
 
-import random
-import weakref
-
 import torch
 
 from splitfuse.backends.device_backend import DeviceBackend
 from splitfuse.backends.triton import triton_import_error
+from splitfuse.core.philox import seed_to_int64
 
 
 class CudaBackend(DeviceBackend):
@@ -40,11 +38,6 @@ class CudaBackend(DeviceBackend):
                     "kernels on the CPU for testing")
         return triton_import_error()
 
-    def __init__(self, device_index: int = 0, device_module=None) -> None:
-        super().__init__(device_index, device_module)
-        # generator -> draws made through this backend: the sampling kernel's counter offset
-        self._draws: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
     def captures_graphs(self) -> bool:
         return self.device.type == "cuda"
 
@@ -53,12 +46,9 @@ class CudaBackend(DeviceBackend):
         """Next tokens [S'] int64 on the device, sampled by one Triton launch (plus one sort when
         a row uses top-k/top-p) with no host sync; see kernels/sampling.py.
 
-        Randomness: the kernel's noise is counter-based. Each row's seed is its generator's
-        initial_seed() and its offset the number of draws made so far through this backend for
-        that generator (kept in a WeakKeyDictionary, so finished requests drop out). A seeded
-        request therefore samples the same tokens alone or in any batch, run after run; but the
-        cpu backend draws from the generator's own stream, so the two backends give different
-        (each reproducible) tokens for the same seed. The generator's state is not advanced."""
+        Each row's noise is Philox keyed by the row's seed at its draw counter, both from the
+        batch: the backend keeps no per-request state, and the cpu backend draws the same noise
+        (core.philox), so a seed gives the same tokens on either backend, alone or in any batch."""
         if batch.all_greedy and not any(batch.suppressed):
             return logits.argmax(dim=-1)
         from splitfuse.backends.triton.sampling import sample
@@ -75,24 +65,16 @@ class CudaBackend(DeviceBackend):
     def _sampling_tensors(self, batch, vocab: int):
         """Host-side per-row settings packed into two CPU tensors (two small copies per step):
         floats [2, S'] = temperatures, top_ps; ints = top_ks | seeds | offsets | rows that filter
-        | suppressed ids [S', M] (-1 padding). Advances the draw counters of the sampled rows."""
-        draws = self._draws
+        | suppressed ids [S', M] (-1 padding). Offsets are the rows' draw counters."""
         S = len(batch.temperatures)
         seeds, offsets, filter_rows = [0] * S, [0] * S, []
-        for row, (temp, top_k, top_p, gen) in enumerate(
-            zip(batch.temperatures, batch.top_ks, batch.top_ps, batch.generators)
-        ):
-            if temp == 0 or top_k == 1:
+        for row, (top_k, top_p) in enumerate(zip(batch.top_ks, batch.top_ps)):
+            if batch.is_greedy_row(row):
                 continue
             if 0 < top_k < vocab or top_p < 1.0:
                 filter_rows.append(row)
-            if gen is None:  # a sampled row without a generator: unseeded, like the global RNG
-                seeds[row] = random.getrandbits(63)
-                continue
-            seed = gen.initial_seed() & 0xFFFFFFFFFFFFFFFF  # a uint64; the kernel reads the bits
-            seeds[row] = seed - (1 << 64) if seed >= 1 << 63 else seed
-            offsets[row] = draws.get(gen, 0)
-            draws[gen] = offsets[row] + 1  # per occurrence: a shared generator gets fresh noise
+            seeds[row] = seed_to_int64(batch.seed_of(row))  # the kernel reads the seed's 64 bits
+            offsets[row] = batch.counters[row]
         width = max((len(ids) for ids in batch.suppressed), default=0)
         padded = [id_ for ids in batch.suppressed for id_ in list(ids) + [-1] * (width - len(ids))]
         floats = torch.tensor([batch.temperatures, batch.top_ps], dtype=torch.float32)
