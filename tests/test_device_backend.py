@@ -140,3 +140,20 @@ def test_both_backends_are_thin_device_backends():
               "rms_norm", "warm_up", "forward", "prepare_batch")
     for cls in (CudaBackend, XpuBackend):
         assert not [name for name in shared if name in vars(cls)], f"{cls.name} repeats the base"
+
+
+def test_graph_capture_failure_keeps_decode_eager(caplog):
+    """warm_up captures decode graphs on the device; a capture that fails (here: no CUDA to hold
+    the static buffers) must not fail start-up: a warning, and steps run op by op."""
+    module = FakeDeviceModule(total=80 * GIB, used=0)
+    backend = CudaBackend(device_module=module)
+    assert backend.captures_graphs() and not XpuBackend(device_module=module).captures_graphs()
+    config = EngineConfig(max_seqs=4, token_budget=16)
+    with caplog.at_level("WARNING", logger="splitfuse"):
+        backend.warm_up(object(), [], config, max_model_len=64, block_size=16)
+    assert backend._graphs is None
+    assert "cuda graph capture failed, decode steps run eagerly (enforce_eager=True hides this)" in caplog.text
+    assert module.calls[-1] == "synchronize cuda:0"
+    caplog.clear()
+    backend.warm_up(object(), [], EngineConfig(enforce_eager=True), max_model_len=64, block_size=16)
+    assert backend._graphs is None and caplog.text == ""
