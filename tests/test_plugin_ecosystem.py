@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import splitfuse
-from splitfuse.backends import Backend
+from splitfuse.backends import CONTRACT_VERSION, Backend
 from splitfuse.cli import main
 from splitfuse.plugins import (
     BackendRegistry, ModelRegistry, PluginManager, get_plugin_manager, hookspecs, reset_plugin_manager,
@@ -28,13 +28,7 @@ PLUGINS_DOC = ROOT / "docs" / "plugins.md"
 CONFORMANCE = ["-m", "pytest", "--pyargs", "splitfuse.testing.conformance", "-q", "-p", "no:cacheprovider"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_plugins(monkeypatch):
-    for var in ("SPLITFUSE_BACKEND", "SPLITFUSE_PLUGINS", "SPLITFUSE_DISABLE_PLUGINS"):
-        monkeypatch.delenv(var, raising=False)
-    reset_plugin_manager()
-    yield
-    reset_plugin_manager()
+pytestmark = pytest.mark.usefixtures("splitfuse_fresh_plugins")  # from splitfuse's pytest plugin
 
 
 def run_python(args: list[str], cwd: Path, extra_path: Path | None = None) -> subprocess.CompletedProcess:
@@ -198,6 +192,18 @@ def test_every_hook_and_registry_method_is_documented():
     for term in ("SPLITFUSE_PLUGINS", "SPLITFUSE_DISABLE_PLUGINS", "SPLITFUSE_API_VERSION", "api_version",
                  "writing-a-backend.md", "porting-a-model.md", *pytest_plugin.OPTIONS):
         assert term in doc, f"{term} is not documented in docs/plugins.md"
+
+
+def test_backend_contract_doc_covers_every_member_and_the_v1_adapter():
+    doc = (ROOT / "docs" / "backend-contract.md").read_text()
+    assert doc.startswith(f"# Backend contract, version {CONTRACT_VERSION}\n")
+    missing = [n for n in vars(Backend) if not n.startswith("_") and f"`{n}" not in doc]
+    assert missing == [], f"Backend members not documented in docs/backend-contract.md: {missing}"
+    for term in ("splitfuse.backends.v1_adapter", "DeprecationWarning", "(contract v1, adapted)", "adapted_from"):
+        assert term in doc, f"{term} is not documented in docs/backend-contract.md"
+    plugins_doc = PLUGINS_DOC.read_text()
+    assert f"`splitfuse.plugins.API_VERSION` (now `{hookspecs.API_VERSION}`)" in plugins_doc
+    assert "Version 1 is deprecated and still loads" in plugins_doc
 
 
 def test_installed_first_party_plugins_load():

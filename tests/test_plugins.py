@@ -12,13 +12,7 @@ from splitfuse.cli import main
 from splitfuse.plugins import get_plugin_manager, hookimpl, reset_plugin_manager
 
 
-@pytest.fixture(autouse=True)
-def fresh_plugins(monkeypatch):
-    for var in ("SPLITFUSE_BACKEND", "SPLITFUSE_PLUGINS", "SPLITFUSE_DISABLE_PLUGINS"):
-        monkeypatch.delenv(var, raising=False)
-    reset_plugin_manager()
-    yield
-    reset_plugin_manager()
+pytestmark = pytest.mark.usefixtures("splitfuse_fresh_plugins")  # from splitfuse's pytest plugin
 
 
 class FastBackend(CpuBackend):
@@ -156,7 +150,7 @@ def test_plugins_can_be_disabled_or_allow_listed(tmp_path, monkeypatch):
 def test_backend_for_another_contract_version_is_refused_by_name():
     class FutureBackend(CpuBackend):
         name = "future"
-        contract_version = 2
+        contract_version = 3
 
     class FuturePlugin:
         @hookimpl
@@ -166,7 +160,7 @@ def test_backend_for_another_contract_version_is_refused_by_name():
     get_plugin_manager().register(FuturePlugin(), name="future-plugin")
     infos = {i.name: i for i in list_backends()}
     assert "future" not in infos
-    assert "backend 'future' is written for splitfuse plugin API version 2" in infos["future-plugin"].reason
+    assert "backend 'future' is written for splitfuse plugin API version 3" in infos["future-plugin"].reason
     assert infos["cpu"].available
 
 
@@ -235,11 +229,24 @@ def test_duplicate_backend_and_model_names_keep_the_builtin(capsys):
 
 
 def test_plugin_module_for_another_api_version_is_not_loaded(tmp_path, monkeypatch, capsys):
+    write_entry_point_plugin(tmp_path, "api_three", "api_three_mod", """
+        from splitfuse.backends.cpu import CpuBackend
+        from splitfuse.plugins import hookimpl
+
+        SPLITFUSE_API_VERSION = 3
+
+        class ApiThree(CpuBackend):
+            name = "api-three"
+
+        @hookimpl
+        def splitfuse_register_backends(registry):
+            registry.add(ApiThree)
+    """)
     write_entry_point_plugin(tmp_path, "api_two", "api_two_mod", """
         from splitfuse.backends.cpu import CpuBackend
         from splitfuse.plugins import hookimpl
 
-        SPLITFUSE_API_VERSION = 2
+        SPLITFUSE_API_VERSION = "2.3"  # the same major version: loaded
 
         class ApiTwo(CpuBackend):
             name = "api-two"
@@ -248,36 +255,23 @@ def test_plugin_module_for_another_api_version_is_not_loaded(tmp_path, monkeypat
         def splitfuse_register_backends(registry):
             registry.add(ApiTwo)
     """)
-    write_entry_point_plugin(tmp_path, "api_one", "api_one_mod", """
-        from splitfuse.backends.cpu import CpuBackend
-        from splitfuse.plugins import hookimpl
-
-        SPLITFUSE_API_VERSION = "1.3"  # the same major version: loaded
-
-        class ApiOne(CpuBackend):
-            name = "api-one"
-
-        @hookimpl
-        def splitfuse_register_backends(registry):
-            registry.add(ApiOne)
-    """)
     monkeypatch.syspath_prepend(str(tmp_path))
     assert main(["backends"]) == 0
     out = capsys.readouterr().out
-    assert "api-one " in out and "api-two " not in out
-    assert ("api_two (api_two 0.1): not loaded: plugin 'api_two' is written for splitfuse plugin API version 2, "
-            "but this splitfuse implements version 1") in out
-    with pytest.raises(BackendError, match="unknown backend 'api-two'"):
-        create_backend("api-two")
+    assert "api-two " in out and "api-three " not in out
+    assert ("api_three (api_three 0.1): not loaded: plugin 'api_three' is written for splitfuse plugin API version 3, "
+            "but this splitfuse implements version 2") in out
+    with pytest.raises(BackendError, match="unknown backend 'api-three'"):
+        create_backend("api-three")
     assert create_backend("cpu").name == "cpu"
 
 
 def test_model_class_for_another_api_version_is_refused():
     class FutureModel:
-        api_version = 2
+        api_version = 3
 
     class CurrentModel:
-        api_version = 1
+        api_version = 2
 
     class ModelsPlugin:
         @hookimpl
@@ -289,7 +283,7 @@ def test_model_class_for_another_api_version_is_refused():
     models = get_plugin_manager().models()
     assert "FutureForCausalLM" not in models and models.get("CurrentForCausalLM") is CurrentModel
     [failure] = [f for f in get_plugin_manager().failures if f.name == "models-plugin"]
-    assert "model 'FutureForCausalLM' is written for splitfuse plugin API version 2" in failure.error
+    assert "model 'FutureForCausalLM' is written for splitfuse plugin API version 3" in failure.error
 
 
 def test_misspelt_hook_is_reported_and_not_registered():

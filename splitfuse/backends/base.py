@@ -7,7 +7,8 @@ so a new backend overrides only what it accelerates.
 Attention is built from building blocks: a backend implements `write_kv` and `paged_attention`
 (and optionally a fused `rotary_write_kv`); `attention` and `rotary_attention`, which models
 call, are composed from them here once. A backend that fuses a whole composite may still
-override it. Shapes use T tokens of one ragged batch,
+override it. A backend written for version 1 (which overrode `attention`) is registered through
+`splitfuse.backends.v1_adapter`, which keeps its behaviour. Shapes use T tokens of one ragged batch,
 S sequences, H query heads, Hkv key/value heads, D head size.
 
 KV cache: one tensor per layer, [2, num_blocks, block_size, Hkv, D] (index 0 keys, 1 values);

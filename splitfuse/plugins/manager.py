@@ -1,9 +1,10 @@
 """A typed facade over pluggy: loads built-in and installed plugins, fills the registries.
 
 Built-ins register through the same hooks as third-party plugins, and first. A plugin that fails
-to import, declares another API major version, has a malformed hook, whose hook raises, or that
-registers a name already taken is recorded in `failures`, logged by name, and the rest keeps
-working. Environment: SPLITFUSE_PLUGINS (comma list) loads only those entry points;
+to import, declares an API major version this splitfuse does not load, has a malformed hook, whose
+hook raises, or that registers a name already taken is recorded in `failures`, logged by name, and
+the rest keeps working; one declaring a deprecated version loads with a deprecation warning.
+Environment: SPLITFUSE_PLUGINS (comma list) loads only those entry points;
 SPLITFUSE_DISABLE_PLUGINS (comma list) skips those.
 """
 
@@ -45,6 +46,7 @@ class PluginManager:
         self._pm.add_hookspecs(hookspecs)
         self._load_failures: list[PluginFailure] = []
         self._sources: dict[str, str] = {}  # plugin name -> "built-in" or "dist-name version"
+        self._declared: dict[str, object] = {}  # plugin name -> the SPLITFUSE_API_VERSION its module declares
         self._backends: BackendRegistry | None = None
         self._models: ModelRegistry | None = None
         for module_name in BUILTIN_PLUGINS:
@@ -90,6 +92,7 @@ class PluginManager:
                 self._pm.unregister(plugin)
             return self._fail(name, f"not loaded: {type(exc).__name__}: {exc}", source)
         self._sources[name] = source
+        self._declared[name] = declared
         return None
 
     def _load_entry_points(self) -> None:
@@ -113,7 +116,8 @@ class PluginManager:
         impls = sorted(hook.get_hookimpls(), key=lambda impl: self.source(impl.plugin_name) != BUILTIN_SOURCE)
         for impl in impls:
             name, source = impl.plugin_name, self.source(impl.plugin_name)
-            registry.registering(source, lambda error, n=name, s=source: self._fail(n, error, s, registry.failures))
+            registry.registering(source, lambda error, n=name, s=source: self._fail(n, error, s, registry.failures),
+                                 self._declared.get(name))
             try:
                 impl.function(registry=registry)
             except Exception as exc:

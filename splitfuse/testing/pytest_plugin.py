@@ -1,13 +1,31 @@
 """pytest options of the conformance kit, active wherever splitfuse is installed (a `pytest11`
 entry point): `pytest --pyargs splitfuse.testing.conformance --splitfuse-backend NAME`.
 
-Only options, a marker and a report header live here, so loading this in every pytest run costs
-nothing; the fixtures and checks are in `splitfuse.testing.conformance`.
+Only options, a marker, a report header and one fixture for plugin tests live here, so loading this
+in every pytest run costs nothing; the conformance fixtures and checks are in
+`splitfuse.testing.conformance`.
 """
 
 from __future__ import annotations
 
+import pytest
+
 OPTIONS = ("--splitfuse-backend", "--splitfuse-arch", "--splitfuse-arch-config", "--splitfuse-quick")
+# what selects backends and plugins from the shell; a plugin test must not depend on it
+PLUGIN_ENVIRONMENT = ("SPLITFUSE_BACKEND", "SPLITFUSE_PLUGINS", "SPLITFUSE_DISABLE_PLUGINS")
+
+
+@pytest.fixture
+def splitfuse_fresh_plugins(monkeypatch):
+    """Plugins loaded afresh for the test and forgotten after it (what it registers goes with them),
+    whatever the shell's SPLITFUSE_BACKEND, SPLITFUSE_PLUGINS and SPLITFUSE_DISABLE_PLUGINS say."""
+    from splitfuse.plugins import reset_plugin_manager
+
+    for var in PLUGIN_ENVIRONMENT:
+        monkeypatch.delenv(var, raising=False)
+    reset_plugin_manager()
+    yield
+    reset_plugin_manager()
 
 
 def pytest_addoption(parser) -> None:

@@ -14,7 +14,6 @@ import torch
 import splitfuse
 from splitfuse.backends import Backend, BackendError, create_backend, list_backends, torch_ops
 from splitfuse.backends.cpu import CpuBackend
-from splitfuse.plugins import reset_plugin_manager
 from splitfuse.testing.parity import hf_greedy, mismatch
 from splitfuse.testing.ragged import filled_cache, ragged_step
 from splitfuse.testing.tiny_model import make_tiny_model
@@ -24,12 +23,7 @@ pytest.importorskip("splitfuse_cpu_native", reason="splitfuse-cpu-native is not 
 from splitfuse_cpu_native import CpuNativeBackend, build
 
 
-@pytest.fixture(autouse=True)
-def fresh_plugins(monkeypatch):
-    monkeypatch.delenv("SPLITFUSE_BACKEND", raising=False)
-    reset_plugin_manager()
-    yield
-    reset_plugin_manager()
+pytestmark = pytest.mark.usefixtures("splitfuse_fresh_plugins")  # from splitfuse's pytest plugin
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +41,16 @@ def test_registered_by_entry_point_and_named_only():
     backend = create_backend("cpu-native")
     assert isinstance(backend, CpuNativeBackend) and isinstance(backend, CpuBackend)
     assert backend.device == torch.device("cpu") and backend.describe().startswith("cpu-native (")
+
+
+def test_written_for_backend_contract_v2():
+    """It implements building blocks, so it registers as itself, not through the version-1 adapter."""
+    from splitfuse.plugins import get_plugin_manager
+
+    registry = get_plugin_manager().backends()
+    assert registry.get("cpu-native") is CpuNativeBackend and "adapted" not in registry.source("cpu-native")
+    assert CpuNativeBackend.attention is Backend.attention
+    assert CpuNativeBackend.rotary_attention is Backend.rotary_attention
 
 
 def test_unavailable_reasons(monkeypatch):
@@ -94,7 +98,7 @@ def test_paged_attention_fp32(native, step_name, block_size, heads, head_dim, wi
     cache, _, _ = filled_cache(step, Hkv, head_dim)
     q = torch.randn(step.meta.num_tokens, H, head_dim)
     scale = head_dim ** -0.5
-    out = native._paged_attention(q, cache, step.meta, scale, window, softcap)
+    out = native.paged_attention(q, cache, step.meta, scale, window, softcap)
     ref = torch_ops.paged_attention(q, cache, step.meta, scale, window, softcap)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -104,7 +108,7 @@ def test_paged_attention_half_precision(native, dtype):
     step = ragged_step(STEPS["mixed"], 4, seed=2)
     cache, _, _ = filled_cache(step, 2, 32, dtype)
     q = torch.randn(step.meta.num_tokens, 4, 32).to(dtype)
-    out = native._paged_attention(q, cache, step.meta, 0.2, 8, None)
+    out = native.paged_attention(q, cache, step.meta, 0.2, 8, None)
     assert out.dtype == dtype
     # fp32 softmax in both; the difference is the rounding of one bf16/fp16 output
     torch.testing.assert_close(out.float(), torch_ops.paged_attention(q, cache, step.meta, 0.2, 8).float(),

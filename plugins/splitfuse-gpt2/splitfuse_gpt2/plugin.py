@@ -2,7 +2,7 @@
 
 from splitfuse.plugins import hookimpl
 
-SPLITFUSE_API_VERSION = 1  # the plugin API this was written for; another major version is refused
+SPLITFUSE_API_VERSION = 2  # the plugin API this was written for; another major version is refused
 
 
 @hookimpl

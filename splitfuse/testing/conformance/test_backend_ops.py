@@ -1,4 +1,6 @@
-"""Every backend op against the cpu reference on awkward shapes, in each dtype the backend declares.
+"""Every backend op against the cpu reference on awkward shapes, in each dtype the backend declares:
+the attention building blocks (write_kv, paged_attention, rotary_write_kv) each on its own, then
+the composites models call (attention, rotary_attention), then the dense ops and sampling.
 
 Shapes: odd sizes (9, 41), contexts ending on and just past a KV block boundary, GQA ratios 1, 2,
 3 and 8, prompt chunks on top of cached context mixed with decodes in one ragged batch; KV blocks
@@ -67,6 +69,7 @@ def test_declares_a_usable_contract(backend):
     assert backend.unavailable_reason() == "" and backend.is_available()
     assert isinstance(backend.auto_selectable(), bool)
     assert backend.device_count() >= 1
+    assert backend.device_type() == backend.device.type, "device_type() names the type of `device`"
     size = backend.kv_block_size(64)
     assert isinstance(size, int) and size >= 1
     blocks = backend.num_kv_blocks(EngineConfig(kv_cache_gib=0.01), 1 << 16, 64)
@@ -87,52 +90,101 @@ def test_prepare_batch_moves_the_step_to_the_device(backend):
         assert getattr(meta, name).device.type == backend.device.type, name
 
 
-# ---- attention -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("window,softcap", ATTENTION_VARIANTS)
-@pytest.mark.parametrize("specs,block_size,H,Hkv,D", ATTENTION_SHAPES)
-def test_attention(backend, reference, dtype, specs, block_size, H, Hkv, D, window, softcap):
-    meta, kv, k, v = _step(specs, block_size, Hkv, D, dtype)
-    q = _randn(meta.num_tokens, H, D, dtype=dtype, seed=3)
-    expected_kv = kv.clone()
-    expected = reference.attention(q, k, v, expected_kv, meta, D ** -0.5, window, softcap)
-    dev = backend.device
-    got_kv = kv.to(dev)
-    got = backend.attention(q.to(dev), k.to(dev), v.to(dev), got_kv, backend.prepare_batch(meta), D ** -0.5,
-                            window, softcap)
-    assert got.dtype == dtype
-    assert_close(got, expected, dtype, "attention output")
-    assert_close(got_kv, expected_kv, dtype, "KV cache after attention (new K/V at slot_mapping, nothing else)")
-
-
-@pytest.mark.parametrize("rotary_dim,interleaved", [
+# ---- attention: building blocks ------------------------------------------------------------------
+ROTARY_VARIANTS = [
     pytest.param(None, False, id="neox"),
     pytest.param(8, False, id="partial", marks=FULL),
     pytest.param(None, True, id="gptj", marks=FULL),
-])
-@pytest.mark.parametrize("specs,block_size", [
-    pytest.param(SMALL, 4, id="quick"),
-    pytest.param(MIXED, 16, id="mixed-block16", marks=FULL),
-])
-def test_rotary_attention_from_a_fused_qkv(backend, reference, dtype, specs, block_size, rotary_dim,
-                                           interleaved):
+]
+ROTARY_STEPS = [pytest.param(SMALL, 4, id="quick"), pytest.param(MIXED, 16, id="mixed-block16", marks=FULL)]
+
+
+def _fused_qkv(T, H, Hkv, D, dtype, device="cpu"):
+    """q, k, v as models make them: views of one projection's output (k and v not contiguous)."""
+    qkv = _randn(T, (H + 2 * Hkv) * D, dtype=dtype, seed=4).to(device)
+    return tuple(t.view(T, -1, D) for t in qkv.split([H * D, Hkv * D, Hkv * D], dim=-1))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused-qkv-views"])
+@pytest.mark.parametrize("specs,block_size,H,Hkv,D", ATTENTION_SHAPES)
+def test_write_kv(backend, reference, dtype, specs, block_size, H, Hkv, D, fused):
+    meta, kv, k, v = _step(specs, block_size, Hkv, D, dtype)
+    if fused:
+        _, k, v = _fused_qkv(meta.num_tokens, H, Hkv, D, dtype)
+    expected_kv = kv.clone()
+    reference.write_kv(expected_kv, k, v, meta.slot_mapping)
+    dev = backend.device
+    got_kv = kv.to(dev)
+    backend.write_kv(got_kv, k.to(dev), v.to(dev), backend.prepare_batch(meta).slot_mapping)
+    assert_close(got_kv, expected_kv, dtype, "KV cache after write_kv (k/v at slot_mapping, nothing else)")
+
+
+def _check_attention_op(backend, reference, dtype, op, specs, block_size, H, Hkv, D, window, softcap, cache_note):
+    """`op` on the backend against the reference, output and KV cache afterwards: "attention" (writes
+    the step's new K/V first) or "paged_attention" (over a cache already holding them)."""
+    meta, kv, k, v = _step(specs, block_size, Hkv, D, dtype)
+    q = _randn(meta.num_tokens, H, D, dtype=dtype, seed=3)
+    new_kv = (k, v) if op == "attention" else ()
+    expected_kv = kv.clone()
+    expected = getattr(reference, op)(q, *new_kv, expected_kv, meta, D ** -0.5, window, softcap)
+    dev = backend.device
+    got_kv = kv.to(dev)
+    got = getattr(backend, op)(q.to(dev), *(t.to(dev) for t in new_kv), got_kv, backend.prepare_batch(meta),
+                               D ** -0.5, window, softcap)
+    assert got.dtype == dtype
+    assert_close(got, expected, dtype, f"{op} output")
+    assert_close(got_kv, expected_kv, dtype, f"KV cache after {op} ({cache_note})")
+
+
+@pytest.mark.parametrize("window,softcap", ATTENTION_VARIANTS)
+@pytest.mark.parametrize("specs,block_size,H,Hkv,D", ATTENTION_SHAPES)
+def test_paged_attention(backend, reference, dtype, specs, block_size, H, Hkv, D, window, softcap):
+    """Over a cache that already holds the step's keys; the cache is only read."""
+    _check_attention_op(backend, reference, dtype, "paged_attention", specs, block_size, H, Hkv, D, window, softcap,
+                        "unchanged")
+
+
+def _check_rotary_op(backend, reference, dtype, op, specs, block_size, rotary_dim, interleaved):
+    """`op` on the backend against the reference, output and KV cache afterwards: "rotary_write_kv"
+    or "rotary_attention" (which attends as well), on q, k, v as models make them."""
     H, Hkv, D = 4, 2, 16
     meta, kv, _, _ = _step(specs, block_size, Hkv, D, dtype)
-    T = meta.num_tokens
-    # q, k, v as models make them: views of one projection's output
-    qkv = _randn(T, (H + 2 * Hkv) * D, dtype=dtype, seed=4)
-    q, k, v = (t.view(T, -1, D) for t in qkv.split([H * D, Hkv * D, Hkv * D], dim=-1))
     cos_sin = _cos_sin(rotary_dim or D).to(dtype)
+
+    def run(ops, kv_layer, meta, device):
+        q, k, v = _fused_qkv(meta.num_tokens, H, Hkv, D, dtype, device)
+        where = (meta.slot_mapping,) if op == "rotary_write_kv" else (meta, D ** -0.5)
+        return getattr(ops, op)(q, k, v, meta.positions, cos_sin.to(device), kv_layer, *where,
+                                rotary_dim=rotary_dim, interleaved=interleaved)
+
     expected_kv = kv.clone()
-    expected = reference.rotary_attention(q, k, v, meta.positions, cos_sin, expected_kv, meta, D ** -0.5,
-                                          rotary_dim=rotary_dim, interleaved=interleaved)
-    dev = backend.device
-    q, k, v = (t.view(T, -1, D) for t in qkv.to(dev).split([H * D, Hkv * D, Hkv * D], dim=-1))
-    got_kv = kv.to(dev)
-    dmeta = backend.prepare_batch(meta)
-    got = backend.rotary_attention(q, k, v, dmeta.positions, cos_sin.to(dev), got_kv, dmeta, D ** -0.5,
-                                   rotary_dim=rotary_dim, interleaved=interleaved)
-    assert_close(got, expected, dtype, "rotary_attention output")
-    assert_close(got_kv, expected_kv, dtype, "KV cache after rotary_attention (rotated keys)")
+    expected = run(reference, expected_kv, meta, "cpu")
+    got_kv = kv.to(backend.device)
+    got = run(backend, got_kv, backend.prepare_batch(meta), backend.device)
+    assert_close(got, expected, dtype, f"{op} output")
+    assert_close(got_kv, expected_kv, dtype, f"KV cache after {op} (rotated keys, values at slot_mapping)")
+
+
+@pytest.mark.parametrize("rotary_dim,interleaved", ROTARY_VARIANTS)
+@pytest.mark.parametrize("specs,block_size", ROTARY_STEPS)
+def test_rotary_write_kv(backend, reference, dtype, specs, block_size, rotary_dim, interleaved):
+    """Returns the rotated q."""
+    _check_rotary_op(backend, reference, dtype, "rotary_write_kv", specs, block_size, rotary_dim, interleaved)
+
+
+# ---- attention: the composites models call ------------------------------------------------------
+@pytest.mark.parametrize("window,softcap", ATTENTION_VARIANTS)
+@pytest.mark.parametrize("specs,block_size,H,Hkv,D", ATTENTION_SHAPES)
+def test_attention(backend, reference, dtype, specs, block_size, H, Hkv, D, window, softcap):
+    _check_attention_op(backend, reference, dtype, "attention", specs, block_size, H, Hkv, D, window, softcap,
+                        "new K/V at slot_mapping, nothing else")
+
+
+@pytest.mark.parametrize("rotary_dim,interleaved", ROTARY_VARIANTS)
+@pytest.mark.parametrize("specs,block_size", ROTARY_STEPS)
+def test_rotary_attention_from_a_fused_qkv(backend, reference, dtype, specs, block_size, rotary_dim,
+                                           interleaved):
+    _check_rotary_op(backend, reference, dtype, "rotary_attention", specs, block_size, rotary_dim, interleaved)
 
 
 @pytest.mark.parametrize("T,H,Hkv,D,rotary_dim,interleaved", [
@@ -254,11 +306,11 @@ def test_moe_experts(backend, reference, dtype, activation):
 
 # ---- sampling ------------------------------------------------------------------------------------
 def _sampling_batch(rows: list[dict]) -> SamplingBatch:
-    gens = [None if r["temperature"] == 0 else torch.Generator().manual_seed(r.get("seed", 0)) for r in rows]
     return SamplingBatch(
         temperatures=[r["temperature"] for r in rows], top_ks=[r.get("top_k", 0) for r in rows],
-        top_ps=[r.get("top_p", 1.0) for r in rows], generators=gens,
-        suppressed=[r.get("suppressed", []) for r in rows],
+        top_ps=[r.get("top_p", 1.0) for r in rows],
+        seeds=[None if r["temperature"] == 0 else r.get("seed", 0) for r in rows],
+        counters=[r.get("counter", 0) for r in rows], suppressed=[r.get("suppressed", []) for r in rows],
     )
 
 
@@ -280,12 +332,12 @@ def test_sample_respects_filters_and_seeds(backend):
         {"temperature": 0.0},
         {"temperature": 0.8, "top_k": 1, "seed": 1},  # top-k 1 is greedy whatever the temperature
         {"temperature": 1.0, "top_p": 1e-4, "seed": 2},  # a tiny nucleus holds only the top token
-        {"temperature": 1.5, "top_k": 5, "seed": 3},
+        {"temperature": 1.5, "top_k": 5, "seed": 3, "counter": 7},
         {"temperature": 1.0, "top_k": 8, "seed": 4, "suppressed": [int(logits[4].argmax())]},  # ranks 2-9
     ]
     first = backend.sample(logits.to(backend.device), _sampling_batch(rows)).cpu().tolist()
     again = backend.sample(logits.to(backend.device), _sampling_batch(rows)).cpu().tolist()
-    assert first == again, "fresh generators with the same seeds must give the same tokens"
+    assert first == again, "the same seeds and counters must give the same tokens"
     top = logits.argmax(-1).tolist()
     assert first[:3] == top[:3]
     assert first[3] in logits[3].topk(5).indices.tolist()

@@ -1,16 +1,17 @@
 """cpu-native: the built-in cpu backend with the hot ops replaced by compiled C++ (see csrc/ops.cpp).
 
-Overridden: paged attention (reads K/V straight from the cache blocks: no gather copy, no per-step
-index planning), rotary fused with the KV-cache write, and RMSNorm fused with the residual add.
-Every other op, and any case a C++ op does not cover (dtypes other than float32 for the norm and
-the rotary, a non-contiguous cache), is the reference op of `CpuBackend`.
+Overridden: the attention building blocks `paged_attention` (reads K/V straight from the cache
+blocks: no gather copy, no per-step index planning) and `rotary_write_kv` (rotary fused with the
+KV-cache write), from which `Backend` composes `attention` and `rotary_attention`; the rotary on
+its own; and RMSNorm fused with the residual add. Every other op, and any case a C++ op does not
+cover (dtypes other than float32 for the norm and the rotary, a non-contiguous cache), is the
+reference op of `CpuBackend`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from splitfuse.backends import torch_ops
 from splitfuse.backends.cpu import CpuBackend
 from splitfuse_cpu_native import build
 
@@ -31,19 +32,22 @@ class CpuNativeBackend(CpuBackend):
         super().__init__(device_index)
         self._ops = build.ops()  # compiled on first use, then loaded from torch's extension cache
 
-    def attention(self, q, k, v, kv_layer, meta, scale, sliding_window=None, logit_softcap=None):
-        torch_ops.write_kv(kv_layer, k, v, meta.slot_mapping)
-        return self._paged_attention(q, kv_layer, meta, scale, sliding_window, logit_softcap)
+    def paged_attention(self, q, kv_layer, meta, scale, sliding_window=None, logit_softcap=None):
+        if q.dtype != kv_layer.dtype or q.dtype not in _ATTENTION_DTYPES or not kv_layer.is_contiguous():
+            return super().paged_attention(q, kv_layer, meta, scale, sliding_window, logit_softcap)
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        return self._ops.paged_attention(q, kv_layer, meta.query_start, meta.context_lens, meta.block_tables,
+                                         float(scale), int(sliding_window or 0), float(logit_softcap or 0.0))
 
-    def rotary_attention(self, q, k, v, positions, cos_sin, kv_layer, meta, scale, sliding_window=None,
-                         logit_softcap=None, rotary_dim=None, interleaved=False):
+    def rotary_write_kv(self, q, k, v, positions, cos_sin, kv_layer, slot_mapping, rotary_dim=None,
+                        interleaved=False):
         if not (_rotary_fits(q, k, positions, cos_sin) and v.dtype == torch.float32 and v.stride(-1) == 1
                 and kv_layer.dtype == torch.float32 and kv_layer.is_contiguous()):
-            return super().rotary_attention(q, k, v, positions, cos_sin, kv_layer, meta, scale, sliding_window,
-                                            logit_softcap, rotary_dim, interleaved)
-        q_rot = self._ops.rotary_write_kv(q, k, v, positions, cos_sin, kv_layer, meta.slot_mapping,
-                                          rotary_dim or cos_sin.shape[-1], interleaved)
-        return self._paged_attention(q_rot, kv_layer, meta, scale, sliding_window, logit_softcap)
+            return super().rotary_write_kv(q, k, v, positions, cos_sin, kv_layer, slot_mapping, rotary_dim,
+                                           interleaved)
+        return self._ops.rotary_write_kv(q, k, v, positions, cos_sin, kv_layer, slot_mapping,
+                                         rotary_dim or cos_sin.shape[-1], interleaved)
 
     def rotary(self, q, k, positions, cos_sin, rotary_dim=None, interleaved=False):
         if not _rotary_fits(q, k, positions, cos_sin):
@@ -55,14 +59,6 @@ class CpuNativeBackend(CpuBackend):
                 or weight.dtype != torch.float32 or not (x.is_contiguous() and residual.is_contiguous())):
             return super().rms_norm(x, weight, eps, residual, weight_offset)
         return self._ops.rms_norm_residual(x, residual, weight, eps)
-
-    def _paged_attention(self, q, kv_layer, meta, scale, sliding_window, logit_softcap):
-        if q.dtype != kv_layer.dtype or q.dtype not in _ATTENTION_DTYPES or not kv_layer.is_contiguous():
-            return torch_ops.paged_attention(q, kv_layer, meta, scale, sliding_window, logit_softcap)
-        if q.stride(-1) != 1:
-            q = q.contiguous()
-        return self._ops.paged_attention(q, kv_layer, meta.query_start, meta.context_lens, meta.block_tables,
-                                         float(scale), int(sliding_window or 0), float(logit_softcap or 0.0))
 
     def describe(self) -> str:
         return f"cpu-native ({torch.get_num_threads()} threads, compiled C++ ops)"

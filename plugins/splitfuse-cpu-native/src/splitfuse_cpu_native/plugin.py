@@ -2,7 +2,7 @@
 
 from splitfuse.plugins import hookimpl
 
-SPLITFUSE_API_VERSION = 1  # the plugin API this package was written for
+SPLITFUSE_API_VERSION = 2  # the plugin API this package was written for
 
 
 @hookimpl
