@@ -196,12 +196,19 @@ def profile_splitfuse(pipe, prompts, new_tokens, path: Path) -> None:
 class _StageTimer:
     """Wraps engine, model and backend callables with wall-clock timers, split by step kind.
 
-    Patches instance attributes (and two module functions) of a live pipeline; undo() restores
-    them. Nested stages are included in their parents (attention includes write_kv and _plan)."""
+    Patches public attributes of a live pipeline (instances, the detokenizer class and two module
+    functions); undo() restores them. Nested stages are included in their parents (attention
+    includes write_kv and _plan); "engine.step: rest" is what no stage covers (request bookkeeping,
+    sampling setup, logprobs)."""
+
+    STEP = "engine.step (all)"
+    STAGES = ("scheduler.schedule", "build_batch", "model.forward (all)", "model.logits (lm_head)",
+              "backend.sample", "detokenizer.add")  # disjoint parts of a step
 
     def __init__(self, pipe) -> None:
         from splitfuse.backends import torch_ops
         from splitfuse.core import engine as engine_mod
+        from splitfuse.core.detokenizer import IncrementalDetokenizer
 
         self.times: dict[tuple[str, str], float] = {}
         self.calls: dict[tuple[str, str], int] = {}
@@ -209,15 +216,15 @@ class _StageTimer:
         self.steps = {"prefill": 0, "decode": 0}
         self._undo: list = []
         eng = pipe.engine
+        stage = dict(zip(("schedule", "build", "forward", "logits", "sample", "detok"), self.STAGES))
         targets = [
-            (eng, "step", "engine.step (all)"),
-            (eng.scheduler, "schedule", "scheduler.schedule"),
-            (engine_mod, "build_batch", "build_batch"),
-            (eng.model, "forward", "model.forward (all)"),
-            (eng.model, "logits", "model.logits (lm_head)"),
-            (eng, "_sampling_batch", "engine._sampling_batch"),
-            (eng.backend, "sample", "backend.sample"),
-            (eng, "_append", "engine._append (detokenize, finish)"),
+            (eng, "step", self.STEP),
+            (eng.scheduler, "schedule", stage["schedule"]),
+            (engine_mod, "build_batch", stage["build"]),
+            (eng.model, "forward", stage["forward"]),
+            (eng.model, "logits", stage["logits"]),
+            (eng.backend, "sample", stage["sample"]),
+            (IncrementalDetokenizer, "add", stage["detok"]),
             (eng.backend, "embedding", "op embedding"),
             (eng.backend, "linear", "op linear (matmuls)"),
             (eng.backend, "rotary_attention", "op rotary_attention (incl. attention)"),
@@ -231,16 +238,27 @@ class _StageTimer:
         for owner, name, label in targets:
             if hasattr(owner, name):
                 self._wrap(owner, name, label)
-        forward = getattr(eng, "_forward", None)
-        if forward is not None:
-            def kind_forward(plan, sampled, _f=forward):
-                self.kind = "decode" if all(i.num_tokens == 1 for i in plan.items) else "prefill"
-                self.steps[self.kind] += 1
-                try:
-                    return _f(plan, sampled)
-                finally:
-                    self.kind = "host"
-            self._set(eng, "_forward", kind_forward)
+        # The step's kind is known once its plan is built; the step's end makes it "host" again.
+        build, step = engine_mod.build_batch, eng.step
+
+        def kind_build_batch(plan, *args, **kwargs):
+            self.kind = "decode" if all(i.num_tokens == 1 for i in plan.items) else "prefill"
+            self.steps[self.kind] += 1
+            return build(plan, *args, **kwargs)
+
+        def step_then_host():
+            try:
+                return step()
+            finally:
+                self.kind = "host"
+
+        self._set(engine_mod, "build_batch", kind_build_batch)
+        self._set(eng, "step", step_then_host)
+
+    def rest_ms(self, kind: str) -> float:
+        """Time inside engine.step that no stage covers."""
+        covered = sum(self.times.get((kind, label), 0.0) for label in self.STAGES)
+        return max(0.0, self.times.get((kind, self.STEP), 0.0) - covered) * 1000
 
     def _set(self, owner, name, value) -> None:
         had = name in vars(owner)
@@ -290,6 +308,11 @@ def breakdown_splitfuse(pipe, prompts, new_tokens, runs: int) -> None:
         calls = sum(timer.calls.get((k, label), 0) for k in ("prefill", "decode", "host"))
         print(f"  {label:40s} {total:9.1f} {100 * total / (wall * 1000):5.1f}% {per['prefill']:11.1f} "
               f"{per['decode']:10.1f} {per['host']:8.1f} {calls:6d}")
+        if label == timer.STEP:
+            rest = {k: timer.rest_ms(k) for k in ("prefill", "decode", "host")}
+            print(f"  {'engine.step: rest (bookkeeping)':40s} {sum(rest.values()):9.1f} "
+                  f"{100 * sum(rest.values()) / (wall * 1000):5.1f}% {rest['prefill']:11.1f} "
+                  f"{rest['decode']:10.1f} {rest['host']:8.1f} {'':>6s}")
 
 
 def main(argv=None) -> int:

@@ -249,11 +249,12 @@ def matmul_weight_bytes(hf_config, element_size: int) -> int:
     return (c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size) * element_size
 
 
-def build_engine(hf_config, backend_name: str, scale: Scale, dtype_name: str, gpu_mem: float):
-    """The engine pipeline.build_engine would make, with random weights instead of a directory."""
+def build_random_engine(hf_config, backend_name: str, scale: Scale, dtype_name: str, gpu_mem: float):
+    """The engine splitfuse.assembly.build_engine would make, with random weights instead of a
+    directory; returns it and the time the model was built (before the KV cache)."""
+    from splitfuse.assembly import assemble_engine
     from splitfuse.backends.selection import create_backend
     from splitfuse.config import EngineConfig
-    from splitfuse.core.engine import Engine
     from splitfuse.models.llama import LlamaForCausalLM
     from splitfuse.models.loader import resolve_dtype
 
@@ -265,9 +266,7 @@ def build_engine(hf_config, backend_name: str, scale: Scale, dtype_name: str, gp
     model.load_weights(random_weights(hf_config, backend.device, dtype))
     synchronize(backend.device)
     built = time.perf_counter()
-    block_size = backend.kv_block_size(model.head_dim)
-    num_blocks = backend.num_kv_blocks(config, model.kv_bytes_per_block(block_size), model.hidden_size)
-    engine = Engine(model, backend, None, config, [], scale.max_model_len, num_blocks, block_size)
+    engine = assemble_engine(model, backend, config)
     synchronize(backend.device)
     return engine, built
 
@@ -306,8 +305,7 @@ class PlanLog:
 
 def drain(engine) -> None:
     """Abort whatever a failed section left in the engine."""
-    for request_id in list(engine.requests):
-        engine.abort(request_id)
+    engine.abort_all()
 
 
 def run_to_completion(engine, prompts: list[list[int]], new_tokens: int) -> dict:
@@ -453,18 +451,18 @@ class Bench:
     # -- startup --
     def run_startup(self) -> dict:
         t0 = time.perf_counter()
-        engine, built = build_engine(self.hf_config, self.args.backend, self.scale, self.args.dtype,
+        engine, built = build_random_engine(self.hf_config, self.args.backend, self.scale, self.args.dtype,
                                      self.args.gpu_mem)
         ready = time.perf_counter()
         self.engine, self.device = engine, engine.backend.device
         self.plans = PlanLog(engine)
         first = run_to_completion(engine, random_prompts([16], self.hf_config.vocab_size, 1), 2)
-        model, blocks = engine.model, engine.blocks
-        kv_gib = blocks.num_blocks * model.kv_bytes_per_block(blocks.block_size) / GIB
-        result = dict(backend=engine.backend.describe(), dtype=str(model.dtype), model_build_s=round(built - t0, 2),
+        model, settings = engine.model, engine.settings
+        kv_gib = settings.num_kv_blocks * model.kv_bytes_per_block(settings.block_size) / GIB
+        result = dict(backend=settings.backend, dtype=str(model.dtype), model_build_s=round(built - t0, 2),
                       kv_alloc_s=round(ready - built, 2), startup_s=round(ready - t0, 2),
-                      first_request_s=round(first["seconds"], 2), kv_blocks=blocks.num_blocks,
-                      kv_block_size=blocks.block_size, kv_tokens=blocks.num_blocks * blocks.block_size,
+                      first_request_s=round(first["seconds"], 2), kv_blocks=settings.num_kv_blocks,
+                      kv_block_size=settings.block_size, kv_tokens=settings.num_kv_blocks * settings.block_size,
                       kv_GiB=round(kv_gib, 2), token_budget=engine.config.token_budget,
                       weights_GiB=round(sum(t.numel() * t.element_size() for t in model.weights.values()) / GIB, 2))
         graphs = getattr(engine.backend, "_graphs", None)
@@ -519,7 +517,7 @@ class Bench:
         c = self.hf_config
         H, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         attend = _attention_op(self.args.backend)
-        block_size = self.engine.blocks.block_size if self.engine else 16
+        block_size = self.engine.settings.block_size if self.engine else 16
         prefill = {f"{s}x{n}": self._attn_prefill(attend, s, n, H, Hkv, D, block_size, device, dtype)
                    for s, n in self.scale.attn_prefill}
         decode = {f"{s}x{n}": self._attn_decode(attend, s, n, H, Hkv, D, block_size, device, dtype)

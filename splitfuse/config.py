@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -86,3 +87,14 @@ def split_kwargs(kwargs: dict) -> tuple[dict, dict]:
             known = sorted(set(EngineConfig.model_fields) | set(SamplingParams.model_fields))
             raise TypeError(f"unknown argument {key!r}; expected one of: {', '.join(known)}")
     return engine, sampling
+
+
+def resolve_sampling(model_defaults: Mapping[str, Any] | None = None, defaults: Mapping[str, Any] | None = None,
+                     request: Mapping[str, Any] | None = None) -> SamplingParams:
+    """A request's SamplingParams from three layers, each overriding the one before: the model's
+    generation_config.json values, the pipeline's or server's defaults, the request's own fields.
+    A None value means "not given", so it never hides an earlier layer's value."""
+    fields: dict[str, Any] = {}
+    for layer in (model_defaults, defaults, request):
+        fields.update({name: value for name, value in (layer or {}).items() if value is not None})
+    return SamplingParams(**fields)

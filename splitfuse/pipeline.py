@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from splitfuse.backends.selection import create_backend
-from splitfuse.config import EngineConfig, SamplingParams, split_kwargs
-from splitfuse.core.engine import Engine
+from splitfuse.assembly import build_engine
+from splitfuse.config import EngineConfig, SamplingParams, resolve_sampling, split_kwargs
+from splitfuse.core.engine import AdmissionError, Engine
 from splitfuse.core.request import TokenLogprob
-from splitfuse.models.loader import load_model
-
-log = logging.getLogger("splitfuse")
 
 Prompt = str | Sequence[int]
 
@@ -36,28 +32,6 @@ class Response:
         return self.text
 
 
-def build_engine(model: str | Path | None, backend: str | None = "auto", config: EngineConfig | None = None,
-                 device_index: int = 0) -> Engine:
-    """Load a model directory onto a backend's device_index-th device and size its KV cache;
-    model None = the embedded default model."""
-    config = config or EngineConfig()
-    if model is None:
-        from splitfuse.data import default_model_dir
-
-        model = default_model_dir()
-    backend_impl = create_backend(backend, device_index)
-    loaded = load_model(model, backend_impl, config.dtype, config.max_model_len, config.trust_remote_code)
-    net = loaded.model
-    block_size = config.kv_block_size or backend_impl.kv_block_size(net.head_dim)
-    num_blocks = config.num_kv_blocks or backend_impl.num_kv_blocks(
-        config, net.kv_bytes_per_block(block_size), net.hidden_size
-    )
-    log.info("KV cache: %d blocks of %d tokens (%d tokens) on %s", num_blocks, block_size,
-             num_blocks * block_size, backend_impl.describe())
-    return Engine(net, backend_impl, loaded.tokenizer, config, loaded.eos_token_ids, net.max_model_len,
-                  num_blocks, block_size, loaded.sampling_defaults)
-
-
 class Pipeline:
     """Generate for many prompts at once; every call shares one engine and KV cache."""
 
@@ -65,12 +39,13 @@ class Pipeline:
         engine_kwargs, sampling_kwargs = split_kwargs(kwargs)
         self.engine: Engine | None = build_engine(model, backend, EngineConfig(**engine_kwargs))
         self.tokenizer = self.engine.tokenizer
-        # Defaults: the model's generation_config.json, then what was given here; calls override.
-        self._defaults = {**self.engine.sampling_defaults, **sampling_kwargs}
-        SamplingParams(**self._defaults)  # fail now, not at the first call
+        self._defaults = sampling_kwargs
+        self._model_defaults = self.engine.sampling_defaults
+        self.sampling_params()  # fail now, not at the first call
 
     def sampling_params(self, **overrides) -> SamplingParams:
-        return SamplingParams(**{**self._defaults, **overrides})
+        """The model's generation_config.json values, then this pipeline's defaults, then overrides."""
+        return resolve_sampling(self._model_defaults, self._defaults, overrides)
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt: strings through the tokenizer, id lists as given (no BOS added)."""
@@ -96,13 +71,11 @@ class Pipeline:
             raise ValueError("prompts is empty: give a string, a list of token ids, or a non-empty list of them")
         params = self.sampling_params(**sampling)
         encoded = [self.encode(p) for p in prompts]
-        ids = []
         try:
-            for index, prompt_ids in enumerate(encoded):
-                try:
-                    ids.append(engine.add_request(prompt_ids, params))
-                except ValueError as exc:
-                    raise type(exc)(f"prompt {index}: {exc}") from None
+            ids = engine.add_requests([(prompt_ids, params, None) for prompt_ids in encoded])
+        except AdmissionError as exc:
+            raise AdmissionError(f"prompt {exc.index}: {exc.reason}") from None
+        try:
             results = {rid: [] for rid in ids}
             final = {}
             while any(rid not in final for rid in ids):

@@ -295,3 +295,31 @@ def test_remote_code_runs_only_when_trusted(tmp_path, tiny_model_dir):
         splitfuse.pipeline(target, backend="cpu", num_kv_blocks=16)
     trusted = splitfuse.pipeline(target, backend="cpu", num_kv_blocks=16, trust_remote_code=True)
     assert type(trusted.engine.model.config).__name__ == "CustomConfig"
+
+
+def test_sampling_layers_model_then_front_end_then_request():
+    from splitfuse.config import resolve_sampling
+
+    model = {"temperature": 0.6, "top_p": 0.9, "top_k": 5}
+    front = {"top_k": 40, "max_new_tokens": 20}
+    params = resolve_sampling(model, front, {"temperature": 0.2, "top_p": None, "seed": 7})
+    # temperature from the request, top_k from the front end, top_p from the model (the request's
+    # None means "not given"), the rest SamplingParams' own defaults.
+    assert (params.temperature, params.top_p, params.top_k, params.max_new_tokens, params.seed) == (
+        0.2, 0.9, 40, 20, 7)
+    assert resolve_sampling() == splitfuse.SamplingParams()
+    with pytest.raises(ValidationError, match="top_p"):
+        resolve_sampling({"top_p": 0.9}, None, {"top_p": 2.0})
+
+
+def test_pipeline_defaults_sit_between_the_models_and_the_calls(tmp_path, tiny_model_dir):
+    import json
+    import shutil
+
+    target = tmp_path / "sampling-model"
+    shutil.copytree(tiny_model_dir("llama"), target)
+    (target / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_k": 5}))
+    p = splitfuse.pipeline(target, backend="cpu", num_kv_blocks=16, top_k=9)
+    assert (p.sampling_params().temperature, p.sampling_params().top_k) == (0.6, 9)
+    assert p.sampling_params(top_k=3, temperature=None).top_k == 3
+    assert p.sampling_params(temperature=None).temperature == 0.6  # None: not given

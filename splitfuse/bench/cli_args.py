@@ -65,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sla.add_argument("--goodput", nargs="+", default=[], metavar="NAME:MS",
                      help="vLLM goodput limits in ms, e.g. ttft:500 tpot:50 (also e2e)")
     hf = parser.add_argument_group("HF baseline")
-    hf.add_argument("--hf-device", default="auto", help="device of the HF baseline (default cuda when present)")
+    hf.add_argument("--hf-device", default="auto",
+                    help="device of the HF baseline (default: the device type splitfuse's backend runs on)")
     hf.add_argument("--hf-dtype", default="auto", help="dtype of the HF baseline (default: the engine's)")
     hf.add_argument("--hf-batch-size", type=int, default=32, help="largest static batch (open loop)")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="write results.json only")

@@ -80,12 +80,14 @@ def _model_limits(model_dir: str) -> tuple[int, int]:
     return int(config.get("max_position_embeddings") or 4096), int(config["vocab_size"])
 
 
-def _hf_settings(options: BenchOptions) -> tuple[str, str]:
-    import torch
-
+def hf_settings(options: BenchOptions) -> tuple[str, str]:
+    """(device, dtype) of the HF baselines; auto: the device type splitfuse's backend runs on, and
+    the engine's dtype (bfloat16 off the CPU)."""
     device = options.hf_device
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        from splitfuse.backends.selection import backend_class
+
+        device = backend_class(options.backend).device_type()
     dtype = options.hf_dtype
     if dtype == "auto":
         dtype = options.engine.get("dtype") or ("bfloat16" if device != "cpu" else "float32")
@@ -102,7 +104,7 @@ def _systems(options: BenchOptions, model_dir: str, workload: list[workloads.Ben
         systems.append(LocalServer(model_dir, options.backend, options.engine, send_ids))
     from splitfuse.bench import hf_baseline
 
-    device, dtype = _hf_settings(options)
+    device, dtype = hf_settings(options)
     for name in options.baselines:
         if name in ("hf", "hf-static"):
             systems.append(hf_baseline.HFStatic(model_dir, device, dtype, options.hf_batch_size))

@@ -36,15 +36,23 @@ def random_ids(rng: np.random.Generator, n: int, vocab_size: int, exclude: set[i
 
 
 def synthetic(num: int, prompt_len: int, gen_len: int, variance: float, max_len: int, vocab_size: int,
-              seed: int, exclude: set[int] = frozenset()) -> list[BenchRequest]:
+              seed: int, exclude: set[int] = frozenset(), shared_prefix_len: int = 0) -> list[BenchRequest]:
     """FastGen's workload: prompt and generation lengths ~ normal (variance 0 gives fixed lengths),
-    clamped so each length is >= 1 and prompt + generation <= max_len."""
-    if max_len < 2:
-        raise ValueError(f"the model's max length must be at least 2, got {max_len}")
+    clamped so each length is >= 1 and prompt + generation <= max_len.
+
+    shared_prefix_len N: every prompt starts with the same N random tokens (a system prompt, few-shot
+    examples) followed by its own prompt_len-distributed suffix."""
+    if shared_prefix_len < 0:
+        raise ValueError(f"--shared-prefix-len must be >= 0, got {shared_prefix_len}")
+    if max_len - shared_prefix_len < 2:
+        raise ValueError(f"--shared-prefix-len {shared_prefix_len} leaves no room for a suffix and a generated "
+                         f"token in the model's max length {max_len}")
     rng = np.random.default_rng(seed)
-    gens = normal_lengths(rng, num, gen_len, variance, 1, max_len - 1)
-    prompts = [normal_lengths(rng, 1, prompt_len, variance, 1, max_len - g)[0] for g in gens]
-    return [BenchRequest(random_ids(rng, p, vocab_size, exclude), g) for p, g in zip(prompts, gens)]
+    prefix = random_ids(rng, shared_prefix_len, vocab_size, exclude) if shared_prefix_len else []
+    room = max_len - shared_prefix_len
+    gens = normal_lengths(rng, num, gen_len, variance, 1, room - 1)
+    prompts = [normal_lengths(rng, 1, prompt_len, variance, 1, room - g)[0] for g in gens]
+    return [BenchRequest(prefix + random_ids(rng, p, vocab_size, exclude), g) for p, g in zip(prompts, gens)]
 
 
 def from_file(path: str | Path, gen_len: int, variance: float, max_len: int, seed: int, tokenizer) -> list[BenchRequest]:

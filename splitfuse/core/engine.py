@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -16,7 +18,51 @@ from splitfuse.core.scheduler import Scheduler, StepPlan
 
 
 class AdmissionError(ValueError):
-    """A request that can never be served with this engine's limits."""
+    """A request that can never be served with this engine's limits; in a group, `index` and
+    `request_id` say which one."""
+
+    def __init__(self, reason: str, index: int | None = None, request_id: str | None = None) -> None:
+        self.reason, self.index, self.request_id = reason, index, request_id
+        where = "" if index is None else f"request {index}" + (f" ({request_id!r})" if request_id else "") + ": "
+        super().__init__(where + reason)
+
+    def __reduce__(self):  # keep the fields across a process boundary (replicas)
+        return type(self), (self.reason, self.index, self.request_id)
+
+
+class StepError(RuntimeError):
+    """A step failed; the requests that were in it (`request_ids`) are aborted, the others go on."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        self.request_ids = list(request_ids)
+        super().__init__(f"{type(cause).__name__}: {cause}")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What an engine was built with once every `None`/`auto` was resolved."""
+
+    block_size: int
+    num_kv_blocks: int
+    max_model_len: int
+    dtype: str  # "float32", "bfloat16", ...
+    backend: str  # the backend's own description (name, device)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's queues and KV cache; all zero for an engine not yet seen."""
+
+    running: int = 0  # requests holding KV blocks
+    waiting: int = 0  # requests queued for admission (preempted ones included)
+    kv_blocks_used: int = 0
+    kv_blocks_free: int = 0
+    kv_blocks_total: int = 0
+    preemptions: int = 0  # since start
+    steps: int = 0  # step() calls since start
+
+
+Request = tuple[list[int], SamplingParams, str | None]  # (prompt_ids, params, request_id or None)
 
 
 class Engine:
@@ -39,9 +85,13 @@ class Engine:
         )
         backend.warm_up(model, self.kv_cache, config, max_model_len, block_size)
         self.scheduler = Scheduler(config.token_budget, config.max_seqs, self.blocks)
+        self.settings = EngineSettings(block_size, num_kv_blocks, max_model_len,
+                                       str(model.dtype).removeprefix("torch."), backend.describe())
         self.requests: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self._ids = itertools.count()
+        self._num_steps = 0
+        self._in_step: list[Sequence] = []  # the sequences of the step now running
 
     # ---- requests --------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
@@ -63,6 +113,30 @@ class Engine:
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
+
+    def add_requests(self, requests: Iterable[Request]) -> list[str]:
+        """Queue a group of (prompt_ids, params, request_id or None) all or none: if one cannot be
+        admitted, none is queued and the AdmissionError names it (index, id) and says why."""
+        requests = list(requests)
+        seen: set[str] = set()
+        for index, (prompt_ids, params, request_id) in enumerate(requests):
+            try:
+                if request_id is not None and (request_id in self.requests or request_id in seen):
+                    raise AdmissionError(f"request_id {request_id!r} is already in use")
+                self._check_admissible([int(t) for t in prompt_ids], params)
+            except AdmissionError as exc:
+                raise AdmissionError(exc.reason, index, request_id) from None
+            if request_id is not None:
+                seen.add(request_id)
+        added: list[str] = []
+        try:
+            for prompt_ids, params, request_id in requests:
+                added.append(self.add_request(prompt_ids, params, request_id))
+        except BaseException:
+            for request_id in added:
+                self.abort(request_id)
+            raise
+        return added
 
     def _check_admissible(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -93,12 +167,49 @@ class Engine:
         seq.finish_reason = "abort"
         return True
 
+    def abort_all(self) -> list[str]:
+        """Abort every unfinished request; returns their ids."""
+        request_ids = list(self.requests)
+        for request_id in request_ids:
+            self.abort(request_id)
+        return request_ids
+
+    # ---- state -----------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued for admission (preempted ones included)."""
+        return len(self.scheduler.waiting)
+
+    def stats(self) -> EngineStats:
+        blocks = self.blocks
+        return EngineStats(
+            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+            kv_blocks_used=blocks.num_used, kv_blocks_free=blocks.num_free, kv_blocks_total=blocks.num_blocks,
+            preemptions=self.scheduler.num_preemptions, steps=self._num_steps,
+        )
+
     # ---- one step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One forward pass. If it raises, the requests in it (whose state it may have left half
+        updated) are aborted and StepError names them; the engine goes on serving the others."""
+        self._num_steps += 1
+        self._in_step = []
+        try:
+            return self._step()
+        except Exception as exc:
+            failed = [seq.request_id for seq in self._in_step or self.scheduler.running]
+            for request_id in failed:
+                self.abort(request_id)
+            raise StepError(failed, exc) from exc
+        finally:
+            self._in_step = []
+
+    def _step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
+        self._in_step = [item.sequence for item in plan.items]
         if not plan:
             return []
         sampled = [item.sequence for item in plan.items if item.samples]

@@ -60,6 +60,12 @@ class Sequence:
     num_draws: int = 0  # tokens sampled so far: the counter of the next draw from seed's stream
     detokenizer: Any = None
     stop_token_ids: frozenset[int] = frozenset()
+    # Prefix caching: hashes of token_ids' full blocks (a chain, extended as tokens come), how
+    # many of the held blocks are registered in the cache, and how many prompt tokens the first
+    # admission found cached (None until admitted).
+    block_hashes: list[bytes] = field(default_factory=list, repr=False)
+    num_registered_blocks: int = 0
+    num_cached_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -90,3 +96,22 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    def append_token(self, token: int) -> tuple[str, str | None]:
+        """Append a sampled token; returns (text it releases, finish reason or None).
+
+        A stop token ends the sequence and stays in token_ids (as HF generate keeps it) but adds
+        no text; sampling masks stop tokens until min_new_tokens."""
+        self.token_ids.append(token)
+        detok = self.detokenizer
+        if token in self.stop_token_ids:
+            reason, text = "stop", ""
+        else:
+            text = detok.add(token) if detok is not None else ""
+            if detok is not None and detok.stop_hit is not None:
+                reason = "stop"
+            else:
+                reason = "length" if len(self.token_ids) >= self.max_len else None
+        if reason is not None and detok is not None and detok.stop_hit is None:
+            text += detok.flush()  # release text held back in case a stop string followed
+        return text, reason

@@ -7,6 +7,12 @@ Order of service in a step:
 A prompt that needs several chunks is admitted only when its whole remainder fits in free KV, so
 long prompts do not start and then thrash. When a decode needs a block and none is free, the most
 recently admitted sequence is preempted: its blocks are freed and it is recomputed later.
+
+Prefix caching (when the block manager has it on): a request admitted from the queue takes the
+longest run of cached full blocks its tokens hash to, and computes from the first token after
+them (always at least its last token, so there are logits to sample). A request whose next block
+is being computed right now by a running sequence waits a step instead of computing it again.
+After each step `apply` registers the blocks that became full, so later requests can share them.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from splitfuse.core.kv_blocks import BlockManager
+from splitfuse.core.kv_blocks import BlockHash, BlockManager, hash_blocks
 from splitfuse.core.request import Sequence, Status
 
 
@@ -23,6 +29,16 @@ class PlanItem:
     sequence: Sequence
     num_tokens: int
     samples: bool  # the chunk reaches the sequence's last token, so its logits are sampled
+
+
+@dataclass
+class TokenResult:
+    """What applying one sampled token did to its sequence."""
+
+    sequence: Sequence
+    token: int
+    text: str  # newly released text ("" without a detokenizer)
+    finish_reason: str | None  # "stop" | "length" | None while it goes on
 
 
 @dataclass
@@ -40,10 +56,14 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, token_budget: int, max_seqs: int, blocks: BlockManager) -> None:
+    def __init__(self, token_budget: int, max_seqs: int, blocks: BlockManager,
+                 recompute_kv_at_length: int | None = None) -> None:
         self.token_budget = token_budget
         self.max_seqs = max_seqs
         self.blocks = blocks
+        # A model whose cached K/V go stale when a sequence reaches this length (Phi-3's longrope
+        # switches frequencies there, and HF recomputes) has such a sequence recomputed.
+        self.recompute_kv_at_length = recompute_kv_at_length
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self._step = 0
@@ -122,19 +142,72 @@ class Scheduler:
         return budget
 
     def _admit_waiting(self, plan: StepPlan, budget: int) -> None:
+        in_flight: set[BlockHash] | None = None  # built on first need
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
             seq = self.waiting[0]
-            remaining = seq.num_uncomputed
-            # The whole remainder must fit, also when only its first chunk runs now.
-            if self.blocks.blocks_for(remaining) > self.blocks.num_free:
+            cached, next_hash = self._cached_prefix(seq)
+            if next_hash is not None:
+                if in_flight is None:
+                    in_flight = self._blocks_being_computed()
+                if next_hash in in_flight:
+                    break  # a running sequence is computing that block now: share it next step
+            num_cached = len(cached) * self.blocks.block_size
+            remaining = seq.num_uncomputed - num_cached
+            # The whole remainder must fit, also when only its first chunk runs now; cached blocks
+            # nobody holds count as free, so taking them uses free blocks too.
+            needed = self.blocks.blocks_for(len(seq.token_ids)) - len(cached)
+            if needed + self.blocks.num_evictable_among(cached) > self.blocks.num_free:
                 break
             chunk = min(remaining, budget)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-            self.blocks.grow(seq.block_table, chunk)
+            self.blocks.take_cached(seq.block_table, cached)
+            seq.num_computed = num_cached
+            if seq.num_cached_tokens is None:  # first admission: what the prompt got from the cache
+                seq.num_cached_tokens = num_cached
+            self.blocks.grow(seq.block_table, num_cached + chunk)
             plan.items.append(PlanItem(seq, chunk, chunk == remaining))
             budget -= chunk
+            if in_flight is not None:
+                in_flight.update(seq.block_hashes[len(cached):])
+
+    def _cached_prefix(self, seq: Sequence) -> tuple[list[int], BlockHash | None]:
+        """(cached blocks for seq's leading full blocks, the hash of its first full block after
+        them or None); at least the last token is always left to compute."""
+        if not self.blocks.enable_caching:
+            return [], None
+        num_blocks = (len(seq.token_ids) - 1) // self.blocks.block_size
+        hashes = hash_blocks(seq.token_ids, self.blocks.block_size, num_blocks, seq.block_hashes)[:num_blocks]
+        cached = self.blocks.cached_prefix(hashes)
+        return cached, hashes[len(cached)] if len(cached) < num_blocks else None
+
+    def _blocks_being_computed(self) -> set[BlockHash]:
+        """Hashes of full blocks running sequences have scheduled but not yet written."""
+        size = self.blocks.block_size
+        return {h for seq in self.running for h in seq.block_hashes[seq.num_computed // size:]}
+
+    # ---- after the forward pass ------------------------------------------------------------
+    def apply(self, plan: StepPlan, tokens: list[int]) -> list[TokenResult]:
+        """Apply a step's results: the scheduled tokens are computed (their full blocks join the
+        prefix cache), each sampling sequence gets its token (tokens in plan order), finished ones
+        leave and free their blocks, and stale ones are queued for recompute."""
+        for item in plan.items:
+            item.sequence.num_computed += item.num_tokens
+            self.register_full_blocks(item.sequence)
+        sampled = [item.sequence for item in plan.items if item.samples]
+        if len(sampled) != len(tokens):
+            raise ValueError(f"the step sampled {len(sampled)} sequences but {len(tokens)} tokens were given")
+        results = []
+        for seq, token in zip(sampled, tokens):
+            text, reason = seq.append_token(token)
+            if reason is not None:
+                seq.finish_reason = reason
+                self.remove(seq)
+            elif len(seq.token_ids) == self.recompute_kv_at_length:
+                self.recompute(seq)
+            results.append(TokenResult(seq, token, text, reason))
+        return results
 
     def recompute(self, seq: Sequence) -> None:
         """Free a running sequence's blocks and queue it first, to be recomputed from its tokens
@@ -142,8 +215,21 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.release(seq.block_table)
         seq.num_computed = 0
+        seq.num_registered_blocks = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Make seq's fully computed blocks findable by their token hashes (prefix caching)."""
+        if not self.blocks.enable_caching or seq.status is not Status.RUNNING:
+            return
+        num_full = seq.num_computed // self.blocks.block_size
+        if num_full == 0:
+            return
+        hashes = hash_blocks(seq.token_ids, self.blocks.block_size, num_full, seq.block_hashes)
+        for index in range(seq.num_registered_blocks, num_full):
+            self.blocks.register(seq.block_table[index], hashes[index])
+        seq.num_registered_blocks = num_full
 
     def _preempt(self, seq: Sequence, plan: StepPlan) -> int:
         """Free seq's blocks and queue it first for recompute; returns tokens it gave back."""

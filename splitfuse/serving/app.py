@@ -15,11 +15,12 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from splitfuse.config import SamplingParams
+from splitfuse.config import SamplingParams, resolve_sampling
 from splitfuse.core.request import TokenLogprob
 from splitfuse.serving.bridge import (
-    AsyncEngine,
+    EngineClosed,
     EngineError,
+    EngineFront,
     EngineStopped,
     QueueFull,
     ReplicaLost,
@@ -77,7 +78,7 @@ def _sse(payload) -> str:
 class _Handlers:
     """Route bodies; one instance per app holds the engine, tokenizer and metrics."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str, tokenizer, chat_template: str | None) -> None:
+    def __init__(self, engine: EngineFront, model_name: str, tokenizer, chat_template: str | None) -> None:
         self.engine = engine
         self.model_name = model_name
         self.tokenizer = tokenizer
@@ -116,15 +117,12 @@ class _Handlers:
         if req.min_tokens > max_tokens:  # checked here so the 400 names the client's field
             raise APIError(400, f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens})",
                            param="min_tokens")
-        fields = dict(self.engine.sampling_defaults)
-        given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k}
-        fields.update({k: v for k, v in given.items() if v is not None})
-        fields.update(max_new_tokens=max_tokens, min_new_tokens=req.min_tokens, ignore_eos=req.ignore_eos,
-                      stop=req.stop, logprobs=logprobs)
-        # Each of the n choices gets its own seed, so seeded choices differ yet are reproducible.
-        fields["seed"] = None if req.seed is None else req.seed + choice
+        request = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_new_tokens=max_tokens,
+                       min_new_tokens=req.min_tokens, ignore_eos=req.ignore_eos, stop=req.stop, logprobs=logprobs,
+                       # Each of the n choices gets its own seed, so seeded choices differ yet are reproducible.
+                       seed=None if req.seed is None else req.seed + choice)
         try:
-            return SamplingParams(**fields)
+            return resolve_sampling(self.engine.sampling_defaults, None, request)
         except ValidationError as exc:
             err = exc.errors()[0]
             name = str(err["loc"][0]) if err["loc"] else None
@@ -150,7 +148,7 @@ class _Handlers:
             async for index, out in group:
                 tracker.token(index, len(out.new_token_ids), out.finish_reason)
                 outputs[index].append(out)
-        except ReplicaLost as exc:
+        except (ReplicaLost, EngineClosed) as exc:
             raise APIError(503, str(exc), "server_error", None, "unavailable") from None
         except EngineError as exc:
             raise APIError(500, str(exc), "server_error", None, "engine_error") from None
@@ -300,7 +298,7 @@ class _Handlers:
                 yield "data: [DONE]\n\n"
             except EngineError as exc:
                 # Headers are already sent: report the failure in the stream, as OpenAI does.
-                code = "unavailable" if isinstance(exc, ReplicaLost) else "engine_error"
+                code = "unavailable" if isinstance(exc, (ReplicaLost, EngineClosed)) else "engine_error"
                 yield f"data: {json.dumps(error_body(str(exc), 'server_error', None, code))}\n\n"
             finally:
                 # Runs when the client disconnects too (the task is cancelled): abort and free KV blocks.
@@ -314,7 +312,7 @@ def _include_usage(req) -> bool:
     return bool((req.stream_options or {}).get("include_usage"))
 
 
-def create_app(engine: AsyncEngine, model_name: str, tokenizer, api_key: str | None = None,
+def create_app(engine: EngineFront, model_name: str, tokenizer, api_key: str | None = None,
                chat_template: str | None = None, max_body_bytes: int = 4 * 1024 * 1024) -> FastAPI:
     """The OpenAI-compatible app over `engine`; /v1/* needs `api_key` when one is set."""
     handlers = _Handlers(engine, model_name, tokenizer, chat_template)

@@ -1,4 +1,8 @@
-"""AsyncEngine: one Engine stepped in its own thread, fed and drained from asyncio."""
+"""AsyncEngine: one Engine stepped in its own thread, fed and drained from asyncio.
+
+EngineFront holds what AsyncEngine and ReplicaPool (replicas.py) share: naming a group of requests,
+waiting for its admission, and handing back a RequestGroup of its outputs.
+"""
 
 from __future__ import annotations
 
@@ -10,62 +14,23 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from splitfuse.config import SamplingParams
-from splitfuse.core.engine import Engine
+from splitfuse.core.engine import Engine, EngineSettings, EngineStats
 from splitfuse.core.request import RequestOutput
+from splitfuse.serving.errors import EngineClosed, EngineError, EngineStopped, QueueFull, ReplicaLost
+from splitfuse.serving.loop import Abort, AddGroup, Close, Command, EngineLoop, Outputs
+from splitfuse.serving.routes import Routes
 
 log = logging.getLogger("splitfuse.serving")
 
-
-class QueueFull(RuntimeError):
-    """Too many requests are waiting; the client should retry later (HTTP 429)."""
-
-
-class EngineStopped(RuntimeError):
-    """The engine is draining or stopped and takes no new requests (HTTP 503)."""
-
-
-class EngineError(RuntimeError):
-    """A step failed while this request was in it; the request was aborted (HTTP 500)."""
-
-
-class ReplicaLost(EngineError):
-    """The replica process serving this request exited; other replicas still serve (HTTP 503)."""
-
-
-@dataclass
-class _Add:
-    requests: list[tuple[list[int], SamplingParams, str]]
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    admitted: asyncio.Future
-
-
-@dataclass
-class _Route:
-    """Where the engine thread delivers one request's outputs."""
-
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    index: int
-
-
-@dataclass
-class Stats:
-    """Snapshot published by the engine thread; replaced whole, so readers need no lock."""
-
-    running: int = 0
-    waiting: int = 0
-    kv_blocks_used: int = 0
-    kv_blocks_total: int = 0
-    kv_blocks_free: int = 0
-    steps: int = 0
+__all__ = ["AsyncEngine", "EngineClosed", "EngineError", "EngineFront", "EngineStopped", "QueueFull",
+           "ReplicaLost", "RequestGroup"]
 
 
 @dataclass
 class RequestGroup:
     """Outputs of requests admitted together (n choices), as (index, RequestOutput) pairs."""
 
-    engine: AsyncEngine
+    engine: EngineFront
     request_ids: list[str]
     queue: asyncio.Queue
     _open: set[str] = field(default_factory=set)
@@ -95,15 +60,51 @@ class RequestGroup:
     def abort(self) -> None:
         """Abort every request of the group that has not finished; safe to call twice."""
         for rid in self._open:
-            self.engine._abort(rid)
+            self.engine.abort(rid)
         self._open.clear()
 
     async def aclose(self) -> None:
         self.abort()
 
 
-class SingleRequests:
-    """`generate()` for one request on top of a class's `submit()` (AsyncEngine, ReplicaPool)."""
+class EngineFront:
+    """submit() and generate() over engines fed through AddGroup commands; a subclass routes the
+    group (dispatch) and aborts requests (abort), and says what the app reads below."""
+
+    tokenizer: object
+    settings: EngineSettings
+    max_model_len: int
+    sampling_defaults: dict  # the model's generation_config.json values
+    stats: EngineStats  # the latest the engine published
+    ready: bool  # accepting requests and able to serve them
+    max_waiting: int
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # the routes of every engine behind this front
+        self._accepting = True
+        self._ids = itertools.count()
+        self._groups = itertools.count()
+
+    async def submit(self, requests: list[tuple[list[int], SamplingParams]], prefix: str | None = None) -> RequestGroup:
+        """Admit all requests or none; raises ValueError (bad request), QueueFull or EngineStopped."""
+        if not self._accepting:
+            raise EngineStopped("the server is shutting down")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        base = prefix or f"r{next(self._ids)}"
+        group = AddGroup(next(self._groups), [(list(ids), params, f"{base}-{i}")
+                                              for i, (ids, params) in enumerate(requests)])
+        request_ids = [rid for _, _, rid in group.requests]
+        admitted = loop.create_future()
+        self.dispatch(group, loop, queue, admitted)
+        try:
+            # shield: a cancelled caller must not leave admitted requests behind; abort them instead.
+            await asyncio.shield(admitted)
+        except asyncio.CancelledError:
+            admitted.add_done_callback(
+                lambda f: None if f.cancelled() or f.exception() else [self.abort(r) for r in request_ids])
+            raise
+        return RequestGroup(self, request_ids, queue)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -115,33 +116,89 @@ class SingleRequests:
         finally:
             group.abort()
 
+    def dispatch(self, group: AddGroup, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue,
+                 admitted: asyncio.Future) -> None:
+        """Route the group's outputs to queue and send it to an engine; admitted settles once the
+        engine has queued it (or refused it)."""
+        raise NotImplementedError
 
-class AsyncEngine(SingleRequests):
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks; a finished or unknown one needs nothing."""
+        raise NotImplementedError
+
+
+class _CommandQueue:
+    """Commands from any thread to the engine thread, under a condition variable."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._commands: list[Command] = []
+        self._closed = False
+
+    def put(self, command: Command) -> None:
+        with self._cond:
+            if self._closed:
+                raise EngineStopped("the engine has stopped")
+            self._commands.append(command)
+            self._cond.notify()
+
+    def take(self, block: bool) -> list[Command]:
+        with self._cond:
+            while block and not self._commands:
+                self._cond.wait()
+            commands, self._commands = self._commands, []
+        return commands
+
+    def close(self) -> list[Command]:
+        with self._cond:  # under the lock: no command can slip in unseen
+            self._closed = True
+            commands, self._commands = self._commands, []
+        return commands
+
+
+class AsyncEngine(EngineFront):
     """Thread-safe front of an Engine: requests from any event loop, one stepping thread."""
 
     def __init__(self, engine: Engine, max_waiting: int = 1024) -> None:
+        super().__init__()
         self.engine = engine
-        self.max_waiting = max_waiting
-        self.stats = Stats()
-        self._cond = threading.Condition()
-        self._commands: list = []  # _Add or ("abort", id), applied between steps
-        self._routes: dict[str, _Route] = {}
-        self._ids = itertools.count()
-        self._accepting = True
-        self._stopping = False
-        self._closed = False
-        self._steps = 0
-        self._publish()
-        self._thread = threading.Thread(target=self._run, name="splitfuse-engine", daemon=True)
+        self.stats: EngineStats = engine.stats()  # replaced whole by the engine thread: readers need no lock
+        self._routes = Routes(self.lock)
+        self._commands = _CommandQueue()
+        self._loop = EngineLoop(engine, self._commands, self, max_waiting)
+        self._thread = threading.Thread(target=self._serve, name="splitfuse-engine", daemon=True)
         self._thread.start()
+
+    def _serve(self) -> None:
+        """The engine thread: the loop until it is closed; were it to die, no caller is left waiting."""
+        try:
+            self._loop.run()
+        except Exception:  # a bug outside the engine's step: reported here, callers get errors below
+            log.exception("the engine loop stopped")
+        finally:
+            self._commands.close()
+            self._routes.fail_all(EngineError("the engine stopped while serving this request"),
+                                  EngineStopped("the engine has stopped"))
 
     @property
     def ready(self) -> bool:
         return self._accepting and self._thread.is_alive()
 
     @property
+    def max_waiting(self) -> int:
+        return self._loop.max_waiting
+
+    @max_waiting.setter
+    def max_waiting(self, value: int) -> None:
+        self._loop.max_waiting = value
+
+    @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    @property
+    def settings(self) -> EngineSettings:
+        return self.engine.settings
 
     @property
     def max_model_len(self) -> int:
@@ -151,147 +208,41 @@ class AsyncEngine(SingleRequests):
     def sampling_defaults(self) -> dict:
         return self.engine.sampling_defaults
 
-    # ---- asyncio side ----------------------------------------------------------------------
-    async def submit(self, requests: list[tuple[list[int], SamplingParams]], prefix: str | None = None) -> RequestGroup:
-        """Admit all requests or none; raises ValueError (bad request), QueueFull or EngineStopped."""
-        if not self._accepting:
-            raise EngineStopped("the server is shutting down")
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        base = prefix or f"r{next(self._ids)}"
-        named = [(ids, params, f"{base}-{i}") for i, (ids, params) in enumerate(requests)]
-        command = _Add(named, loop, queue, loop.create_future())
-        self._send(command)
+    # ---- callers' side ---------------------------------------------------------------------
+    def dispatch(self, group, loop, queue, admitted) -> None:
+        with self.lock:
+            self._routes.open(group.group_id, group.requests, loop, queue, admitted)
         try:
-            # shield: a cancelled caller must not leave admitted requests behind; abort them instead.
-            await asyncio.shield(command.admitted)
-        except asyncio.CancelledError:
-            command.admitted.add_done_callback(
-                lambda f: None if f.cancelled() or f.exception() else [self._abort(r) for _, _, r in named])
-            raise
-        return RequestGroup(self, [rid for _, _, rid in named], queue)
+            self._commands.put(group)
+        except EngineStopped:
+            self._routes.admitted(group.group_id, EngineStopped("the server is shutting down"))
 
-    def _abort(self, request_id: str) -> None:
-        self._send(("abort", request_id))
-
-    def _send(self, command) -> None:
-        with self._cond:
-            if self._closed:
-                if isinstance(command, tuple):
-                    return  # an abort after shutdown: nothing left to free
-                raise EngineStopped("the engine has stopped")
-            self._commands.append(command)
-            self._cond.notify()
+    def abort(self, request_id: str) -> None:
+        self._routes.drop(request_id)
+        try:
+            self._commands.put(Abort(request_id))
+        except EngineStopped:
+            pass  # the engine has stopped: nothing is left to free
 
     def close(self, drain: bool = True, timeout: float | None = 30.0) -> None:
         """Stop accepting; with drain let running requests finish, else abort them; join the thread."""
         self._accepting = False
-        with self._cond:
-            self._stopping = True
-            if not drain:
-                self._commands.extend(("abort", rid) for rid in list(self._routes))
-            self._cond.notify()
+        try:
+            self._commands.put(Close(drain))
+        except EngineStopped:
+            pass  # closed already
         self._thread.join(timeout)
 
-    # ---- engine thread ---------------------------------------------------------------------
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._commands and not self.engine.has_unfinished() and not self._stopping:
-                    self._cond.wait()
-                commands, self._commands = self._commands, []
-            for command in commands:
-                self._apply(command)
-            self._publish()
-            if self._stopping and not self.engine.has_unfinished():
-                with self._cond:
-                    if not self._commands:
-                        self._closed = True  # under the lock: no command can slip in unseen
-                        return
-                continue
-            if self.engine.has_unfinished():
-                self._step()
+    # ---- the engine thread reports here (EngineLoop's sink) --------------------------------
+    def admitted(self, group_id: int, error: Exception | None) -> None:
+        self._routes.admitted(group_id, error)
 
-    def _apply(self, command) -> None:
-        if isinstance(command, tuple):  # ("abort", request_id)
-            self.engine.abort(command[1])
-            self._routes.pop(command[1], None)
-            return
-        try:
-            if self._stopping:
-                raise EngineStopped("the server is shutting down")
-            if len(self.engine.scheduler.waiting) + len(command.requests) > self.max_waiting:
-                raise QueueFull(f"{len(self.engine.scheduler.waiting)} requests are waiting "
-                                f"(max_waiting={self.max_waiting}); retry later")
-            added = []
-            try:
-                for index, (ids, params, rid) in enumerate(command.requests):
-                    self.engine.add_request(ids, params, rid)
-                    added.append(rid)
-                    self._routes[rid] = _Route(command.loop, command.queue, index)
-            except BaseException:
-                for rid in added:  # all or none
-                    self.engine.abort(rid)
-                    self._routes.pop(rid, None)
-                raise
-        except Exception as exc:
-            command.loop.call_soon_threadsafe(_settle, command.admitted, exc)
-        else:
-            command.loop.call_soon_threadsafe(_settle, command.admitted, None)
-
-    def _step(self) -> None:
-        self._steps += 1
-        outputs = step_engine(self.engine)
+    def outputs(self, outputs: Outputs, stats: EngineStats) -> None:
         # Publish before delivering: a client that reacts to an output must not then read stats
         # older than that output (e.g. blocks already free while its request still holds them).
-        self._publish()
-        for rid, payload in outputs:
-            self._deliver(rid, payload)
+        self.stats = stats
+        for request_id in self._routes.deliver(outputs):
+            self.abort(request_id)  # the client's event loop is closed; nobody is listening
 
-    def _deliver(self, request_id: str, payload) -> None:
-        route = self._routes.get(request_id)
-        if route is None:
-            return  # aborted by its client while the step ran
-        if isinstance(payload, BaseException) or payload.finished:
-            del self._routes[request_id]
-        try:
-            route.loop.call_soon_threadsafe(route.queue.put_nowait, (route.index, payload))
-        except RuntimeError:  # the client's event loop is closed; nobody is listening
-            self.engine.abort(request_id)
-
-    def _publish(self) -> None:
-        self.stats = engine_stats(self.engine, self._steps)
-
-
-def step_engine(engine: Engine) -> list[tuple[str, RequestOutput | EngineError]]:
-    """One engine step as (request_id, output) pairs. If the step raises, the engine cannot say
-    which sequence broke it: the sequences it was running (whose state the failed step may have
-    left half-updated) are aborted and get an EngineError each; the rest keep being served."""
-    try:
-        return [(out.request_id, out) for out in engine.step()]
-    except Exception as exc:
-        log.exception("engine step failed")
-        failed = [seq.request_id for seq in engine.scheduler.running]
-        for rid in failed:
-            engine.abort(rid)
-        error = EngineError(f"the engine failed on this request: {exc}")
-        return [(rid, error) for rid in failed]
-
-
-def engine_stats(engine: Engine, steps: int) -> Stats:
-    """A snapshot of the engine's queues and KV blocks."""
-    blocks = engine.blocks
-    return Stats(
-        running=len(engine.scheduler.running), waiting=len(engine.scheduler.waiting),
-        kv_blocks_used=blocks.num_used, kv_blocks_total=blocks.num_blocks, kv_blocks_free=blocks.num_free,
-        steps=steps,
-    )
-
-
-def _settle(future: asyncio.Future, exc: BaseException | None) -> None:
-    if future.done():
-        return
-    if exc is None:
-        future.set_result(None)
-    else:
-        future.set_exception(exc)
+    def publish(self, stats: EngineStats) -> None:
+        self.stats = stats

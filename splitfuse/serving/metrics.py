@@ -12,7 +12,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from splitfuse.serving.bridge import AsyncEngine
+from splitfuse.serving.bridge import EngineFront
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -20,7 +20,7 @@ _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 class Metrics:
     """splitfuse_* gauges read the engine's published stats at scrape time; the rest are event counts."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: EngineFront) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         Gauge("splitfuse_requests_running", "requests holding KV blocks", registry=r).set_function(

@@ -11,8 +11,6 @@ ReplicaLost (HTTP 503), new requests go to the others, and the pool stays ready 
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import logging
 import multiprocessing
 import os
@@ -21,17 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from splitfuse.backends.selection import backend_class
-from splitfuse.config import EngineConfig, SamplingParams
-from splitfuse.core.request import RequestOutput
-from splitfuse.serving.bridge import (
-    EngineStopped,
-    ReplicaLost,
-    RequestGroup,
-    SingleRequests,
-    Stats,
-    _settle,
-)
+from splitfuse.config import EngineConfig
+from splitfuse.core.engine import EngineStats
+from splitfuse.serving.bridge import EngineFront
+from splitfuse.serving.errors import EngineStopped, ReplicaLost
+from splitfuse.serving.loop import Abort, Close
 from splitfuse.serving.replica_worker import replica_main
+from splitfuse.serving.routes import Route, Routes
 
 log = logging.getLogger("splitfuse.serving")
 
@@ -54,42 +48,33 @@ def pick_replica(loads: Sequence[ReplicaLoad]) -> int:
     return min(live, key=lambda load: (load.outstanding, load.assigned, load.index)).index
 
 
-@dataclass
-class PoolStats(Stats):
+@dataclass(frozen=True)
+class PoolStats(EngineStats):
     """Sums over live replicas, plus each replica's own state (shown by /health)."""
 
     replicas: list[dict] = field(default_factory=list)
 
 
-@dataclass
-class _Route:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    index: int
-    prompt_left: int  # cleared by the request's first output: its prompt is then computed
-    new_left: int
-
-    @property
-    def outstanding(self) -> int:
-        return self.prompt_left + self.new_left
-
-
 class _Replica:
-    """Front-end half of one replica: the pipe, a reader thread, and the requests it owns."""
+    """Front-end half of one replica: the pipe, a reader thread, and the routes of its requests."""
 
     def __init__(self, pool: ReplicaPool, index: int, process, conn) -> None:
         self.pool, self.index, self.process, self.conn = pool, index, process, conn
         self.alive = True
-        self.routes: dict[str, _Route] = {}
-        self.pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future, list[str]]] = {}
-        self.stats = Stats()
+        self.routing = Routes(pool.lock)
+        self.stats = EngineStats()
         self.assigned = 0
-        self.finished = 0
         self._send_lock = threading.Lock()
         self.thread: threading.Thread | None = None
 
-    def outstanding(self) -> int:
-        return sum(route.outstanding for route in self.routes.values())
+    @property
+    def routes(self) -> dict[str, Route]:
+        """Its requests in flight, by id."""
+        return self.routing.routes
+
+    def load(self) -> ReplicaLoad:
+        """The router's view; the caller holds the pool's lock."""
+        return ReplicaLoad(self.index, self.alive, self.routing.outstanding(), self.assigned)
 
     def send(self, message) -> bool:
         """False when the process is gone; the reader thread then fails its requests."""
@@ -113,73 +98,35 @@ class _Replica:
             kind = message[0]
             if kind == "outputs":
                 self.stats = message[2]
-                self._deliver(message[1])
+                for request_id in self.routing.deliver(message[1]):
+                    self.pool.abort(request_id)  # the client's loop is closed; nobody is listening
             elif kind == "stats":
                 self.stats = message[1]
             elif kind == "admitted":
-                self._admitted(message[1], message[2])
+                self.routing.admitted(message[1], message[2])
         self._died()
-
-    def _admitted(self, group_id: int, error: Exception | None) -> None:
-        with self.pool.lock:
-            loop, future, rids = self.pending.pop(group_id, (None, None, []))
-            if error is not None:
-                for rid in rids:
-                    self.routes.pop(rid, None)
-                    self.pool._owner.pop(rid, None)
-        if future is not None:
-            _call(loop, _settle, future, error)
-
-    def _deliver(self, outputs: list[tuple[str, RequestOutput | Exception]]) -> None:
-        for rid, payload in outputs:
-            with self.pool.lock:
-                route = self.routes.get(rid)
-                if route is None:
-                    continue  # aborted by its client while the step ran
-                if isinstance(payload, BaseException) or payload.finished:
-                    del self.routes[rid]
-                    self.pool._owner.pop(rid, None)
-                    self.finished += 1
-                else:
-                    route.prompt_left = 0
-                    route.new_left = max(0, route.new_left - len(payload.new_token_ids))
-            if not _call(route.loop, route.queue.put_nowait, (route.index, payload)):
-                self.pool._abort(rid)  # the client's loop is closed; nobody is listening
 
     def _died(self) -> None:
         """Out of rotation; fail everything it held (ReplicaLost -> 503) so no client waits forever."""
         with self.pool.lock:
             self.alive = False
-            routes, self.routes = self.routes, {}
-            pending, self.pending = self.pending, {}
-            for rid in routes:
-                self.pool._owner.pop(rid, None)
         self.process.join(5)
         code = self.process.exitcode
+        lost = ReplicaLost(f"replica {self.index} exited (code {code}) while serving this request; retry")
+        failed = self.routing.fail_all(lost, EngineStopped(str(lost)))
         if not self.pool.closing:
             log.error("replica %d (pid %s) exited with code %s; %d requests failed", self.index,
-                      self.process.pid, code, len(routes))
-        lost = ReplicaLost(f"replica {self.index} exited (code {code}) while serving this request; retry")
-        for loop, future, _ in pending.values():
-            _call(loop, _settle, future, EngineStopped(str(lost)))
-        for route in routes.values():
-            _call(route.loop, route.queue.put_nowait, (route.index, lost))
+                      self.process.pid, code, failed)
 
     def describe(self) -> dict:
         state = "ok" if self.alive else "dead"
+        with self.pool.lock:
+            in_flight, outstanding = len(self.routes), self.routing.outstanding()
         info = {"index": self.index, "pid": self.process.pid, "state": state, "requests": self.assigned,
-                "finished": self.finished, "in_flight": len(self.routes), "outstanding_tokens": self.outstanding()}
+                "finished": self.routing.num_finished, "in_flight": in_flight, "outstanding_tokens": outstanding}
         if not self.alive:
             info["exitcode"] = self.process.exitcode
         return {**info, **vars(self.stats)}
-
-
-def _call(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
-    try:
-        loop.call_soon_threadsafe(fn, *args)
-        return True
-    except RuntimeError:  # that event loop is closed
-        return False
 
 
 def replica_devices(device_count: int, replicas: int) -> list[int]:
@@ -187,28 +134,42 @@ def replica_devices(device_count: int, replicas: int) -> list[int]:
     return [index % max(device_count, 1) for index in range(replicas)]
 
 
-class ReplicaPool(SingleRequests):
-    """AsyncEngine's interface (submit, generate, stats, ready, close) over N engine processes."""
+@dataclass(frozen=True)
+class ReplicaPlacement:
+    """Where the replicas run: torch threads each (None: torch's own choice) and device indices."""
+
+    threads: int | None
+    devices: list[int]
+
+
+def place_replicas(backend: str | None, replicas: int, cpu_count: int | None = None) -> ReplicaPlacement:
+    """Ask the backend class (named, SPLITFUSE_BACKEND, or auto) where it runs: replicas on the CPU
+    share its cores evenly, replicas on devices spread over them."""
+    cls = backend_class(backend)
+    threads = None
+    if cls.device_type() == "cpu":
+        threads = max(1, (cpu_count or os.cpu_count() or 1) // replicas)
+    return ReplicaPlacement(threads, replica_devices(cls.device_count(), replicas))
+
+
+class ReplicaPool(EngineFront):
+    """AsyncEngine's interface (submit, generate, abort, stats, ready, close) over N engine processes."""
 
     def __init__(self, model, backend: str | None, config: EngineConfig, replicas: int, max_waiting: int = 1024,
                  start_timeout: float = 300.0) -> None:
         if replicas < 1:
             raise ValueError(f"replicas must be at least 1, got {replicas}")
+        super().__init__()
         self.max_waiting = max_waiting
-        self.lock = threading.Lock()  # routes, pending and liveness, shared by event loops and readers
         self.closing = False
-        self._accepting = True
-        self._ids = itertools.count()
-        self._groups = itertools.count()
-        self._owner: dict[str, _Replica] = {}
         ctx = multiprocessing.get_context("spawn")  # fork would copy the parent's threads and torch state
-        threads = max(1, (os.cpu_count() or 1) // replicas) if _on_cpu(backend) else None
-        devices = replica_devices(backend_class(backend).device_count(), replicas)
+        placement = place_replicas(backend, replicas)
         self.replicas: list[_Replica] = []
         for index in range(replicas):
             parent, child = ctx.Pipe()
             process = ctx.Process(target=replica_main, name=f"splitfuse-replica-{index}", daemon=True,
-                                  args=(child, model, backend, config, max_waiting, threads, devices[index]))
+                                  args=(child, model, backend, config, max_waiting, placement.threads,
+                                        placement.devices[index]))
             process.start()
             child.close()  # only the child holds its end, so its death reads as EOF here
             self.replicas.append(_Replica(self, index, process, parent))
@@ -218,6 +179,7 @@ class ReplicaPool(SingleRequests):
             self.close(drain=False, timeout=5)
             raise
         self.tokenizer = infos[0]["tokenizer"]
+        self.settings = infos[0]["settings"]
         self.max_model_len = infos[0]["max_model_len"]
         self.sampling_defaults = infos[0]["sampling_defaults"]
         for replica in self.replicas:
@@ -245,62 +207,32 @@ class ReplicaPool(SingleRequests):
     @property
     def stats(self) -> PoolStats:
         live = [r.stats for r in self.replicas if r.alive]
-        sums = {name: sum(getattr(s, name) for s in live) for name in vars(Stats())}
+        sums = {name: sum(getattr(s, name) for s in live) for name in vars(EngineStats())}
         return PoolStats(**sums, replicas=[r.describe() for r in self.replicas])
 
     def loads(self) -> list[ReplicaLoad]:
         with self.lock:
-            return [ReplicaLoad(r.index, r.alive, r.outstanding(), r.assigned) for r in self.replicas]
+            return [r.load() for r in self.replicas]
 
-    # ---- asyncio side ----------------------------------------------------------------------
-    async def submit(self, requests: list[tuple[list[int], SamplingParams]], prefix: str | None = None) -> RequestGroup:
-        """Send the group (all n choices together) to the least-loaded live replica; admit all or none."""
-        if not self._accepting:
-            raise EngineStopped("the server is shutting down")
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        base = prefix or f"r{next(self._ids)}"
-        named = [(list(ids), params, f"{base}-{i}") for i, (ids, params) in enumerate(requests)]
-        group_id = next(self._groups)
-        future = loop.create_future()
+    # ---- callers' side ---------------------------------------------------------------------
+    def dispatch(self, group, loop, queue, admitted) -> None:
+        """To the least-loaded live replica, all n choices together."""
         with self.lock:
             # Pick and reserve under one lock, so concurrent submits see each other's load.
-            replica = self.replicas[pick_replica(
-                [ReplicaLoad(r.index, r.alive, r.outstanding(), r.assigned) for r in self.replicas])]
+            replica = self.replicas[pick_replica([r.load() for r in self.replicas])]
             replica.assigned += 1
-            for index, (ids, params, rid) in enumerate(named):
-                replica.routes[rid] = _Route(loop, queue, index, len(ids), params.max_new_tokens)
-                self._owner[rid] = replica
-            replica.pending[group_id] = (loop, future, [rid for _, _, rid in named])
+            replica.routing.open(group.group_id, group.requests, loop, queue, admitted)
         # A failed send needs no handling here: the reader thread sees the death too and settles
         # the future with EngineStopped.
-        replica.send(("add", group_id, named))
-        try:
-            await asyncio.shield(future)
-        except asyncio.CancelledError:
-            future.add_done_callback(
-                lambda f: None if f.cancelled() or f.exception() else [self._abort(r) for _, _, r in named])
-            raise
-        except BaseException:
-            self._forget([rid for _, _, rid in named])
-            raise
-        return RequestGroup(self, [rid for _, _, rid in named], queue)
+        replica.send(group)
 
-    def _abort(self, request_id: str) -> None:
-        """Forwarded to the owning replica; a finished or lost request needs nothing."""
-        with self.lock:
-            replica = self._owner.pop(request_id, None)
-            if replica is None:
+    def abort(self, request_id: str) -> None:
+        """Forwarded to the replica that holds the request; a finished or lost one needs nothing."""
+        for replica in self.replicas:
+            if replica.routing.drop(request_id):
+                if replica.alive:
+                    replica.send(Abort(request_id))
                 return
-            replica.routes.pop(request_id, None)
-            alive = replica.alive
-        if alive:
-            replica.send(("abort", request_id))
-
-    def _forget(self, rids: list[str]) -> None:
-        with self.lock:
-            for rid in rids:
-                self._owner.pop(rid, None)
 
     def close(self, drain: bool = True, timeout: float | None = 30.0) -> None:
         """Stop accepting; replicas finish (drain) or abort their requests, then exit; join them."""
@@ -308,7 +240,7 @@ class ReplicaPool(SingleRequests):
         self.closing = True
         for replica in self.replicas:
             if replica.process.is_alive():
-                replica.send(("close", drain))
+                replica.send(Close(drain))
         for replica in self.replicas:
             replica.process.join(timeout)
             if replica.process.is_alive():
@@ -318,13 +250,3 @@ class ReplicaPool(SingleRequests):
             if replica.thread is not None:
                 replica.thread.join(5)
             replica.conn.close()
-
-
-def _on_cpu(backend: str | None) -> bool:
-    if backend == "cpu":
-        return True
-    if backend in (None, "auto"):
-        import torch
-
-        return not torch.cuda.is_available()
-    return False

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from splitfuse.config import EngineConfig
-from splitfuse.serving.bridge import AsyncEngine
+from splitfuse.serving.bridge import AsyncEngine, EngineFront
 
 log = logging.getLogger("splitfuse.serving")
 
@@ -36,7 +36,7 @@ def build_app(model: str | os.PathLike | None = None, backend: str | None = "aut
 
     replicas=1 steps the engine in a thread of this process (AsyncEngine); more start that many
     engine processes behind a ReplicaPool, with the same interface."""
-    from splitfuse.pipeline import build_engine
+    from splitfuse.assembly import build_engine
     from splitfuse.serving.app import create_app
 
     config = EngineConfig(**engine_kwargs)
@@ -64,7 +64,7 @@ class ServerHandle:
     """A server running in this process; `terminate()` drains it and stops it."""
 
     url: str
-    engine: AsyncEngine
+    engine: EngineFront
     app: object
     _server: object
     _thread: threading.Thread

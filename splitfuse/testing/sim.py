@@ -23,6 +23,7 @@ class RequestSpec:
     prompt_len: int
     max_new_tokens: int
     arrival_step: int = 0  # the step before whose schedule() the request is added
+    shared_len: int | None = None  # leading prompt tokens every request shares; None = all of them
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Scenario:
     num_blocks: int
     requests: tuple[RequestSpec, ...]
     aborts: tuple[Abort, ...] = ()
+    prefix_caching: bool = False
 
 
 class Stalled(RuntimeError):
@@ -48,8 +50,9 @@ class Stalled(RuntimeError):
 class Simulator:
     """A Scheduler over a BlockManager, stepped with fake sampled tokens."""
 
-    def __init__(self, token_budget: int, max_seqs: int, num_blocks: int, block_size: int) -> None:
-        self.blocks = BlockManager(num_blocks, block_size)
+    def __init__(self, token_budget: int, max_seqs: int, num_blocks: int, block_size: int,
+                 enable_prefix_caching: bool = False) -> None:
+        self.blocks = BlockManager(num_blocks, block_size, enable_caching=enable_prefix_caching)
         self.scheduler = Scheduler(token_budget, max_seqs, self.blocks)
         self.finished: list[Sequence] = []  # reached max_len, in finishing order
         self.aborted: list[Sequence] = []
@@ -63,13 +66,19 @@ class Simulator:
 
     @classmethod
     def for_scenario(cls, scenario: Scenario) -> "Simulator":
-        return cls(scenario.token_budget, scenario.max_seqs, scenario.num_blocks, scenario.block_size)
+        return cls(scenario.token_budget, scenario.max_seqs, scenario.num_blocks, scenario.block_size,
+                   scenario.prefix_caching)
 
-    def add_request(self, prompt_len: int, max_new_tokens: int, request_id: str | None = None) -> Sequence:
+    def add_request(self, prompt_len: int, max_new_tokens: int, request_id: str | None = None,
+                    shared_len: int | None = None) -> Sequence:
+        """A request whose first shared_len prompt tokens (all by default) are the same for every
+        request (0, 1, 2, ...), so they can share cached blocks; the rest are its own."""
         arrival = next(self._arrivals)
+        shared = prompt_len if shared_len is None else min(shared_len, prompt_len)
+        own = [next(self._next_token) for _ in range(prompt_len - shared)]
         seq = Sequence(
             request_id=request_id if request_id is not None else f"req-{arrival}",
-            prompt_ids=list(range(prompt_len)),
+            prompt_ids=list(range(shared)) + own,
             params=SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
             arrival=arrival,
             max_len=prompt_len + max_new_tokens,
@@ -88,21 +97,15 @@ class Simulator:
         return self.scheduler.schedule()
 
     def complete(self, plan: StepPlan) -> list[Sequence]:
-        """What the engine does after the forward pass; returns the sequences that finished."""
+        """What the engine does after the forward pass (the scheduler's own apply(), with fake
+        sampled tokens); returns the sequences that finished."""
+        tokens = [next(self._next_token) for item in plan.items if item.samples]
         done = []
-        for item in plan.items:  # a sequence is in a plan at most once, so one pass does it
-            seq = item.sequence
-            seq.num_computed += item.num_tokens
-            if not item.samples:
-                continue
-            token = next(self._next_token)
-            seq.token_ids.append(token)
-            self.sampled[seq.request_id].append(token)
-            if len(seq.token_ids) >= seq.max_len:
-                seq.finish_reason = "length"
-                self.scheduler.remove(seq)
-                self.finished.append(seq)
-                done.append(seq)
+        for result in self.scheduler.apply(plan, tokens):
+            self.sampled[result.sequence.request_id].append(result.token)
+            if result.finish_reason is not None:
+                self.finished.append(result.sequence)
+                done.append(result.sequence)
         return done
 
     def step(self) -> StepPlan:
@@ -145,7 +148,8 @@ def play(sim: Simulator, scenario: Scenario, max_steps: int) -> Iterator[StepVie
     for step in range(max_steps):
         for i, spec in enumerate(scenario.requests):
             if spec.arrival_step == step:
-                seqs[i] = sim.add_request(spec.prompt_len, spec.max_new_tokens, request_id=f"r{i}")
+                seqs[i] = sim.add_request(spec.prompt_len, spec.max_new_tokens, request_id=f"r{i}",
+                                          shared_len=spec.shared_len)
         for abort in scenario.aborts:
             seq = seqs[abort.request] if abort.step == step else None
             if seq is not None and seq.status is not Status.FINISHED:
@@ -175,8 +179,10 @@ def step_allowance(scenario: Scenario) -> int:
     return last_arrival + 1 + 3 * total
 
 
-def scenarios(max_requests: int = 12, max_prompt: int = 48, max_new: int = 16, max_arrival: int = 12):
-    """Hypothesis strategy for Scenarios with KV tight enough to force preemption.
+def scenarios(max_requests: int = 12, max_prompt: int = 48, max_new: int = 16, max_arrival: int = 12,
+              prefix_caching: bool = False):
+    """Hypothesis strategy for Scenarios with KV tight enough to force preemption; with
+    prefix_caching, requests share prompt prefixes of random lengths.
 
     num_blocks is at least what the longest request needs (the engine rejects anything longer at
     admission) and at most twice that, so a few requests compete for the cache.
@@ -188,7 +194,8 @@ def scenarios(max_requests: int = 12, max_prompt: int = 48, max_new: int = 16, m
         block_size = draw(st.integers(1, 16))
         requests = draw(st.lists(
             st.builds(RequestSpec, prompt_len=st.integers(1, max_prompt), max_new_tokens=st.integers(1, max_new),
-                      arrival_step=st.integers(0, max_arrival)),
+                      arrival_step=st.integers(0, max_arrival),
+                      shared_len=st.integers(0, max_prompt) if prefix_caching else st.none()),
             min_size=1, max_size=max_requests,
         ))
         largest = max(-(-(r.prompt_len + r.max_new_tokens) // block_size) for r in requests)
@@ -199,7 +206,7 @@ def scenarios(max_requests: int = 12, max_prompt: int = 48, max_new: int = 16, m
         ))
         return Scenario(
             token_budget=draw(st.integers(1, 64)), max_seqs=draw(st.integers(1, 16)), block_size=block_size,
-            num_blocks=num_blocks, requests=tuple(requests), aborts=tuple(aborts),
+            num_blocks=num_blocks, requests=tuple(requests), aborts=tuple(aborts), prefix_caching=prefix_caching,
         )
 
     return build()

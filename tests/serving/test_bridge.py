@@ -8,8 +8,8 @@ import pytest
 
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.core.engine import AdmissionError
-from splitfuse.pipeline import build_engine
-from splitfuse.serving.bridge import AsyncEngine, EngineError, EngineStopped, QueueFull
+from splitfuse.assembly import build_engine
+from splitfuse.serving.bridge import AsyncEngine, EngineClosed, EngineError, EngineStopped, QueueFull
 
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0)
 
@@ -83,17 +83,8 @@ def test_queue_limit_raises_queue_full(engine):
         asyncio.run(_collect(engine, [1, 2]))
 
 
-def test_failed_step_fails_its_requests_and_the_loop_goes_on(engine, monkeypatch):
-    forward = engine.engine.model.forward
-    calls = []
-
-    def broken_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("boom")
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(engine.engine.model, "forward", broken_once)
+def test_failed_step_fails_its_requests_and_the_loop_goes_on(engine, fail_once):
+    fail_once(engine.engine.model, "forward", "boom")
     with pytest.raises(EngineError, match="boom"):
         asyncio.run(_collect(engine, [1, 2, 3]))
     assert asyncio.run(_collect(engine, [1, 2, 3]))[-1].finished
@@ -110,6 +101,38 @@ def test_close_drains_running_requests_then_refuses_new_ones(engine):
 
     outputs = asyncio.run(run())
     assert outputs[-1].finished and sum(len(o.new_token_ids) for o in outputs) == 30
+    assert not engine.ready
+    with pytest.raises(EngineStopped):
+        asyncio.run(_collect(engine, [1, 2]))
+
+
+def test_close_without_drain_fails_running_requests_with_engine_closed(engine):
+    async def run():
+        task = asyncio.create_task(_collect(engine, [1, 2, 3], SamplingParams(max_new_tokens=400, temperature=0,
+                                                                              ignore_eos=True)))
+        while engine.stats.running == 0:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(engine.close, False)
+        with pytest.raises(EngineClosed):
+            await task
+
+    asyncio.run(run())
+    assert not engine.ready
+    assert engine.engine.blocks.num_free == engine.engine.blocks.num_blocks
+
+
+def test_engine_settings_and_stats_reach_the_front(engine):
+    assert engine.settings == engine.engine.settings and engine.settings.block_size == 16
+    assert engine.stats.kv_blocks_total == 64 and engine.stats.preemptions == 0
+
+
+def test_an_engine_thread_that_dies_leaves_no_caller_waiting(engine, monkeypatch):
+    def broken_step():
+        raise RuntimeError("a bug outside the engine's step")
+
+    monkeypatch.setattr(engine.engine, "step", broken_step)  # not a StepError: the loop itself stops
+    with pytest.raises(EngineError, match="stopped while serving"):
+        asyncio.run(_collect(engine, [1, 2, 3]))
     assert not engine.ready
     with pytest.raises(EngineStopped):
         asyncio.run(_collect(engine, [1, 2]))

@@ -93,6 +93,12 @@ def test_streaming_and_n_through_replicas(client):
     assert len({c.text for c in many.choices}) == 1 and len(many.choices) == 3
 
 
+def test_the_pool_reports_what_its_replicas_were_built_with(server):
+    settings = server.engine.settings
+    assert (settings.block_size, settings.num_kv_blocks, settings.dtype) == (16, 64, "float32")
+    assert settings.max_model_len == server.engine.max_model_len and "cpu" in settings.backend
+
+
 def test_killing_a_replica_fails_only_its_requests(server, client):
     pool = server.engine
     long = {"model": "llama", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
@@ -101,9 +107,11 @@ def test_killing_a_replica_fails_only_its_requests(server, client):
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
             tasks = [asyncio.create_task(http.post("/v1/completions", json={**long, "prompt": p}))
                      for p in PROMPTS]
-            # Kill replica 0 once both replicas are generating, so it dies with requests in flight.
+            # Kill replica 0 once every request is routed and both replicas are generating, so it
+            # dies with requests in flight and none reaches it afterwards.
             deadline = time.monotonic() + 20
-            while not all(r.routes for r in pool.replicas) or not all(r.stats.running for r in pool.replicas):
+            while (sum(len(r.routes) for r in pool.replicas) < len(PROMPTS)
+                   or not all(r.routes for r in pool.replicas) or not all(r.stats.running for r in pool.replicas)):
                 assert time.monotonic() < deadline, "requests never reached both replicas"
                 await asyncio.sleep(0.01)
             doomed = len(pool.replicas[0].routes)
@@ -136,3 +144,37 @@ def test_replicas_spread_over_the_backends_devices():
     assert replica_devices(2, 5) == [0, 1, 0, 1, 0]
     assert replica_devices(1, 3) == [0, 0, 0]  # one device (the cpu): all share it
     assert replica_devices(0, 2) == [0, 0]  # a backend reporting none still gets index 0
+
+
+@pytest.mark.parametrize("device_type, devices, want_threads, want_devices", [
+    ("cpu", 1, 4, [0, 0]),  # replicas on the CPU share its 8 cores
+    ("cuda", 2, None, [0, 1]),  # replicas on devices leave threads to torch, one device each
+])
+def test_replica_placement_asks_the_backend_where_it_runs(monkeypatch, device_type, devices, want_threads,
+                                                          want_devices):
+    from splitfuse.backends.base import Backend
+    from splitfuse.serving import replicas
+
+    class Fake(Backend):
+        name = "fake"
+
+        @classmethod
+        def device_type(cls) -> str:
+            return device_type
+
+        @classmethod
+        def device_count(cls) -> int:
+            return devices
+
+    asked = []
+    monkeypatch.setattr(replicas, "backend_class", lambda name: asked.append(name) or Fake)
+    placement = replicas.place_replicas("auto", 2, cpu_count=8)
+    assert (placement.threads, placement.devices) == (want_threads, want_devices)
+    assert asked == ["auto"]  # auto is resolved by backend selection, not by asking torch
+
+
+def test_the_cpu_backend_splits_the_cores_between_replicas():
+    from splitfuse.serving.replicas import place_replicas
+
+    assert place_replicas("cpu", 3, cpu_count=7).threads == 2
+    assert place_replicas("cpu", 16, cpu_count=4).threads == 1

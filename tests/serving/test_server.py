@@ -71,6 +71,15 @@ def test_served_name_defaults_to_the_directory_name(tiny_model_dir):
         engine.close()
 
 
+def test_requests_without_sampling_fields_take_the_models_defaults(client, pipe):
+    """The tiny model's generation_config.json does not sample: the server and the pipeline both
+    start from that, so a request that sets no temperature is greedy in both."""
+    want = pipe(PROMPT, max_new_tokens=12)[0]
+    got = client.completions.create(model="llama", prompt=PROMPT, max_tokens=12)
+    assert pipe.sampling_params().temperature == 0.0
+    assert got.choices[0].text == want.text
+
+
 def test_completion_equals_pipeline_greedy(client, pipe):
     want = pipe(PROMPT, max_new_tokens=12, temperature=0)[0]
     got = client.completions.create(model="llama", prompt=PROMPT, max_tokens=12, temperature=0)
@@ -250,18 +259,8 @@ def test_full_queue_is_429(client, server):
     assert client.completions.create(model="llama", prompt=PROMPT, max_tokens=2).choices
 
 
-def test_engine_failure_fails_only_that_request(client, server, monkeypatch):
-    model = server.engine.engine.model
-    forward = model.forward
-    calls = []
-
-    def broken_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("injected failure")
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(model, "forward", broken_once)
+def test_engine_failure_fails_only_that_request(client, server, fail_once):
+    fail_once(server.engine.engine.model, "forward", "injected failure")
     with pytest.raises(openai.InternalServerError) as err:
         client.completions.create(model="llama", prompt=PROMPT, max_tokens=4)
     assert "injected failure" in err.value.body["message"]

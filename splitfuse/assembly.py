@@ -1,0 +1,49 @@
+"""Assembly: a model directory + a backend + an EngineConfig -> a ready Engine.
+
+The one place where the KV block size and count are resolved; the result is on `engine.settings`
+(EngineSettings), so front ends and benchmarks read it instead of deriving it again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+from splitfuse.backends.selection import create_backend
+from splitfuse.config import EngineConfig
+from splitfuse.core.engine import Engine, EngineSettings
+from splitfuse.models.loader import load_model
+
+log = logging.getLogger("splitfuse")
+
+__all__ = ["EngineSettings", "assemble_engine", "build_engine"]
+
+
+def build_engine(model: str | Path | None = None, backend: str | None = "auto", config: EngineConfig | None = None,
+                 device_index: int = 0) -> Engine:
+    """Load a model directory (None = the embedded default model) onto a backend's device_index-th
+    device and size its KV cache; what was resolved is on `engine.settings`."""
+    config = config or EngineConfig()
+    if model is None:
+        from splitfuse.data import default_model_dir
+
+        model = default_model_dir()
+    backend_impl = create_backend(backend, device_index)
+    loaded = load_model(model, backend_impl, config.dtype, config.max_model_len, config.trust_remote_code)
+    return assemble_engine(loaded.model, backend_impl, config, loaded.tokenizer, loaded.eos_token_ids,
+                           loaded.sampling_defaults)
+
+
+def assemble_engine(model, backend, config: EngineConfig, tokenizer=None, eos_token_ids: Iterable[int] = (),
+                    sampling_defaults: dict | None = None) -> Engine:
+    """An Engine over a model already on the backend's device (loaded from a directory, or built
+    with random weights by a benchmark): the KV cache is sized from config, else by the backend."""
+    block_size = config.kv_block_size or backend.kv_block_size(model.head_dim)
+    num_blocks = config.num_kv_blocks or backend.num_kv_blocks(
+        config, model.kv_bytes_per_block(block_size), model.hidden_size
+    )
+    log.info("KV cache: %d blocks of %d tokens (%d tokens) on %s", num_blocks, block_size,
+             num_blocks * block_size, backend.describe())
+    return Engine(model, backend, tokenizer, config, list(eos_token_ids), model.max_model_len, num_blocks,
+                  block_size, sampling_defaults)
