@@ -707,7 +707,7 @@ class Bench:
 def _attention_op(backend_name: str):
     """The backend's paged attention alone (no KV write, no rotary)."""
     if backend_name == "cuda":
-        from splitfuse.backends.cuda.kernels.paged_attention import paged_attention
+        from splitfuse.backends.triton.paged_attention import paged_attention
     else:
         from splitfuse.backends.torch_ops import paged_attention
     return paged_attention

@@ -53,7 +53,7 @@ def test_seeded_requests_sample_rather_than_take_the_argmax(model_path, seeded_t
 # the interpreter turns loop bounds into ints through a numpy conversion it deprecates
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 def test_cpu_and_cuda_backends_sample_the_same_tokens(model_path, seeded_tokens):
-    pytest.importorskip("splitfuse.backends.cuda.kernels.sampling")
+    pytest.importorskip("splitfuse.backends.triton.sampling")
     cuda = engine(model_path, backend="cuda", kv_block_size=4)
     assert cuda.backend.name == "cuda"
     assert generate(cuda, [(p, sampled(s)) for p, s in zip(PROMPTS, SEEDS)]) == seeded_tokens

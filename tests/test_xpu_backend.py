@@ -107,7 +107,7 @@ def xpu_backend_on_fake_device(monkeypatch):
     monkeypatch.setattr(torch.xpu, "synchronize", lambda device=None: None)
     monkeypatch.setattr(torch.xpu, "empty_cache", lambda: None)
     backend = XpuBackend.__new__(XpuBackend)
-    backend.device = torch.device("xpu", 0)
+    backend.device, backend.device_module = torch.device("xpu", 0), torch.xpu
     return backend
 
 
@@ -286,12 +286,12 @@ def test_ipex_attention_in_bf16_only(monkeypatch, on_cpu, fake_ipex, window, sof
     step = ragged_step([(9, 1), (13, 5), (3, 3)], 4, seed=5)
     cache, _, _ = filled_cache(step, 2, 16, torch.bfloat16)
     q = torch.randn(step.meta.num_tokens, 4, 16).to(torch.bfloat16)
-    out = backend._paged_attention(q, cache, step.meta, 0.25, window, softcap)
+    out = backend.paged_attention(q, cache, step.meta, 0.25, window, softcap)
     ref = torch_ops.paged_attention(q, cache, step.meta, 0.25, window, softcap)
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)  # bf16 outputs
     assert fake_ipex.calls == [dict(max_q=5, max_k=13, left=-1 if window is None else window - 1,
                                     softcap=0.0 if softcap is None else softcap, causal=True)]
-    backend._paged_attention(q.float(), cache.float(), step.meta, 0.25)
+    backend.paged_attention(q.float(), cache.float(), step.meta, 0.25)
     assert len(fake_ipex.calls) == 1  # fp32 never goes to IPEX
 
 

@@ -1,4 +1,5 @@
-"""Kernel tests of the cuda backend. Without a GPU they run under the Triton interpreter on the CPU.
+"""Tests of the Triton kernels and the cuda backend. Without a GPU they run under the Triton
+interpreter on the CPU.
 
 TRITON_INTERPRET must be in the environment before anything imports triton (kernels decorated
 with @triton.jit pick the interpreter when they are defined), hence this block at the very top.

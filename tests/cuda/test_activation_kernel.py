@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from splitfuse.backends import torch_ops
-from splitfuse.backends.cuda.kernels.activation import gelu_and_mul, silu_and_mul
+from splitfuse.backends.triton.activation import gelu_and_mul, silu_and_mul
 
 # fp32: exp/erf implementations differ from torch's vectorised ones by an ulp or two; the product
 # with `up` (|x| up to ~10 here) scales that: a few 1e-6 absolute.

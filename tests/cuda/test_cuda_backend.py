@@ -12,7 +12,7 @@ import torch
 from splitfuse.backends import Backend, BackendError, create_backend, list_backends, torch_ops
 from splitfuse.backends.cpu import CpuBackend
 from splitfuse.backends.cuda import CudaBackend
-from splitfuse.backends.cuda import backend as cuda_backend_module
+from splitfuse.backends import device_backend
 from splitfuse.cli import main
 from splitfuse.config import EngineConfig
 from splitfuse.testing.ragged import ragged_step  # noqa: E402
@@ -106,10 +106,10 @@ def test_num_kv_blocks_from_gpu_memory(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     backend = CudaBackend.__new__(CudaBackend)
-    backend.interpreted, backend.device = False, torch.device("cuda", 0)
+    backend.device, backend.device_module = torch.device("cuda", 0), torch.cuda
     config = EngineConfig(gpu_memory_utilization=0.9, token_budget=768)
     per_block = 2 * 32 * 16 * 8 * 128 * 2  # Llama-3-8B: 32 layers, 8 kv heads, D 128, bf16, 16 tokens
-    reserve = cuda_backend_module._RESERVE_FIXED + 768 * 4096 * cuda_backend_module._RESERVE_BYTES_PER_HIDDEN
+    reserve = device_backend.RESERVE_FIXED + 768 * 4096 * device_backend.RESERVE_BYTES_PER_HIDDEN
     with caplog.at_level("INFO", logger="splitfuse"):
         blocks = backend.num_kv_blocks(config, per_block, 4096)
     assert blocks == (int(0.9 * total) - used - reserve) // per_block
@@ -152,7 +152,7 @@ def attention_impl(request, monkeypatch):
     """The backend's own attention kernel, and the torch reference in its place: the second
     isolates the fused rotary + KV-write path from the attention kernel."""
     if request.param == "reference-attention":
-        monkeypatch.setattr(cuda_backend_module, "_paged_attention", lambda: torch_ops.paged_attention)
+        monkeypatch.setattr(CudaBackend, "attention_impl", lambda self, dtype: "torch")
     return request.param
 
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("arch", ["llama", "phi"])
 def test_greedy_matches_hf(arch, tmp_path_factory, tiny_model_dir, hf_model):
-    pytest.importorskip("splitfuse.backends.cuda.kernels.paged_attention")
+    pytest.importorskip("splitfuse.backends.triton.paged_attention")
     path = tiny_model_dir("llama") if arch == "llama" else str(make_tiny_model(tmp_path_factory.mktemp(arch), arch))
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (1, 5, 11)]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernel_asserts import assert_outputs_close
+
 from splitfuse.backends import torch_ops
-from splitfuse.backends.cuda.kernels.layer_norm import layer_norm
+from splitfuse.backends.triton.layer_norm import layer_norm
 
 # fp32: the same float32 math as torch; only the order of the two row sums differs (tree
 # reductions): a few ulps of the normalised value, times |weight| up to ~3 here.
@@ -14,15 +16,6 @@ FP32 = dict(rtol=1e-5, atol=1e-5)
 # bf16: one rounding of the float32 result, as torch; a few-ulp difference before it can flip that
 # rounding, and the interpreter truncates float32 -> bf16 where torch rounds to nearest: 2 ulps.
 BF16 = dict(rtol=2 ** -6, atol=2 ** -6)
-
-
-def _check(got, ref, tol):
-    got = got if isinstance(got, tuple) else (got,)
-    ref = ref if isinstance(ref, tuple) else (ref,)
-    assert len(got) == len(ref)
-    for g, r in zip(got, ref):
-        assert g.dtype == r.dtype and g.shape == r.shape
-        torch.testing.assert_close(g.float(), r.float(), **tol)
 
 
 def _inputs(shape, device, dtype=torch.float32, seed=0, with_residual=True, affine=(True, True)):
@@ -43,7 +36,7 @@ def test_matches_reference_fp32(device, shape, with_residual, affine, block_n):
     x, weight, bias, residual = _inputs(shape, device, with_residual=with_residual, affine=affine)
     got = layer_norm(x, weight, bias, 1e-5, residual, block_n=block_n)
     ref = torch_ops.layer_norm(x, weight, bias, 1e-5, residual)
-    _check(got, ref, FP32)
+    assert_outputs_close(got, ref, FP32)
     if with_residual:
         assert torch.equal(got[1], ref[1])  # the residual sum is a single fp32 add either way
 
@@ -56,24 +49,24 @@ def test_bf16(device, block_n):
     # the interpreter may truncate the sum where torch rounds it (1 ulp of values up to ~15), and
     # LayerNorm divides by the row's spread (~3) and multiplies by |weight|: compare the normalisation
     # of the kernel's own sum, and the sum itself to within an ulp
-    _check(total, ref_total, BF16)
-    _check(normed, torch_ops.layer_norm(total, weight, bias, 1e-5), BF16)
-    _check(layer_norm(x, weight, bias, 1e-5, block_n=block_n), torch_ops.layer_norm(x, weight, bias, 1e-5), BF16)
+    assert_outputs_close(total, ref_total, BF16)
+    assert_outputs_close(normed, torch_ops.layer_norm(total, weight, bias, 1e-5), BF16)
+    assert_outputs_close(layer_norm(x, weight, bias, 1e-5, block_n=block_n), torch_ops.layer_norm(x, weight, bias, 1e-5), BF16)
     if device.type == "cuda":  # round to nearest everywhere: the same sum and the same output
         assert torch.equal(total, ref_total)
-        _check(normed, ref_normed, BF16)
+        assert_outputs_close(normed, ref_normed, BF16)
 
 
 def test_strided_rows_and_empty(device):
     base = torch.randn(6, 50).to(device)
     x = base[:, 3:44]  # rows with stride 50: read in place
     weight, bias = torch.randn(41).to(device), torch.randn(41).to(device)
-    _check(layer_norm(x, weight, bias, 1e-5), torch_ops.layer_norm(x, weight, bias, 1e-5), FP32)
+    assert_outputs_close(layer_norm(x, weight, bias, 1e-5), torch_ops.layer_norm(x, weight, bias, 1e-5), FP32)
     # per-head norms (Phi's qk LayerNorm) see q as a [T, H, D] slice of the fused qkv output
     qkv = torch.randn(5, 3 * 4 * 16).to(device)
     q = qkv[:, : 4 * 16].view(5, 4, 16)
     w16, b16 = torch.randn(16).to(device), torch.randn(16).to(device)
-    _check(layer_norm(q, w16, b16, 1e-5), torch_ops.layer_norm(q, w16, b16, 1e-5), FP32)
+    assert_outputs_close(layer_norm(q, w16, b16, 1e-5), torch_ops.layer_norm(q, w16, b16, 1e-5), FP32)
     empty = torch.empty(0, 41, device=device)
     assert layer_norm(empty, weight, bias, 1e-5).shape == (0, 41)
 
@@ -99,6 +92,6 @@ def test_real_shapes_on_gpu(device, hidden):
     r = torch.randn_like(x)
     w = torch.randn(hidden, device=device, dtype=torch.bfloat16)
     b = torch.randn(hidden, device=device, dtype=torch.bfloat16)
-    _check(layer_norm(x, w, b, 1e-5, r), torch_ops.layer_norm(x, w, b, 1e-5, r), BF16)
+    assert_outputs_close(layer_norm(x, w, b, 1e-5, r), torch_ops.layer_norm(x, w, b, 1e-5, r), BF16)
     x32, r32, w32, b32 = x.float(), r.float(), w.float(), b.float()
-    _check(layer_norm(x32, w32, b32, 1e-5, r32), torch_ops.layer_norm(x32, w32, b32, 1e-5, r32), FP32)
+    assert_outputs_close(layer_norm(x32, w32, b32, 1e-5, r32), torch_ops.layer_norm(x32, w32, b32, 1e-5, r32), FP32)

@@ -9,7 +9,7 @@ import torch
 
 import splitfuse
 from splitfuse.backends import torch_ops
-from splitfuse.backends.cuda.kernels.moe import _sort_pairs, moe_experts
+from splitfuse.backends.triton.moe import _sort_pairs, moe_experts
 from splitfuse.testing.parity import hf_greedy, mismatch
 
 # fp32: the same products summed in another order (tiles of 32 vs one BLAS call), IEEE not TF32
@@ -103,7 +103,7 @@ def test_real_shapes_on_gpu(device):
 def test_mixtral_end_to_end_matches_hf(tmp_path, hf_model):
     """The whole tiny Mixtral on the cuda backend (its attention, norm and MoE kernels) against
     HF: one chunked prompt sharing steps with decodes."""
-    pytest.importorskip("splitfuse.backends.cuda.kernels.paged_attention")
+    pytest.importorskip("splitfuse.backends.triton.paged_attention")
     from splitfuse.testing.tiny_model import make_tiny_model
 
     path = str(make_tiny_model(tmp_path, "mixtral"))

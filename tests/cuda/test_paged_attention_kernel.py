@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from splitfuse.backends import torch_ops  # noqa: E402
-from splitfuse.backends.cuda.kernels import paged_attention as pa  # noqa: E402
+from splitfuse.backends.triton import paged_attention as pa  # noqa: E402
 from splitfuse.testing.ragged import filled_cache, ragged_step  # noqa: E402
 
 # the interpreter itself trips a numpy deprecation on every scalar it indexes with

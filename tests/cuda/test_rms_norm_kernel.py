@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernel_asserts import assert_outputs_close
+
 from splitfuse.backends import torch_ops
-from splitfuse.backends.cuda.kernels.rms_norm import rms_norm
+from splitfuse.backends.triton.rms_norm import rms_norm
 
 # fp32: same float32 math as the reference; only the order of the sum of squares differs (a tree
 # reduction) and, on the GPU, rsqrt is an approximate instruction: a few ulps.
@@ -16,15 +18,6 @@ FP32 = dict(rtol=1e-6, atol=1e-6)
 # truncates float32 -> bf16 where torch and the GPU round to nearest: up to 2 bf16 ulps (2**-7
 # relative each).
 BF16 = dict(rtol=2 ** -6, atol=2 ** -6)
-
-
-def _check(got, ref, tol):
-    got = got if isinstance(got, tuple) else (got,)
-    ref = ref if isinstance(ref, tuple) else (ref,)
-    assert len(got) == len(ref)
-    for g, r in zip(got, ref):
-        assert g.dtype == r.dtype and g.shape == r.shape
-        torch.testing.assert_close(g.float(), r.float(), **tol)
 
 
 @pytest.mark.parametrize("block_n", [None, 8], ids=["one-tile", "chunked"])
@@ -38,7 +31,7 @@ def test_matches_reference_fp32(device, shape, with_residual, weight_offset, blo
     weight = torch.randn(shape[-1], generator=gen).to(device)
     got = rms_norm(x, weight, 1e-6, residual, weight_offset, block_n=block_n)
     ref = torch_ops.rms_norm(x, weight, 1e-6, residual, weight_offset)
-    _check(got, ref, FP32)
+    assert_outputs_close(got, ref, FP32)
     if with_residual:
         assert torch.equal(got[1], ref[1])  # the residual sum is a single fp32 add either way
 
@@ -51,7 +44,7 @@ def test_bf16(device, weight_offset, block_n):
     residual = torch.randn(5, 41, generator=gen).to(device, torch.bfloat16)
     weight = torch.randn(41, generator=gen).to(device, torch.bfloat16)
     got = rms_norm(x, weight, 1e-5, residual, weight_offset, block_n=block_n)
-    _check(got, torch_ops.rms_norm(x, weight, 1e-5, residual, weight_offset), BF16)
+    assert_outputs_close(got, torch_ops.rms_norm(x, weight, 1e-5, residual, weight_offset), BF16)
 
 
 def test_mixed_weight_dtype_promotes_like_torch(device):
@@ -68,7 +61,7 @@ def test_strided_rows_and_empty(device):
     base = torch.randn(6, 50).to(device)
     x = base[:, 3:44]  # rows with stride 50: read in place, no copy needed
     weight = torch.randn(41).to(device)
-    _check(rms_norm(x, weight, 1e-6), torch_ops.rms_norm(x, weight, 1e-6), FP32)
+    assert_outputs_close(rms_norm(x, weight, 1e-6), torch_ops.rms_norm(x, weight, 1e-6), FP32)
     empty = torch.empty(0, 41, device=device)
     assert rms_norm(empty, weight, 1e-6).shape == (0, 41)
 
@@ -90,6 +83,6 @@ def test_real_shapes_on_gpu(device, hidden):
     x = torch.randn(777, hidden, device=device, dtype=torch.bfloat16)
     r = torch.randn_like(x)
     w = torch.randn(hidden, device=device, dtype=torch.bfloat16)
-    _check(rms_norm(x, w, 1e-5, r), torch_ops.rms_norm(x, w, 1e-5, r), BF16)
+    assert_outputs_close(rms_norm(x, w, 1e-5, r), torch_ops.rms_norm(x, w, 1e-5, r), BF16)
     x32, r32, w32 = x.float(), r.float(), w.float()
-    _check(rms_norm(x32, w32, 1e-5, r32), torch_ops.rms_norm(x32, w32, 1e-5, r32), dict(rtol=1e-5, atol=1e-5))
+    assert_outputs_close(rms_norm(x32, w32, 1e-5, r32), torch_ops.rms_norm(x32, w32, 1e-5, r32), dict(rtol=1e-5, atol=1e-5))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from splitfuse.backends import torch_ops
-from splitfuse.backends.cuda.kernels.rotary_kv import rotary_and_cache, write_kv
+from splitfuse.backends.triton.rotary_kv import rotary_and_cache, write_kv
 
 # bf16: the kernel rounds every product and sum where torch does, so on the GPU it matches to the
 # bit but for fma contraction; the Triton interpreter truncates float32 -> bf16 where torch rounds

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from splitfuse.backends.cuda.kernels.sampling import filter_thresholds, sample
+from splitfuse.backends.triton.sampling import filter_thresholds, sample
 from splitfuse.core.sampler import SamplingBatch, _filtered_probs, sample_tokens
 
 

@@ -1,4 +1,5 @@
-"""CUDA graphs for decode-only steps: one graph per batch-size bucket, captured at start-up.
+"""Device graphs (CUDA graphs; XPU graphs through the same torch API) for decode-only steps: one
+graph per batch-size bucket, captured at start-up.
 
 A decode step launches a few kernels per layer with tiny grids, so at small batch sizes the
 CPU cannot issue them as fast as the GPU runs them. A captured graph replays the whole model
@@ -28,6 +29,9 @@ from splitfuse.core.batch import BatchMeta
 
 log = logging.getLogger("splitfuse")
 
+# The graph class of each torch device module (both have graph(graph, pool=...) to capture into it).
+_GRAPH_CLASSES = {"cuda": "CUDAGraph", "xpu": "XPUGraph"}
+
 # Buckets: small batches one by one where the relative padding cost is largest, then every 8
 # sequences up to 64 and every 16 above (vLLM-like spacing).
 _SMALL_BUCKETS = (1, 2, 4, 8)
@@ -47,18 +51,19 @@ def batch_buckets(max_batch: int) -> list[int]:
 class _Bucket:
     meta: BatchMeta  # static tensors the graph reads
     hidden: torch.Tensor | None = None  # the graph's output [B, hidden]
-    graph: object | None = None  # torch.cuda.CUDAGraph, or None when run eagerly (no GPU)
+    graph: object | None = None  # torch.cuda.CUDAGraph (or XPUGraph), or None when run eagerly (no GPU)
 
 
 class DecodeGraphs:
     """Static-shape decode steps for one model and KV cache.
 
     use_graphs=False keeps the same padded static-buffer path but runs it eagerly; that is how the
-    padding rules are tested without a GPU (the Triton interpreter has no graphs).
+    padding rules are tested without a GPU (the Triton interpreter has no graphs). device_module is
+    the torch module that captures (torch.cuda unless given: torch.xpu has the same graph API).
     """
 
     def __init__(self, model, kv_cache: list[torch.Tensor], *, max_batch: int, max_model_len: int,
-                 block_size: int, device: torch.device, use_graphs: bool) -> None:
+                 block_size: int, device: torch.device, use_graphs: bool, device_module=None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
@@ -66,6 +71,7 @@ class DecodeGraphs:
         self.max_blocks = -(-max_model_len // block_size)
         self.device = device
         self.use_graphs = use_graphs
+        self.device_module = torch.cuda if device_module is None else device_module
         self.buckets: dict[int, _Bucket] = {}
         self._sizes = batch_buckets(max_batch)
         self._pool = None
@@ -93,9 +99,10 @@ class DecodeGraphs:
         return time.perf_counter() - start
 
     def _capture(self, bucket: _Bucket) -> None:
-        graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize(self.device)
-        with torch.cuda.graph(graph, pool=self._pool):
+        module = self.device_module
+        graph = getattr(module, _GRAPH_CLASSES[self.device.type])()
+        module.synchronize(self.device)
+        with module.graph(graph, pool=self._pool):
             bucket.hidden = self._forward(bucket.meta)
         if self._pool is None:
             self._pool = graph.pool()

@@ -37,13 +37,14 @@ def device_count() -> int:
     return torch.xpu.device_count() if unavailable_reason() == "" else 0
 
 
-def memory_in_use(device: torch.device) -> tuple[int, int, str]:
-    """(total bytes, bytes in use, how it was measured) on one XPU device.
+def memory_in_use(device: torch.device, xpu=None) -> tuple[int, int, str]:
+    """(total bytes, bytes in use, how it was measured) on one XPU device of `xpu` (torch.xpu
+    unless given).
 
     torch.xpu.mem_get_info sees every process's use but needs driver support (Level Zero's free
     memory extension); where it is missing or fails, total memory from the device properties less
     what this process's caching allocator holds (other processes' use is then invisible)."""
-    xpu = torch.xpu
+    xpu = torch.xpu if xpu is None else xpu
     mem_get_info = getattr(xpu, "mem_get_info", None)
     if mem_get_info is not None:
         try:

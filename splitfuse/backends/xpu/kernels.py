@@ -1,5 +1,5 @@
-"""Which op implementations the xpu backend runs: the cuda backend's Triton kernels where Triton
-can compile for Intel GPUs, otherwise the generic torch ops of `Backend`.
+"""Which op implementations the xpu backend runs: the shared Triton kernels where Triton can compile
+for Intel GPUs, otherwise the generic torch ops of `Backend`.
 
 Detection reads package metadata and files only: importing triton's backends would import the
 CUDA one's driver module, and importing triton at all is skipped until it is going to be used.
@@ -11,7 +11,8 @@ import importlib.metadata
 import importlib.util
 import os
 
-from splitfuse.backends.cuda.backend import _interpreter_mode, _triton_import_error
+from splitfuse.backends.device_backend import env_flag
+from splitfuse.backends.triton import triton_import_error
 
 KERNELS_ENV = "SPLITFUSE_XPU_KERNELS"  # auto | triton | torch
 CHOICES = ("auto", "triton", "torch")
@@ -42,12 +43,12 @@ def requested() -> str:
 def triton_unusable_reason(device_type: str) -> str:
     """'' when the Triton kernels can run on this device type, else why not."""
     if device_type == "cpu":  # the test mode: only the Triton interpreter runs kernels on the CPU
-        if not _interpreter_mode():
+        if not env_flag("TRITON_INTERPRET"):
             return "the Triton kernels run on the CPU only under TRITON_INTERPRET=1"
-        return _triton_import_error()
+        return triton_import_error()
     if not triton_has_xpu_backend():
         return "triton has no Intel XPU backend here (PyTorch's XPU builds ship it as pytorch-triton-xpu)"
-    return _triton_import_error()
+    return triton_import_error()
 
 
 def choose(device_type: str) -> str:

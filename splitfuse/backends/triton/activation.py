@@ -11,9 +11,25 @@ import torch
 import triton
 import triton.language as tl
 
+from splitfuse.backends.triton.common import as_rows, check_floating, num_warps, rows_per_program
 
-# activation codes (constexpr)
-_SILU, _GELU, _GELU_TANH = 0, 1, 2
+
+# activation codes (constexpr), by the names torch_ops uses
+ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+
+
+@triton.jit
+def activate(g, ACT: tl.constexpr):
+    """The activation ACT of float32 g (the MoE kernel applies it too)."""
+    if ACT == 0:
+        a = g / (1.0 + tl.exp(-g))  # silu
+    elif ACT == 1:
+        a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))  # exact gelu
+    else:
+        # tanh gelu; tanh(y) = 1 - 2 / (exp(2y) + 1) saturates cleanly to +-1 in float32
+        y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        a = 0.5 * g * (2.0 - 2.0 / (tl.exp(2.0 * y) + 1.0))
+    return a
 
 
 @triton.jit
@@ -29,60 +45,43 @@ def _act_and_mul_kernel(
     base = x_ptr + rows[:, None] * stride_x + cols[None, :]
     gate = tl.load(base, mask=mask, other=0.0)
     up = tl.load(base + I, mask=mask, other=0.0)
-    dtype = gate.dtype
-    g = gate.to(tl.float32)
-    if ACT == 0:
-        a = g / (1.0 + tl.exp(-g))  # silu
-    elif ACT == 1:
-        a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))  # exact gelu
-    else:
-        # tanh gelu; tanh(y) = 1 - 2 / (exp(2y) + 1) saturates cleanly to +-1 in float32
-        y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        a = 0.5 * g * (2.0 - 2.0 / (tl.exp(2.0 * y) + 1.0))
-    a = a.to(dtype).to(tl.float32)  # torch rounds the activation to the input dtype
+    a = activate(gate.to(tl.float32), ACT)
+    a = a.to(gate.dtype).to(tl.float32)  # torch rounds the activation to the input dtype
     out = (a * up.to(tl.float32)).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out, mask=mask)
 
 
-def _act_and_mul(x: torch.Tensor, act: int, op: str) -> torch.Tensor:
-    if not x.is_floating_point():
-        raise TypeError(f"{op}: expected a floating-point tensor, got {x.dtype}")
+def _act_and_mul(x: torch.Tensor, activation: str, op: str) -> torch.Tensor:
+    check_floating(op, x=x)
     if x.dim() == 0 or x.shape[-1] % 2:
-        raise ValueError(f"{op}: the last dim must hold [gate | up] (even), got shape {tuple(x.shape)}")
+        raise ValueError(f"{op}: the last dim of x must hold [gate | up] (even), got shape {tuple(x.shape)}")
     two_i = x.shape[-1]
     I = two_i // 2
     out = torch.empty(*x.shape[:-1], I, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    x2 = x.reshape(-1, two_i)
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x, two_i)
     M = x2.shape[0]
     out2 = out.view(M, I)
-    if x.device.type == "cpu":  # the Triton interpreter: few, large programs
-        block_i = min(triton.next_power_of_2(I), 4096)
-        block_m = max(1, min(triton.next_power_of_2(M), 16384 // block_i))
-        num_warps = 1
-    else:
-        # ~2K-4K elements per program: memory-bound, wide vectorised loads, plenty of programs
-        block_i = min(triton.next_power_of_2(I), 1024)
-        block_m = max(1, min(8, 2048 // block_i))
-        num_warps = 4
+    # on a GPU ~2K-4K elements per program: memory-bound, wide vectorised loads, plenty of programs;
+    # in the interpreter few, large programs
+    block_i = min(triton.next_power_of_2(I), 4096 if x.device.type == "cpu" else 1024)
+    block_m = rows_per_program(M, block_i, x.device, gpu_elements=2048, gpu_max_rows=8)
     grid = (triton.cdiv(M, block_m), triton.cdiv(I, block_i))
     _act_and_mul_kernel[grid](
         x2, out2, M, I, x2.stride(0), out2.stride(0),
-        ACT=act, BLOCK_M=block_m, BLOCK_I=block_i, num_warps=num_warps,
+        ACT=ACTIVATIONS[activation], BLOCK_M=block_m, BLOCK_I=block_i, num_warps=num_warps(x.device, 4),
     )
     return out
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x [..., 2I] = [gate | up] -> silu(gate) * up, [..., I]."""
-    return _act_and_mul(x, _SILU, "silu_and_mul")
+    return _act_and_mul(x, "silu", "silu_and_mul")
 
 
 def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """x [..., 2I] = [gate | up] -> gelu(gate) * up (GeGLU); approximate "none" or "tanh"."""
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu_and_mul: approximate must be 'none' or 'tanh', got {approximate!r}")
-    return _act_and_mul(x, _GELU if approximate == "none" else _GELU_TANH, "gelu_and_mul")
+    return _act_and_mul(x, "gelu" if approximate == "none" else "gelu_tanh", "gelu_and_mul")

@@ -17,6 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
+from splitfuse.backends.triton.common import (
+    check_device, check_floating, check_index, check_same_shape, num_warps, unit_last,
+)
+
 
 @triton.jit
 def _rotate_pair(x1, x2, cos, sin, dtype: tl.constexpr):
@@ -132,33 +136,23 @@ def _write_kv_kernel(
 
 
 # ---- host side ----------------------------------------------------------------------------------
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
-
-
-def _check_tokens(name: str, t: torch.Tensor, num_tokens: int, head_dim: int, device) -> None:
+def _check_tokens(op: str, name: str, t: torch.Tensor, num_tokens: int, head_dim: int, device) -> None:
     if t.dim() != 3 or t.shape[0] != num_tokens or t.shape[2] != head_dim:
-        raise ValueError(f"{name} must be [T={num_tokens}, heads, D={head_dim}], got {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device}")
+        raise ValueError(f"{op}: {name} must be [T={num_tokens}, heads, D={head_dim}], got {tuple(t.shape)}")
+    check_floating(op, **{name: t})
+    check_device(op, device, **{name: t})
 
 
-def _check_cache(kv_layer: torch.Tensor, slot_mapping: torch.Tensor, num_tokens: int, num_kv_heads: int,
+def _check_cache(op: str, kv_layer: torch.Tensor, slot_mapping: torch.Tensor, num_tokens: int, num_kv_heads: int,
                  head_dim: int, device) -> None:
     if kv_layer.dim() != 5 or kv_layer.shape[0] != 2 or tuple(kv_layer.shape[3:]) != (num_kv_heads, head_dim):
-        raise ValueError(f"kv_layer must be [2, num_blocks, block_size, {num_kv_heads}, {head_dim}], "
+        raise ValueError(f"{op}: kv_layer must be [2, num_blocks, block_size, {num_kv_heads}, {head_dim}], "
                          f"got {tuple(kv_layer.shape)}")
     if kv_layer.stride(-1) != 1:
-        raise ValueError("kv_layer must have unit stride in its last dim")
-    if not kv_layer.is_floating_point():
-        raise TypeError(f"kv_layer must be floating point, got {kv_layer.dtype}")
-    if slot_mapping.shape != (num_tokens,) or slot_mapping.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"slot_mapping must be int32/int64 [T={num_tokens}], got {slot_mapping.dtype} "
-                         f"{tuple(slot_mapping.shape)}")
-    if kv_layer.device != device or slot_mapping.device != device:
-        raise ValueError("kv_layer and slot_mapping must be on the device of q/k/v")
+        raise ValueError(f"{op}: kv_layer must have unit stride in its last dim")
+    check_floating(op, kv_layer=kv_layer)
+    check_index(op, "slot_mapping", slot_mapping, num_tokens)
+    check_device(op, device, kv_layer=kv_layer, slot_mapping=slot_mapping)
 
 
 def _head_block(heads: int, block_d: int, device: torch.device) -> int:
@@ -180,40 +174,38 @@ def rotary_and_cache(
     cos_sin [max_positions, rotary_dim] = cat(cos, sin) (torch_ops.build_cos_sin_cache); features
     of q/k past rotary_dim pass through unchanged. interleaved selects GPT-J pairs.
     """
+    op = "rotary_and_cache"
     if q.dim() != 3:
-        raise ValueError(f"q must be [T, H, D], got {tuple(q.shape)}")
+        raise ValueError(f"{op}: q must be [T, H, D], got {tuple(q.shape)}")
     T, H, D = q.shape
     device = q.device
-    _check_tokens("q", q, T, D, device)
-    _check_tokens("k", k, T, D, device)
+    _check_tokens(op, "q", q, T, D, device)
+    _check_tokens(op, "k", k, T, D, device)
     Hkv = k.shape[1]
     if Hkv > H:
-        raise ValueError(f"k has more heads ({Hkv}) than q ({H})")
+        raise ValueError(f"{op}: k has more heads ({Hkv}) than q ({H})")
     rotary_dim = rotary_dim or cos_sin.shape[-1]
     if cos_sin.dim() != 2 or cos_sin.shape[-1] != rotary_dim or rotary_dim % 2 or rotary_dim > D:
-        raise ValueError(f"cos_sin must be [max_positions, rotary_dim] with an even rotary_dim <= D={D}; "
+        raise ValueError(f"{op}: cos_sin must be [max_positions, rotary_dim] with an even rotary_dim <= D={D}; "
                          f"got {tuple(cos_sin.shape)} and rotary_dim={rotary_dim}")
-    if positions.shape != (T,) or positions.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"positions must be int32/int64 [T={T}], got {positions.dtype} {tuple(positions.shape)}")
-    if cos_sin.device != device or positions.device != device:
-        raise ValueError("positions and cos_sin must be on the device of q")
+    check_index(op, "positions", positions, T)
+    check_device(op, device, positions=positions, cos_sin=cos_sin)
     write = kv_layer is not None
     if write:
         if v is None or slot_mapping is None:
-            raise ValueError("writing the KV cache needs v and slot_mapping")
-        _check_tokens("v", v, T, D, device)
-        if v.shape != k.shape:
-            raise ValueError(f"v {tuple(v.shape)} and k {tuple(k.shape)} differ")
-        _check_cache(kv_layer, slot_mapping, T, Hkv, D, device)
+            raise ValueError(f"{op}: writing the KV cache needs v and slot_mapping")
+        _check_tokens(op, "v", v, T, D, device)
+        check_same_shape(op, "v", v, "k", k)
+        _check_cache(op, kv_layer, slot_mapping, T, Hkv, D, device)
     store_k = return_k or not write
     q_out = torch.empty(T, H, D, dtype=q.dtype, device=device)
     k_out = torch.empty(T, Hkv, D, dtype=k.dtype, device=device) if store_k else None
     if T == 0:
         return q_out, k_out
-    q, k = _unit_last(q), _unit_last(k)
-    cos_sin = _unit_last(cos_sin)
+    q, k = unit_last(q), unit_last(k)
+    cos_sin = unit_last(cos_sin)
     if write:
-        v = _unit_last(v)
+        v = unit_last(v)
     else:
         v, kv_layer, slot_mapping = k, q_out, positions  # unused placeholders (WRITE_KV is off)
     kv_block = kv_layer.shape[2] if write else 1
@@ -230,29 +222,29 @@ def rotary_and_cache(
         cs[0], cs[1], cs[2], cs[3],
         INTERLEAVED=bool(interleaved), HAS_PASS=rotary_dim < D, WRITE_KV=write, STORE_K=store_k,
         BLOCK_H=block_h, BLOCK_R=triton.next_power_of_2(max(rotary_dim // 2, 1)), BLOCK_D=block_d,
-        num_warps=1 if device.type == "cpu" else 4,
+        num_warps=num_warps(device, 4),
     )
     return q_out, k_out
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Store k, v [T, Hkv, D] into kv_layer [2, num_blocks, block_size, Hkv, D] at slot_mapping [T]."""
+    op = "write_kv"
     if k.dim() != 3:
-        raise ValueError(f"k must be [T, Hkv, D], got {tuple(k.shape)}")
+        raise ValueError(f"{op}: k must be [T, Hkv, D], got {tuple(k.shape)}")
     T, Hkv, D = k.shape
-    _check_tokens("k", k, T, D, k.device)
-    _check_tokens("v", v, T, D, k.device)
-    if v.shape != k.shape:
-        raise ValueError(f"v {tuple(v.shape)} and k {tuple(k.shape)} differ")
-    _check_cache(kv_layer, slot_mapping, T, Hkv, D, k.device)
+    _check_tokens(op, "k", k, T, D, k.device)
+    _check_tokens(op, "v", v, T, D, k.device)
+    check_same_shape(op, "v", v, "k", k)
+    _check_cache(op, kv_layer, slot_mapping, T, Hkv, D, k.device)
     if T == 0:
         return
-    k, v = _unit_last(k), _unit_last(v)
+    k, v = unit_last(k), unit_last(v)
     block_d = triton.next_power_of_2(D)
     block_h = _head_block(Hkv, block_d, k.device)
     cs = kv_layer.stride()
     _write_kv_kernel[(T, triton.cdiv(Hkv, block_h))](
         k, v, kv_layer, slot_mapping, Hkv, D, kv_layer.shape[2],
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), cs[0], cs[1], cs[2], cs[3],
-        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=1 if k.device.type == "cpu" else 4,
+        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps(k.device, 4),
     )

@@ -16,20 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-_ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
-
-
-@triton.jit
-def _activate(g, ACT: tl.constexpr):
-    if ACT == 0:
-        a = g / (1.0 + tl.exp(-g))  # silu
-    elif ACT == 1:
-        a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))  # exact gelu
-    else:
-        y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        a = 0.5 * g * (2.0 - 2.0 / (tl.exp(2.0 * y) + 1.0))  # tanh gelu, saturating cleanly
-    return a
-
+from splitfuse.backends.triton.activation import ACTIVATIONS, activate
+from splitfuse.backends.triton.common import num_warps
 
 @triton.jit
 def _gate_up_kernel(
@@ -73,7 +61,7 @@ def _gate_up_kernel(
         # then the product is formed and rounded again
         gate = acc_gate.to(dtype).to(tl.float32)
         up = acc_up.to(dtype).to(tl.float32)
-        act = _activate(gate, ACT).to(dtype).to(tl.float32)
+        act = activate(gate, ACT).to(dtype).to(tl.float32)
         tl.store(h_ptr + rows[:, None] * stride_hm + cols[None, :], (act * up).to(dtype),
                  mask=valid[:, None] & col_ok[None, :])
 
@@ -144,8 +132,8 @@ def moe_experts(
 ) -> torch.Tensor:
     """x [T, H], topk_weights/topk_ids [T, k], w_gate_up [E, 2I, H] ([gate | up]), w_down [E, H, I]
     -> [T, H]: each token's experts weighted and summed (see torch_ops.moe_experts)."""
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"moe_experts activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"moe_experts activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     if x.dim() != 2 or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != x.shape[0]:
         raise ValueError(f"moe_experts: expected x [T, H] and topk_weights/topk_ids [T, k], got "
                          f"{tuple(x.shape)}, {tuple(topk_weights.shape)}, {tuple(topk_ids.shape)}")
@@ -170,16 +158,16 @@ def moe_experts(
     # the interpreter's dot mishandles 16-bit floats: it gets float32 copies (the same products,
     # since bf16/fp16 values are exact in float32; a GPU's tensor cores accumulate in float32 too)
     upcast = on_cpu and not ieee
-    num_warps = 1 if on_cpu else 4
+    warps = num_warps(x.device, 4)
     _gate_up_kernel[(block_expert.numel(), triton.cdiv(I, block_n))](
         x, w_gate_up, h, pairs, block_expert, num_pairs, K, H, I,
         x.stride(0), x.stride(1), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), h.stride(0),
-        ACT=_ACTIVATIONS[activation], IEEE=ieee, UPCAST=upcast, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=num_warps,
+        ACT=ACTIVATIONS[activation], IEEE=ieee, UPCAST=upcast, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=warps,
     )
     _down_kernel[(block_expert.numel(), triton.cdiv(H, block_n))](
         h, w_down, out_pairs, weights, pairs, block_expert, num_pairs, H, I,
         h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), out_pairs.stride(0),
-        IEEE=ieee, UPCAST=upcast, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        IEEE=ieee, UPCAST=upcast, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )
     return out_pairs.view(T, K, H).sum(dim=1)

@@ -29,20 +29,17 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from splitfuse.backends.triton.common import check_device, interpreting as _interpreting
+
 __all__ = ["paged_attention", "choose_num_splits", "pick_block_sizes"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_SPLITS = 16
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ---- kernels ------------------------------------------------------------------------------------
@@ -302,29 +299,31 @@ def paged_attention(
     num_splits: KV partitions per work unit (split-KV); None picks from the step's sizes (1, no
     split, off the GPU), an int forces it (tests use it to exercise the merge kernel).
     """
+    op = "paged_attention"
     if q.dim() != 3 or kv_layer.dim() != 5 or kv_layer.shape[0] != 2:
-        raise ValueError(f"expected q [T, H, D] and kv_layer [2, blocks, block_size, Hkv, D], got "
+        raise ValueError(f"{op}: expected q [T, H, D] and kv_layer [2, blocks, block_size, Hkv, D], got "
                          f"{tuple(q.shape)} and {tuple(kv_layer.shape)}")
     T, H, D = q.shape
     _, _, block_size, Hkv, Dkv = kv_layer.shape
     if Dkv != D or H % Hkv != 0:
-        raise ValueError(f"q {tuple(q.shape)} does not match kv_layer {tuple(kv_layer.shape)}: same D, H % Hkv == 0")
+        raise ValueError(f"{op}: q {tuple(q.shape)} does not match kv_layer {tuple(kv_layer.shape)}: "
+                         "same D, H % Hkv == 0")
     if block_size != meta.block_size:
-        raise ValueError(f"kv_layer block size {block_size} != meta.block_size {meta.block_size}")
+        raise ValueError(f"{op}: kv_layer block size {block_size} != meta.block_size {meta.block_size}")
     if q.dtype not in _DTYPES or kv_layer.dtype not in _DTYPES:
-        raise TypeError(f"unsupported dtypes q {q.dtype}, kv {kv_layer.dtype}")
+        raise TypeError(f"{op}: q and kv_layer must be float16, bfloat16 or float32, got {q.dtype} and {kv_layer.dtype}")
     if q.stride(-1) != 1 or kv_layer.stride(-1) != 1:
-        raise ValueError("q and kv_layer need a contiguous last (head) dimension")
+        raise ValueError(f"{op}: q and kv_layer need a contiguous last (head) dimension")
+    check_device(op, q.device, kv_layer=kv_layer, query_start=meta.query_start, context_lens=meta.context_lens,
+                 block_tables=meta.block_tables)
     for name in ("query_start", "context_lens", "block_tables"):
         t = getattr(meta, name)
-        if t.device != q.device or kv_layer.device != q.device:
-            raise ValueError(f"q, kv_layer and meta.{name} must be on one device")
         if t.dtype != torch.int32 or t.stride(-1) != 1:
-            raise ValueError(f"meta.{name} must be int32 with a contiguous last dimension")
+            raise ValueError(f"{op}: meta.{name} must be int32 with a contiguous last dimension")
     if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+        raise ValueError(f"{op}: sliding_window must be >= 1, got {sliding_window}")
     if num_splits is not None and not 1 <= num_splits <= 1024:
-        raise ValueError(f"num_splits must be in [1, 1024], got {num_splits}")
+        raise ValueError(f"{op}: num_splits must be in [1, 1024], got {num_splits}")
 
     out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
     if T == 0:
