@@ -3,7 +3,9 @@
 256 sequences decode together (block size 16, contexts of a few hundred tokens). Each timed step
 is what the engine does around a forward pass: schedule() (which also allocates KV blocks),
 build_batch() for the same plan, then the post-step update (count tokens as computed, append the
-sampled token). The three are timed separately. Prints a Markdown section for docs/benchmarks.md.
+sampled token, register newly full blocks). The three are timed separately, once with prefix
+caching off and once on (prompts share no tokens, so "on" costs only its bookkeeping), and the
+ratio is printed. Prints a Markdown section for docs/benchmarks.md.
 
     python scripts/bench_scheduler.py [--seqs 256] [--steps 2000]
 
@@ -45,14 +47,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def decoding_simulator(args, rng: random.Random) -> Simulator:
-    """A simulator whose sequences have all finished their prompts and now only decode."""
+def decoding_simulator(args, rng: random.Random, prefix_caching: bool) -> Simulator:
+    """A simulator whose sequences have all finished their prompts and now only decode. Prompts
+    share no tokens, so prefix caching only adds its bookkeeping (hashing and registering blocks)."""
     longest = args.max_prompt + args.steps_per_round + 2
     num_blocks = args.seqs * -(-longest // args.block_size) + 64  # never short of KV: no preemption
-    sim = Simulator(args.token_budget, args.seqs, num_blocks, args.block_size)
+    sim = Simulator(args.token_budget, args.seqs, num_blocks, args.block_size, enable_prefix_caching=prefix_caching)
     for _ in range(args.seqs):
         # Room for the whole round, so nobody finishes and the batch stays at args.seqs decodes.
-        sim.add_request(rng.randint(args.min_prompt, args.max_prompt), max_new_tokens=args.steps_per_round + 2)
+        sim.add_request(rng.randint(args.min_prompt, args.max_prompt), max_new_tokens=args.steps_per_round + 2,
+                        shared_len=0)
     # Prefill (untimed) in one step, so no sequence decodes ahead of the others and all contexts
     # stay at prompt length + what the round adds.
     sched = sim.scheduler
@@ -78,14 +82,28 @@ def main() -> int:
     if args.token_budget < args.seqs:
         parser.error("--token-budget must be >= --seqs so every sequence decodes in every step")
 
-    rng = random.Random(args.seed)
+    print(f"### Scheduler micro-benchmark ({datetime.date.today().isoformat()})\n")
+    print(f"- machine: {cpu_model()}, {os.cpu_count()} cores; Python {platform.python_version()}, "
+          f"torch {torch.__version__}")
+    medians = {}
+    for prefix_caching in (False, True):
+        medians[prefix_caching] = run(args, prefix_caching)
+    off, on = medians[False], medians[True]
+    print(f"\nschedule + update with prefix caching on / off: {on:.0f} / {off:.0f} µs = {on / off:.3f}x")
+    return 0
+
+
+def run(args, prefix_caching: bool) -> float:
+    """Time the steps with prefix caching on or off; print the table; return the median of
+    schedule + update."""
+    rng = random.Random(args.seed)  # the same sequences in both modes
     schedule_us: list[float] = []
     update_us: list[float] = []
     batch_us: list[float] = []
     contexts: list[int] = []
     done = 0
     while done < args.steps:
-        sim = decoding_simulator(args, rng)
+        sim = decoding_simulator(args, rng, prefix_caching)
         for _ in range(min(args.steps_per_round, args.steps - done)):
             t0 = time.perf_counter_ns()
             plan = sim.schedule()
@@ -105,21 +123,18 @@ def main() -> int:
     both = [a + b for a, b in zip(schedule_us, update_us)]
     rows = [
         ("schedule() incl. KV block allocation", schedule_us),
-        ("post-step update (num_computed, append token)", update_us),
+        ("post-step update (Scheduler.apply: tokens, finishing, caching full blocks)", update_us),
         ("schedule + update (target <= 300 us)", both),
         ("build_batch() for the same plan", batch_us),
     ]
-    print(f"### Scheduler micro-benchmark ({datetime.date.today().isoformat()})\n")
-    print(f"- machine: {cpu_model()}, {os.cpu_count()} cores; Python {platform.python_version()}, "
-          f"torch {torch.__version__}")
-    print(f"- workload: {args.seqs} decoding sequences, block size {args.block_size}, token budget "
-          f"{args.token_budget}, contexts {min(contexts)}-{max(contexts)} tokens, {len(both)} timed steps "
-          f"(`python scripts/bench_scheduler.py`)\n")
+    print(f"\n- prefix caching {'on' if prefix_caching else 'off'}: {args.seqs} decoding sequences, block size "
+          f"{args.block_size}, token budget {args.token_budget}, contexts {min(contexts)}-{max(contexts)} tokens, "
+          f"{len(both)} timed steps (`python scripts/bench_scheduler.py`)\n")
     print("| per step | median µs | p90 µs |")
     print("|---|---:|---:|")
     for name, values in rows:
         print(f"| {name} | {statistics.median(values):.0f} | {percentile(values, 0.9):.0f} |")
-    return 0
+    return statistics.median(both)
 
 
 if __name__ == "__main__":

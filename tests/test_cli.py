@@ -52,3 +52,25 @@ def test_python_dash_m_lists_backends_and_models():
     assert "cpu" in backends.stdout and "available" in backends.stdout
     models = subprocess.run([sys.executable, "-m", "splitfuse", "models"], capture_output=True, text=True)
     assert "LlamaForCausalLM" in models.stdout.split()
+
+
+def test_prefix_caching_is_on_unless_no_prefix_caching_is_given():
+    from splitfuse.cli import _picked, build_parser, engine_flags
+    from splitfuse.config import EngineConfig
+
+    parser = build_parser()
+    assert _picked(parser.parse_args(["serve"]), EngineConfig) == {}
+    off = _picked(parser.parse_args(["serve", "--no-prefix-caching"]), EngineConfig)
+    assert off == {"enable_prefix_caching": False}
+    assert EngineConfig(**off).enable_prefix_caching is False and EngineConfig().enable_prefix_caching is True
+    # a child server (the benchmark's) gets the same setting back as flags
+    assert engine_flags({"enable_prefix_caching": False, "token_budget": 64}) == [
+        "--no-prefix-caching", "--token-budget", "64"]
+    assert engine_flags({"enable_prefix_caching": True, "enforce_eager": True}) == ["--enforce-eager"]
+
+
+def test_generate_runs_with_prefix_caching_off(tiny_model_dir, capsys):
+    assert main(["generate", tiny_model_dir("llama"), "Hello", "--no-prefix-caching", "--max-new-tokens", "3",
+                 "--backend", "cpu", "--ignore-eos"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("Hello") and "3 tokens, finish_reason=length" in captured.err

@@ -64,7 +64,7 @@ def exponential(seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Tensor
     """Exp(1) noise [offsets' shape] float32, as the sampling kernel turns randint into E."""
     # u in (0, 1) from the top 31 bits, +2^-32 so u > 0; small u take the series for
     # -log(1 - u), which float32 cannot evaluate there; u that round to 1 are clamped
-    # (kernels/sampling.py explains each step: keep the two in step)
+    # (splitfuse/backends/triton/sampling.py explains each step: keep the two in step)
     u = (randint(seed, offsets) >> 1).to(torch.float32) * 2.0**-31 + 2.0**-32
     series = u * (1.0 + 0.5 * u)
     log_form = -torch.log(torch.clamp(1.0 - u, min=2.0**-26))

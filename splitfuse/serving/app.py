@@ -46,7 +46,6 @@ from splitfuse.serving.protocol import (
     CompletionResponse,
     SamplingFields,
     TopLogprob,
-    Usage,
     error_body,
 )
 
@@ -146,7 +145,7 @@ class _Handlers:
         outputs: list[list] = [[] for _ in range(num)]
         try:
             async for index, out in group:
-                tracker.token(index, len(out.new_token_ids), out.finish_reason)
+                tracker.token(index, out)
                 outputs[index].append(out)
         except (ReplicaLost, EngineClosed) as exc:
             raise APIError(503, str(exc), "server_error", None, "unavailable") from None
@@ -198,11 +197,10 @@ class _Handlers:
             for choice in range(req.n):
                 requests.append((ids, self.params(req, max_tokens, req.logprobs, choice)))
                 echoes.append(echo)
-        tracker = self.metrics.tracker(len(requests))
+        tracker = self.metrics.tracker([len(ids) for ids in encoded], req.n)
         group = await self.submit(requests, "prompt")
-        usage_prompt = sum(len(ids) for ids in encoded)
         if req.stream:
-            return self._stream(self._completion_chunks(group, tracker, req, echoes, usage_prompt))
+            return self._stream(self._completion_chunks(group, tracker, req, echoes))
         outputs = await self.collect(group, tracker, len(requests))
         choices = []
         for index, outs in enumerate(outputs):
@@ -211,21 +209,17 @@ class _Handlers:
             choices.append(CompletionChoice(
                 index=index, text=text, finish_reason=outs[-1].finish_reason,
                 logprobs=self.completion_logprobs(lps, len(echoes[index])) if req.logprobs is not None else None))
-        completion = sum(len(o.new_token_ids) for outs in outputs for o in outs)
-        return CompletionResponse(model=self.model_name, choices=choices, usage=Usage(
-            prompt_tokens=usage_prompt, completion_tokens=completion, total_tokens=usage_prompt + completion))
+        return CompletionResponse(model=self.model_name, choices=choices, usage=tracker.usage())
 
-    async def _completion_chunks(self, group, tracker, req, echoes, usage_prompt) -> AsyncIterator[str]:
+    async def _completion_chunks(self, group, tracker, req, echoes) -> AsyncIterator[str]:
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         offsets = [len(e) for e in echoes]
-        completion = 0
         for index, echo in enumerate(echoes):
             if echo:
                 yield _sse(CompletionChunk(**head, choices=[CompletionChoice(index=index, text=echo)]))
         try:
             async for index, out in group:
-                tracker.token(index, len(out.new_token_ids), out.finish_reason)
-                completion += len(out.new_token_ids)
+                tracker.token(index, out)
                 if not out.new_text and not out.finished and req.logprobs is None:
                     continue  # a token whose text is still held back; with logprobs it is still sent
                 lps = None
@@ -237,8 +231,7 @@ class _Handlers:
         finally:
             group.abort()
         if _include_usage(req):
-            yield _sse(CompletionChunk(**head, choices=[], usage=Usage(
-                prompt_tokens=usage_prompt, completion_tokens=completion, total_tokens=usage_prompt + completion)))
+            yield _sse(CompletionChunk(**head, choices=[], usage=tracker.usage()))
 
     # ---- /v1/chat/completions --------------------------------------------------------------
     async def chat(self, req: ChatRequest, raw: Request):
@@ -251,10 +244,10 @@ class _Handlers:
         max_tokens = self.budget(ids, req.max_completion_tokens or req.max_tokens, "messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
         requests = [(ids, self.params(req, max_tokens, top, choice)) for choice in range(req.n)]
-        tracker = self.metrics.tracker(len(requests))
+        tracker = self.metrics.tracker([len(ids)], req.n)
         group = await self.submit(requests, "messages")
         if req.stream:
-            return self._stream(self._chat_chunks(group, tracker, req, len(ids)))
+            return self._stream(self._chat_chunks(group, tracker, req))
         outputs = await self.collect(group, tracker, len(requests))
         choices = []
         for index, outs in enumerate(outputs):
@@ -262,21 +255,17 @@ class _Handlers:
             choices.append(ChatChoice(
                 index=index, message=AssistantMessage(content="".join(o.new_text for o in outs)),
                 finish_reason=outs[-1].finish_reason, logprobs=self.chat_logprobs(lps) if req.logprobs else None))
-        completion = sum(len(o.new_token_ids) for outs in outputs for o in outs)
-        return ChatResponse(model=self.model_name, choices=choices, usage=Usage(
-            prompt_tokens=len(ids), completion_tokens=completion, total_tokens=len(ids) + completion))
+        return ChatResponse(model=self.model_name, choices=choices, usage=tracker.usage())
 
-    async def _chat_chunks(self, group, tracker, req, num_prompt) -> AsyncIterator[str]:
+    async def _chat_chunks(self, group, tracker, req) -> AsyncIterator[str]:
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         # OpenAI opens each choice with a chunk carrying only the role.
         for index in range(req.n):
             yield _sse(ChatChunk(**head, choices=[ChatChunkChoice(index=index, delta=ChatDelta(role="assistant",
                                                                                                  content=""))]))
-        completion = 0
         try:
             async for index, out in group:
-                tracker.token(index, len(out.new_token_ids), out.finish_reason)
-                completion += len(out.new_token_ids)
+                tracker.token(index, out)
                 if out.new_text or (req.logprobs and out.new_logprobs):
                     yield _sse(ChatChunk(**head, choices=[ChatChunkChoice(
                         index=index, delta=ChatDelta(content=out.new_text),
@@ -287,8 +276,7 @@ class _Handlers:
         finally:
             group.abort()
         if _include_usage(req):
-            yield _sse(ChatChunk(**head, choices=[], usage=Usage(
-                prompt_tokens=num_prompt, completion_tokens=completion, total_tokens=num_prompt + completion)))
+            yield _sse(ChatChunk(**head, choices=[], usage=tracker.usage()))
 
     def _stream(self, chunks: AsyncIterator[str]) -> StreamingResponse:
         async def body():

@@ -13,6 +13,7 @@ from prometheus_client import (
 )
 
 from splitfuse.serving.bridge import EngineFront
+from splitfuse.serving.protocol import PromptTokensDetails, Usage
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -36,33 +37,56 @@ class Metrics:
         self.itl = Histogram("splitfuse_inter_token_latency_seconds", "time between a request's tokens",
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("splitfuse_prompt_tokens", "prompt tokens admitted", registry=r)
+        # cached / (cached + computed) is the prefix cache's hit rate
+        self.prompt_tokens_cached = Counter("splitfuse_prompt_tokens_cached",
+                                            "prompt tokens whose KV came from the prefix cache", registry=r)
+        self.prompt_tokens_computed = Counter("splitfuse_prompt_tokens_computed",
+                                              "prompt tokens run through the model", registry=r)
         self.generation_tokens = Counter("splitfuse_generation_tokens", "tokens generated", registry=r)
         self.requests = Counter("splitfuse_requests_finished", "requests by finish reason",
                                 ["finish_reason"], registry=r)
 
-    def tracker(self, num_choices: int) -> Tracker:
-        return Tracker(self, num_choices)
+    def tracker(self, prompt_lens: list[int], num_choices: int = 1) -> Tracker:
+        return Tracker(self, prompt_lens, num_choices)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class Tracker:
-    """Latency bookkeeping of one HTTP request's choices."""
+    """Latency and token bookkeeping of one HTTP request: its prompts, each with num_choices
+    choices; choice index i belongs to prompt i // num_choices."""
 
-    def __init__(self, metrics: Metrics, num_choices: int) -> None:
+    def __init__(self, metrics: Metrics, prompt_lens: list[int], num_choices: int = 1) -> None:
         self.metrics = metrics
+        self.prompt_lens, self.num_choices = list(prompt_lens), num_choices
         self.start = time.perf_counter()
-        self.last: list[float | None] = [None] * num_choices
+        total = len(self.prompt_lens) * num_choices
+        self.last: list[float | None] = [None] * total
+        self.cached: list[int] = [0] * total  # prompt tokens each choice found in the prefix cache
+        self.completion_tokens = 0
 
-    def token(self, index: int, num_tokens: int, finish_reason: str | None) -> None:
+    def token(self, index: int, out) -> None:
+        """One RequestOutput of choice `index` arrived."""
         now = time.perf_counter()
         previous = self.last[index]
         if previous is None:
             self.metrics.ttft.observe(now - self.start)
+            self.cached[index] = out.num_cached_tokens
+            self.metrics.prompt_tokens_cached.inc(out.num_cached_tokens)
+            self.metrics.prompt_tokens_computed.inc(self.prompt_lens[index // self.num_choices] - out.num_cached_tokens)
         else:
             self.metrics.itl.observe(now - previous)
         self.last[index] = now
-        self.metrics.generation_tokens.inc(num_tokens)
-        if finish_reason is not None:
-            self.metrics.requests.labels(finish_reason).inc()
+        self.completion_tokens += len(out.new_token_ids)
+        self.metrics.generation_tokens.inc(len(out.new_token_ids))
+        if out.finish_reason is not None:
+            self.metrics.requests.labels(out.finish_reason).inc()
+
+    def usage(self) -> Usage:
+        """OpenAI's usage: each prompt counted once, its cached tokens as its first choice found them."""
+        prompt = sum(self.prompt_lens)
+        cached = sum(self.cached[p * self.num_choices] for p in range(len(self.prompt_lens)))
+        return Usage(prompt_tokens=prompt, completion_tokens=self.completion_tokens,
+                     total_tokens=prompt + self.completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))

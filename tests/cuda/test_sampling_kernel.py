@@ -1,4 +1,4 @@
-"""The batched sampling kernel (kernels/sampling.py) and CudaBackend.sample, against core.sampler."""
+"""The batched sampling kernel (splitfuse/backends/triton/sampling.py) and CudaBackend.sample, against core.sampler."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ class CudaBackend(DeviceBackend):
     # ---- sampling --------------------------------------------------------------------------
     def sample(self, logits: torch.Tensor, batch) -> torch.Tensor:
         """Next tokens [S'] int64 on the device, sampled by one Triton launch (plus one sort when
-        a row uses top-k/top-p) with no host sync; see kernels/sampling.py.
+        a row uses top-k/top-p) with no host sync; see splitfuse/backends/triton/sampling.py.
 
         Each row's noise is Philox keyed by the row's seed at its draw counter, both from the
         batch: the backend keeps no per-request state, and the cpu backend draws the same noise

@@ -16,7 +16,8 @@ The draw is the exponential race (Gumbel-max in log space): token = argmax over 
 logit / T - log(E) with E ~ Exp(1) independent per token, which picks token i with probability
 softmax(logit / T) restricted to the kept set. No softmax, max or cumsum pass is needed.
 
-Randomness is counter-based: E for (row, token) comes from Philox keyed by the row's 64-bit
+Randomness is counter-based (splitfuse/core/philox.py computes the same numbers for the cpu
+sampler: change the two together): E for (row, token) comes from Philox keyed by the row's 64-bit
 seed with counter offset * V + token (`tl.randint(seed, offset * V + token)`), where offset is
 the row's own draw counter (how many tokens that request has drawn so far). A request thus gets
 the same noise whatever batch it shares and whatever row it sits in, and a fresh stream each
