@@ -104,15 +104,16 @@ class Sequence:
         A stop token ends the sequence and stays in token_ids (as HF generate keeps it) but adds
         no text; sampling masks stop tokens until min_new_tokens."""
         self.token_ids.append(token)
-        detok = self.detokenizer
         if token in self.stop_token_ids:
             reason, text = "stop", ""
         else:
-            text = detok.add(token) if detok is not None else ""
-            if detok is not None and detok.stop_hit is not None:
-                reason = "stop"
-            else:
-                reason = "length" if len(self.token_ids) >= self.max_len else None
-        if reason is not None and detok is not None and detok.stop_hit is None:
-            text += detok.flush()  # release text held back in case a stop string followed
+            detok = self.detokenizer
+            if detok is None:  # token ids only: nothing to decode
+                return "", "length" if len(self.token_ids) >= self.max_len else None
+            text = detok.add(token)
+            if detok.stop_hit is not None:
+                return text, "stop"
+            reason = "length" if len(self.token_ids) >= self.max_len else None
+        if reason is not None and self.detokenizer is not None:
+            text += self.detokenizer.flush()  # release text held back in case a stop string followed
         return text, reason

@@ -24,14 +24,14 @@ from splitfuse.core.kv_blocks import BlockHash, BlockManager, hash_blocks
 from splitfuse.core.request import Sequence, Status
 
 
-@dataclass
+@dataclass(slots=True)
 class PlanItem:
     sequence: Sequence
     num_tokens: int
     samples: bool  # the chunk reaches the sequence's last token, so its logits are sampled
 
 
-@dataclass
+@dataclass(slots=True)
 class TokenResult:
     """What applying one sampled token did to its sequence."""
 
@@ -197,19 +197,25 @@ class Scheduler:
         """Apply a step's results: the scheduled tokens are computed (their full blocks join the
         prefix cache), each sampling sequence gets its token (tokens in plan order), finished ones
         leave and free their blocks, and stale ones are queued for recompute."""
-        for item in plan.items:
-            item.sequence.num_computed += item.num_tokens
-            self.register_full_blocks(item.sequence)
-        sampled = [item.sequence for item in plan.items if item.samples]
-        if len(sampled) != len(tokens):
-            raise ValueError(f"the step sampled {len(sampled)} sequences but {len(tokens)} tokens were given")
+        num_sampled = sum(1 for item in plan.items if item.samples)
+        if num_sampled != len(tokens):
+            raise ValueError(f"the step sampled {num_sampled} sequences but {len(tokens)} tokens were given")
+        size, caching, stale_at = self.blocks.block_size, self.blocks.enable_caching, self.recompute_kv_at_length
         results = []
-        for seq, token in zip(sampled, tokens):
+        next_token = iter(tokens).__next__
+        for item in plan.items:  # one pass: this runs for every sequence of every step
+            seq = item.sequence
+            seq.num_computed += item.num_tokens
+            if caching and seq.num_computed // size > seq.num_registered_blocks:  # a block filled
+                self.register_full_blocks(seq)
+            if not item.samples:
+                continue
+            token = next_token()
             text, reason = seq.append_token(token)
             if reason is not None:
                 seq.finish_reason = reason
                 self.remove(seq)
-            elif len(seq.token_ids) == self.recompute_kv_at_length:
+            elif stale_at is not None and len(seq.token_ids) == stale_at:
                 self.recompute(seq)
             results.append(TokenResult(seq, token, text, reason))
         return results

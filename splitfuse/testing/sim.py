@@ -99,13 +99,14 @@ class Simulator:
     def complete(self, plan: StepPlan) -> list[Sequence]:
         """What the engine does after the forward pass (the scheduler's own apply(), with fake
         sampled tokens); returns the sequences that finished."""
-        tokens = [next(self._next_token) for item in plan.items if item.samples]
+        tokens = list(itertools.islice(self._next_token, sum(1 for item in plan.items if item.samples)))
         done = []
         for result in self.scheduler.apply(plan, tokens):
-            self.sampled[result.sequence.request_id].append(result.token)
+            seq = result.sequence
+            self.sampled[seq.request_id].append(result.token)
             if result.finish_reason is not None:
-                self.finished.append(result.sequence)
-                done.append(result.sequence)
+                self.finished.append(seq)
+                done.append(seq)
         return done
 
     def step(self) -> StepPlan:
