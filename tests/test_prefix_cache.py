@@ -30,8 +30,14 @@ def assert_cache_consistent(blocks: BlockManager, tables: list[list[int]]) -> No
     assert blocks.num_free == len(free) + len(evictable)
 
 
-def tokens(*values: int) -> list[int]:
-    return list(values)
+def computed_table(blocks: BlockManager, token_ids: list[int]) -> tuple[list[int], list[bytes]]:
+    """A table holding token_ids whose full blocks are written and registered, and their hashes."""
+    table: list[int] = []
+    assert blocks.grow(table, len(token_ids))
+    chain = hash_blocks(token_ids, blocks.block_size, len(token_ids) // blocks.block_size, [])
+    for block, block_hash in zip(table, chain):
+        blocks.register(block, block_hash)
+    return table, chain
 
 
 # ---- the block manager on its own ----------------------------------------------------------
@@ -46,11 +52,7 @@ def test_block_hashes_chain_over_the_prefix_and_the_extra_key():
 
 def test_a_released_cached_block_is_found_again_and_taken_back():
     blocks = BlockManager(num_blocks=4, block_size=2, enable_caching=True)
-    table: list[int] = []
-    blocks.grow(table, 4)
-    h = hash_blocks([7, 8, 9, 10], 2, 2, [])
-    for block, block_hash in zip(table, h):
-        blocks.register(block, block_hash)
+    table, h = computed_table(blocks, [7, 8, 9, 10])
     first = list(table)
     blocks.release(table)
     assert blocks.num_free == 4 and blocks.num_cached == 2  # evictable blocks count as free
@@ -64,10 +66,7 @@ def test_a_released_cached_block_is_found_again_and_taken_back():
 
 def test_shared_blocks_are_freed_only_by_their_last_holder():
     blocks = BlockManager(num_blocks=4, block_size=2, enable_caching=True)
-    owner: list[int] = []
-    blocks.grow(owner, 2)
-    h = hash_blocks([1, 2], 2, 1, [])
-    blocks.register(owner[0], h[0])
+    owner, h = computed_table(blocks, [1, 2])
     sharer: list[int] = []
     blocks.take_cached(sharer, blocks.cached_prefix(h))
     assert blocks.ref_count(owner[0]) == 2
@@ -102,11 +101,7 @@ def test_never_used_blocks_go_first_then_cached_ones_least_recently_released_fir
 def test_a_released_prefix_is_evicted_from_its_end():
     """Its first blocks are the ones other prompts share most, so they stay cached longest."""
     blocks = BlockManager(num_blocks=3, block_size=1, enable_caching=True)
-    table: list[int] = []
-    blocks.grow(table, 3)
-    chain = hash_blocks([5, 6, 7], 1, 3, [])
-    for block, block_hash in zip(table, chain):
-        blocks.register(block, block_hash)
+    table, chain = computed_table(blocks, [5, 6, 7])
     blocks.release(table)
     other: list[int] = []
     blocks.grow(other, 1)
@@ -139,10 +134,7 @@ def test_caching_off_registers_and_finds_nothing():
 
 def test_reset_cache_forgets_every_prefix_and_frees_evictable_blocks():
     blocks = BlockManager(num_blocks=2, block_size=1, enable_caching=True)
-    table: list[int] = []
-    blocks.grow(table, 2)
-    for block, block_hash in zip(table, hash_blocks([1, 2], 1, 2, [])):
-        blocks.register(block, block_hash)
+    table, _ = computed_table(blocks, [1, 2])
     blocks.release(table)
     assert blocks.reset_cache() == 2
     assert blocks.num_cached == 0 and blocks.num_free == 2
@@ -153,10 +145,6 @@ def test_reset_cache_forgets_every_prefix_and_frees_evictable_blocks():
 
 def run(sim: Simulator) -> None:
     sim.run_until_done(max_steps=500)
-
-
-def computed_prompt_tokens(sim: Simulator, seq) -> int:
-    return len(seq.prompt_ids) - seq.num_cached_tokens
 
 
 def test_a_repeated_prompt_computes_only_what_the_cache_lacks():
