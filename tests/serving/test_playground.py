@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 import splitfuse
+from splitfuse.testing.server import wait_idle
 from splitfuse.serving.server import browser_url
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
@@ -108,16 +109,6 @@ def _wait_finished(page) -> str:
     return page.text_content("#status")
 
 
-def _wait_idle(server, timeout: float = 15.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = httpx.get(server.url + "/health", timeout=5).json()
-        if stats["running"] == 0 and stats["waiting"] == 0 and stats["kv_blocks_used"] == 0:
-            return stats
-        assert time.monotonic() < deadline, f"server did not go idle: {stats}"
-        time.sleep(0.05)
-
-
 def _screenshot(page, name: str) -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / name
@@ -179,7 +170,7 @@ def test_chat_mode_streams_the_assistant_reply(page, server):
 
 @needs_chromium
 def test_stop_aborts_the_request_and_frees_its_kv_blocks(page, server, paced):
-    _wait_idle(server)
+    wait_idle(server.url)
     steps = server.engine.stats.steps
     _open(page, server)
     _fill(page, max_tokens=480, temperature=0)
@@ -188,7 +179,7 @@ def test_stop_aborts_the_request_and_frees_its_kv_blocks(page, server, paced):
     page.click("#stop-button")
     page.wait_for_function("document.getElementById('status').textContent === 'stopped'")
     assert page.is_enabled("#send") and page.is_disabled("#stop-button")
-    stats = _wait_idle(server)
+    stats = wait_idle(server.url)
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
     assert server.engine.stats.steps - steps < 400  # aborted long before its 480 tokens
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import httpx
 import openai
 import pytest
 
 import splitfuse
+from splitfuse.testing.server import wait_idle
 
 KEY = "test-key"
 MAX_BODY = 64 * 1024
@@ -41,17 +41,6 @@ def _post(server, path: str, body, key: str | None = KEY, **kwargs) -> httpx.Res
         headers["Authorization"] = f"Bearer {key}"
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return httpx.post(server.url + path, content=content, headers=headers, timeout=30, **kwargs)
-
-
-def _wait_idle(server, timeout: float = 15.0) -> dict:
-    """Health stats once no request runs or waits (aborts are applied asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = httpx.get(server.url + "/health", timeout=5).json()
-        if stats["running"] == 0 and stats["waiting"] == 0 and stats["kv_blocks_used"] == 0:
-            return stats
-        assert time.monotonic() < deadline, f"server did not go idle: {stats}"
-        time.sleep(0.05)
 
 
 # ---- happy paths -------------------------------------------------------------------------------
@@ -265,12 +254,12 @@ def test_engine_failure_fails_only_that_request(client, server, fail_once):
         client.completions.create(model="llama", prompt=PROMPT, max_tokens=4)
     assert "injected failure" in err.value.body["message"]
     assert client.completions.create(model="llama", prompt=PROMPT, max_tokens=4).choices[0].text
-    _wait_idle(server)
+    wait_idle(server.url)
 
 
 # ---- health, metrics, disconnects, load ------------------------------------------------------
 def test_health_reports_engine_stats(server):
-    stats = _wait_idle(server)
+    stats = wait_idle(server.url)
     assert stats["status"] == "ok"
     assert stats["kv_blocks_total"] == 512 == stats["kv_blocks_free"]
 
@@ -286,7 +275,7 @@ def test_metrics_expose_splitfuse_series(client, server):
 
 
 def test_abandoned_stream_is_aborted(server):
-    _wait_idle(server)
+    wait_idle(server.url)
     steps = server.engine.stats.steps
     body = {"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body,
@@ -294,7 +283,7 @@ def test_abandoned_stream_is_aborted(server):
         for line in reply.iter_lines():
             if line.startswith("data: "):
                 break  # leave after the first chunk
-    _wait_idle(server)
+    wait_idle(server.url)
     assert server.engine.stats.steps - steps < 300  # stopped long before its 400 tokens
 
 
@@ -328,7 +317,7 @@ def test_200_concurrent_requests_then_all_blocks_free(server):
     results = asyncio.run(run())
     assert results.count("bad") == 0
     assert results.count("cancelled") == 50 and results.count("done") == 150
-    stats = _wait_idle(server)
+    stats = wait_idle(server.url)
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
     assert server.engine.engine.blocks.num_free == server.engine.engine.blocks.num_blocks
     reply = _post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
