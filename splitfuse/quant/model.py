@@ -43,7 +43,6 @@ def quantize_model(model, backend, format: str) -> list[str]:
             log.warning("%s: in_features %d is odd, kept in %s", name, tensor.shape[1], tensor.dtype)
             continue
         weights[name] = backend.prepare_linear_weight(quantize(tensor, format))
-        del tensor
     experts = [n for n in kept if n.startswith("layers.") and ".experts." in n]
     if experts:
         log.info("quantization %s: %d MoE expert tensors kept in %s (not quantized yet)", format,

@@ -281,7 +281,6 @@ QUANTIZED_LINEAR_SHAPES = [
 ]
 
 
-@pytest.mark.skipif(not hasattr(Backend, "prepare_linear_weight"), reason="this splitfuse has no quantized weights")
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("fmt,T,K,N", QUANTIZED_LINEAR_SHAPES)
 def test_quantized_linear(backend, reference, dtype, fmt, T, K, N, with_bias):
