@@ -14,6 +14,7 @@ from splitfuse.backends.selection import create_backend
 from splitfuse.config import EngineConfig
 from splitfuse.core.engine import Engine, EngineSettings
 from splitfuse.models.loader import load_model
+from splitfuse.quant import quantize_model, weight_bytes
 
 log = logging.getLogger("splitfuse")
 
@@ -38,7 +39,12 @@ def build_engine(model: str | Path | None = None, backend: str | None = "auto", 
 def assemble_engine(model, backend, config: EngineConfig, tokenizer=None, eos_token_ids: Iterable[int] = (),
                     sampling_defaults: dict | None = None) -> Engine:
     """An Engine over a model already on the backend's device (loaded from a directory, or built
-    with random weights by a benchmark): the KV cache is sized from config, else by the backend."""
+    with random weights by a benchmark): linear layers are quantized if config.quantization says so,
+    then the KV cache is sized from config, else by the backend (seeing the smaller weights)."""
+    if config.quantization:
+        quantize_model(model, backend, config.quantization)
+    log.info("weights: %.1f MiB (%s)", weight_bytes(model.weights) / (1 << 20),
+             config.quantization or str(model.dtype).replace("torch.", ""))
     block_size = config.kv_block_size or backend.kv_block_size(model.head_dim)
     num_blocks = config.num_kv_blocks or backend.num_kv_blocks(
         config, model.kv_bytes_per_block(block_size), model.hidden_size

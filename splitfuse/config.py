@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+Quantization = Literal["int8", "int4"]
 
 
 def is_greedy(temperature: float, top_k: int) -> bool:
@@ -31,6 +32,16 @@ class EngineConfig(BaseModel):
     enforce_eager: bool = Field(False, description="run every step op by op: no CUDA graphs for decode steps")
     max_model_len: int | None = Field(None, ge=1, description="longest prompt + generation; None = model's limit")
     trust_remote_code: bool = Field(False, description="run Python code shipped in the model directory (config, tokenizer)")
+    quantization: Quantization | None = Field(
+        None, description="quantize linear-layer weights at load, weight-only: int8 (per channel) or int4 (groups of 128)")
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _known_quantization(cls, value):
+        if value is not None and value not in Quantization.__args__:
+            raise ValueError(f"quantization={value!r} is not supported; expected one of "
+                             f"{list(Quantization.__args__)} or None (fp8 is not implemented yet)")
+        return value
 
 
 class SamplingParams(BaseModel):

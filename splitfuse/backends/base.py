@@ -25,6 +25,7 @@ import torch
 from splitfuse.backends import torch_ops
 from splitfuse.core.batch import BatchMeta
 from splitfuse.core.sampler import SamplingBatch, sample_tokens
+from splitfuse.quant.weights import QuantizedWeight
 
 CONTRACT_VERSION = 2
 
@@ -107,8 +108,16 @@ class Backend:
     def embedding(self, input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.embedding(input_ids, weight)
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.nn.functional.linear(x, weight, bias)
+    def linear(self, x: torch.Tensor, weight: torch.Tensor | QuantizedWeight,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., K] @ weight.T + bias; weight is a tensor [N, K] or a QuantizedWeight (weight-only
+        int8/int4, see splitfuse.quant), which this reference dequantizes before the matmul."""
+        return torch_ops.linear(x, weight, bias)
+
+    def prepare_linear_weight(self, weight: QuantizedWeight) -> QuantizedWeight:
+        """Called once per quantized matrix at load: return it in the layout this backend's `linear`
+        reads (a repacked copy for a kernel's own layout); the portable layout by default."""
+        return weight
 
     # ---- attention: building blocks ------------------------------------------------------
     def write_kv(self, kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 # the rotary tables live with the models; re-exported because backends and their tests build them here
 from splitfuse.models.rope import build_cos_sin_cache as build_cos_sin_cache
+from splitfuse.quant.weights import QuantizedWeight
 
 if TYPE_CHECKING:
     from splitfuse.core.batch import BatchMeta
@@ -418,3 +419,11 @@ def moe_experts(
     weights = topk_weights.reshape(-1).index_select(0, order).float()[:, None]
     expert_out = (expert_out.float() * weights).to(x.dtype)
     return out.index_add_(0, tokens, expert_out)
+
+
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ weight.T + bias, where weight is a tensor [N, K] or a QuantizedWeight: the
+    reference for quantized weights dequantizes the whole matrix to x's dtype first."""
+    if isinstance(weight, QuantizedWeight):
+        weight = weight.dequantize(x.dtype)
+    return F.linear(x, weight, bias)

@@ -271,6 +271,32 @@ def test_linear(backend, reference, dtype, T, K, N, with_bias):
     assert_close(got, reference.linear(x, w, b), dtype, "linear")
 
 
+# (format, T, K, N): cpu runs int8 "9x41x33" through the dequantize fallback (K not a multiple of
+# 8) and int4 "9x96x48" through torch's int4 kernel (N a multiple of 16, groups of 32)
+QUANTIZED_LINEAR_SHAPES = [
+    pytest.param("int8", 9, 41, 33, id="int8-9x41x33"),
+    pytest.param("int4", 9, 96, 48, id="int4-9x96x48"),
+    pytest.param("int8", 1, 64, 96, id="int8-1x64x96", marks=FULL),
+    pytest.param("int4", 3, 256, 33, id="int4-3x256x33", marks=FULL),
+]
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("fmt,T,K,N", QUANTIZED_LINEAR_SHAPES)
+def test_quantized_linear(backend, reference, dtype, fmt, T, K, N, with_bias):
+    """linear with a weight-only QuantizedWeight, in the layout the backend prepares, equals the
+    reference's linear with the dequantized matrix."""
+    from splitfuse.quant import quantize
+
+    x, w = _randn(T, K, dtype=dtype, seed=1), _randn(N, K, dtype=dtype, seed=2, scale=K ** -0.5)
+    b = _randn(N, dtype=dtype, seed=3) if with_bias else None
+    weight = quantize(w, fmt)
+    dev = backend.device
+    prepared = backend.prepare_linear_weight(weight.to(dev))
+    got = backend.linear(x.to(dev), prepared, None if b is None else b.to(dev))
+    assert_close(got, reference.linear(x, weight, b), dtype, f"linear ({fmt} weight)")
+
+
 def test_embedding(backend, reference, dtype):
     weight = _randn(37, 24, dtype=dtype, seed=1)
     ids = torch.tensor([0, 36, 5, 5, 17, 0, 36, 1, 2])  # first and last rows, repeats
