@@ -31,6 +31,7 @@ class EngineConfig(BaseModel):
     enforce_eager: bool = Field(False, description="run every step op by op: no CUDA graphs for decode steps")
     max_model_len: int | None = Field(None, ge=1, description="longest prompt + generation; None = model's limit")
     trust_remote_code: bool = Field(False, description="run Python code shipped in the model directory (config, tokenizer)")
+    tensor_parallel_size: int = Field(1, ge=1, description="processes (devices) each layer is split over")
 
 
 class SamplingParams(BaseModel):
