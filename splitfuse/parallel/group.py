@@ -170,7 +170,8 @@ def _shut_down(workers, pipes, state) -> None:
     for pipe in pipes:
         pipe.close()
     for process in workers:
-        process.join(timeout=EXIT_GRACE_S)
+        # before joining a worker may still be importing, its pipe not yet watched: no point waiting
+        process.join(timeout=EXIT_GRACE_S if state["joined"] else 0)
         if process.is_alive():
             process.kill()
             process.join()
