@@ -137,6 +137,18 @@ def test_a_killed_worker_fails_the_engine_clearly_and_leaves_no_process(tiny_mod
     assert _wait_gone(pids) == [] and multiprocessing.active_children() == []
 
 
+def test_a_failed_step_stops_the_workers_and_every_later_step_raises(tiny_model_dir, monkeypatch):
+    pipe = splitfuse.pipeline(tiny_model_dir("llama"), backend="cpu", tensor_parallel_size=2)
+    pids = _worker_pids(pipe)
+    monkeypatch.setattr(pipe.engine.model, "logits", lambda hidden: 1 / 0)  # rank 0 fails after the all-reduces
+    with pytest.raises(StepError, match="ZeroDivisionError"):
+        pipe([5, 6, 7], max_new_tokens=4, temperature=0.0)
+    assert _wait_gone(pids) == []
+    with pytest.raises(StepError, match="ranks out of step"):
+        pipe([5, 6, 7], max_new_tokens=4, temperature=0.0)
+    pipe.engine.close()
+
+
 def test_workers_exit_when_the_engine_is_dropped(tiny_model_dir):
     import gc
 

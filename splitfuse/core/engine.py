@@ -220,6 +220,8 @@ class Engine:
             failed = [seq.request_id for seq in self._in_step or self.scheduler.running]
             for request_id in failed:
                 self.abort(request_id)
+            if self.parallel is not None:  # the ranks may be mid-step, out of step with this one
+                self.parallel.abandon(exc)
             raise StepError(failed, exc) from exc
         finally:
             self._in_step = []

@@ -120,6 +120,14 @@ class TensorParallelGroup:
         """Stop the workers and leave the process group; idempotent."""
         self._close()
 
+    def abandon(self, cause: BaseException) -> None:
+        """A step failed: the workers may wait in a collective rank 0 left, so stop them, and make
+        every later step raise."""
+        if self._failure is None:
+            self._failure = (f"a step failed ({type(cause).__name__}: {cause}), which leaves the tensor-parallel "
+                             "ranks out of step; the engine cannot run more steps: close it and build a new one")
+        self.close()
+
     def _collective(self, fn, *args):
         try:
             return fn(*args)
