@@ -69,9 +69,13 @@ class LlamaForCausalLM(CausalLM):
         super().set_shard(shard)
         size, heads, kv_heads = shard.size, self.num_heads, self.total_kv_heads
         intermediate = self.config.intermediate_size
-        problems = [f"num_attention_heads ({heads})"] * (heads % size != 0)
-        problems += [f"intermediate_size ({intermediate})"] * (intermediate % size != 0)
-        problems += [f"num_key_value_heads ({kv_heads}), or be a multiple of it"] * (kv_heads % size and size % kv_heads)
+        problems = []
+        if heads % size:
+            problems.append(f"num_attention_heads ({heads})")
+        if intermediate % size:
+            problems.append(f"intermediate_size ({intermediate})")
+        if kv_heads % size and size % kv_heads:
+            problems.append(f"num_key_value_heads ({kv_heads}), or be a multiple of it")
         if problems:
             raise ValueError(f"tensor_parallel_size={size} must divide {' and '.join(problems)} of "
                              f"{type(self).__name__}")
