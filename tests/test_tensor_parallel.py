@@ -3,6 +3,7 @@ never outlive the engine, and what cannot be split is refused clearly."""
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import random
@@ -149,9 +150,7 @@ def test_a_failed_step_stops_the_workers_and_every_later_step_raises(tiny_model_
     pipe.engine.close()
 
 
-def test_workers_exit_when_the_engine_is_dropped(tiny_model_dir):
-    import gc
-
+def test_workers_exit_when_the_engine_is_dropped_or_closed(tiny_model_dir):
     pipe = splitfuse.pipeline(tiny_model_dir("llama"), backend="cpu", tensor_parallel_size=2)
     pids = _worker_pids(pipe)
     pipe.close()
@@ -161,6 +160,9 @@ def test_workers_exit_when_the_engine_is_dropped(tiny_model_dir):
     # the process group was left with the engine: a new tensor-parallel engine can start
     again = splitfuse.pipeline(tiny_model_dir("llama"), backend="cpu", tensor_parallel_size=2)
     again.engine.close()
+    assert multiprocessing.active_children() == []
+    with pytest.raises(StepError, match="engine is closed"):
+        again([5, 6, 7], max_new_tokens=4, temperature=0.0)
 
 
 def test_workers_exit_when_the_engine_process_dies(tiny_model_dir):

@@ -118,6 +118,8 @@ class TensorParallelGroup:
 
     def close(self) -> None:
         """Stop the workers and leave the process group; idempotent."""
+        if self._failure is None:
+            self._failure = "the tensor-parallel engine is closed: build a new one"
         self._close()
 
     def abandon(self, cause: BaseException) -> None:
@@ -149,7 +151,6 @@ class TensorParallelGroup:
                          f"{process.exitcode}" + (f": {message}" if message else ""))
         detail = "; ".join(lines) or "a tensor-parallel worker stopped answering"
         return detail + "; the engine cannot run more steps: close it and build a new one"
-
 
     def _read(self, pipe) -> str | None:
         """The last message waiting on a worker's pipe, if any; errors are kept for the report."""
