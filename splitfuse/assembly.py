@@ -18,7 +18,7 @@ from splitfuse.quant import quantize_model, weight_bytes
 
 log = logging.getLogger("splitfuse")
 
-__all__ = ["EngineSettings", "assemble_engine", "build_engine"]
+__all__ = ["EngineSettings", "assemble_engine", "build_engine", "kv_cache_size", "prepare_weights"]
 
 
 def build_engine(model: str | Path | None = None, backend: str | None = "auto", config: EngineConfig | None = None,
@@ -31,25 +31,59 @@ def build_engine(model: str | Path | None = None, backend: str | None = "auto", 
 
         model = default_model_dir()
     backend_impl = create_backend(backend, device_index)
+    if config.tensor_parallel_size > 1:
+        return _build_tensor_parallel_engine(model, backend_impl, config)
     loaded = load_model(model, backend_impl, config.dtype, config.max_model_len, config.trust_remote_code)
     return assemble_engine(loaded.model, backend_impl, config, loaded.tokenizer, loaded.eos_token_ids,
                            loaded.sampling_defaults)
 
 
-def assemble_engine(model, backend, config: EngineConfig, tokenizer=None, eos_token_ids: Iterable[int] = (),
-                    sampling_defaults: dict | None = None) -> Engine:
-    """An Engine over a model already on the backend's device (loaded from a directory, or built
-    with random weights by a benchmark): linear layers are quantized if config.quantization says so,
-    then the KV cache is sized from config, else by the backend (seeing the smaller weights)."""
+def _build_tensor_parallel_engine(model: str | Path, backend, config: EngineConfig) -> Engine:
+    """Rank 0's engine: worker ranks start and load their shards while this process loads its own;
+    the group closes with the engine (or if building it fails)."""
+    from splitfuse.parallel.group import TensorParallelGroup
+
+    group = TensorParallelGroup(model, backend, config)
+    try:
+        loaded = load_model(model, backend, config.dtype, config.max_model_len, config.trust_remote_code,
+                            shard=group.shard)
+        group.join()
+        return assemble_engine(loaded.model, backend, config, loaded.tokenizer, loaded.eos_token_ids,
+                               loaded.sampling_defaults, parallel=group)
+    except BaseException:
+        group.close()
+        raise
+
+
+def prepare_weights(model, backend, config: EngineConfig) -> None:
+    """After loading (a whole model or one rank's shard): quantize the linear layers if
+    config.quantization says so, and log what the weights take."""
     if config.quantization:
         quantize_model(model, backend, config.quantization)
     log.info("weights: %.1f MiB (%s)", weight_bytes(model.weights) / (1 << 20),
              config.quantization or str(model.dtype).replace("torch.", ""))
+
+
+def kv_cache_size(model, backend, config: EngineConfig) -> tuple[int, int]:
+    """(tokens per KV block, KV blocks) for a loaded model: from config, else the backend's choice."""
     block_size = config.kv_block_size or backend.kv_block_size(model.head_dim)
     num_blocks = config.num_kv_blocks or backend.num_kv_blocks(
         config, model.kv_bytes_per_block(block_size), model.hidden_size
     )
+    return block_size, num_blocks
+
+
+def assemble_engine(model, backend, config: EngineConfig, tokenizer=None, eos_token_ids: Iterable[int] = (),
+                    sampling_defaults: dict | None = None, parallel=None) -> Engine:
+    """An Engine over a model already on the backend's device (loaded from a directory, or built
+    with random weights by a benchmark): linear layers are quantized if config.quantization says so,
+    then the KV cache is sized from config, else by the backend (seeing the smaller weights).
+    `parallel`: the TensorParallelGroup of a sharded model, whose ranks agree on one block count."""
+    prepare_weights(model, backend, config)
+    block_size, num_blocks = kv_cache_size(model, backend, config)
+    if parallel is not None:
+        num_blocks = parallel.agree_num_kv_blocks(num_blocks)
     log.info("KV cache: %d blocks of %d tokens (%d tokens) on %s", num_blocks, block_size,
              num_blocks * block_size, backend.describe())
     return Engine(model, backend, tokenizer, config, list(eos_token_ids), model.max_model_len, num_blocks,
-                  block_size, sampling_defaults)
+                  block_size, sampling_defaults, parallel)

@@ -32,6 +32,7 @@ class EngineConfig(BaseModel):
     enforce_eager: bool = Field(False, description="run every step op by op: no CUDA graphs for decode steps")
     max_model_len: int | None = Field(None, ge=1, description="longest prompt + generation; None = model's limit")
     trust_remote_code: bool = Field(False, description="run Python code shipped in the model directory (config, tokenizer)")
+    tensor_parallel_size: int = Field(1, ge=1, description="processes (devices) each layer is split over")
     quantization: Quantization | None = Field(
         None, description="quantize linear-layer weights at load, weight-only: int8 (per channel) or int4 (groups of 128)")
 
@@ -42,6 +43,14 @@ class EngineConfig(BaseModel):
             raise ValueError(f"quantization={value!r} is not supported; expected one of "
                              f"{list(Quantization.__args__)} or None (fp8 is not implemented yet)")
         return value
+
+    @model_validator(mode="after")
+    def _quantization_on_one_rank(self) -> "EngineConfig":
+        # each rank would quantize its own slices with their own scales: not checked yet
+        if self.quantization and self.tensor_parallel_size > 1:
+            raise ValueError(f"quantization={self.quantization!r} with tensor_parallel_size="
+                             f"{self.tensor_parallel_size} is not supported yet: use one of them")
+        return self
 
 
 class SamplingParams(BaseModel):

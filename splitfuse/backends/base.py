@@ -64,6 +64,11 @@ class Backend:
         instance exists: front ends plan CPU threads and devices by it."""
         return "cpu"
 
+    @classmethod
+    def distributed_backend(cls) -> str:
+        """The torch.distributed process-group backend tensor-parallel ranks on this device join."""
+        return "gloo"
+
     def __init__(self, device_index: int = 0) -> None:
         self.device = torch.device("cpu")
 

@@ -73,8 +73,11 @@ class Engine:
 
     def __init__(self, model, backend, tokenizer, config: EngineConfig, eos_token_ids: list[int],
                  max_model_len: int, num_kv_blocks: int, block_size: int,
-                 sampling_defaults: dict | None = None) -> None:
+                 sampling_defaults: dict | None = None, parallel=None) -> None:
         self.model = model
+        # The TensorParallelGroup of a sharded model (None: one process): it gets every step's
+        # metadata before this process, rank 0, runs its own shard.
+        self.parallel = parallel
         self.backend = backend
         self.tokenizer = tokenizer
         self.config = config
@@ -181,6 +184,11 @@ class Engine:
             self.abort(request_id)
         return request_ids
 
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any; the engine cannot step afterwards."""
+        if self.parallel is not None:
+            self.parallel.close()
+
     # ---- state -----------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -212,6 +220,8 @@ class Engine:
             failed = [seq.request_id for seq in self._in_step or self.scheduler.running]
             for request_id in failed:
                 self.abort(request_id)
+            if self.parallel is not None:  # the ranks may be mid-step, out of step with this one
+                self.parallel.abandon(exc)
             raise StepError(failed, exc) from exc
         finally:
             self._in_step = []
@@ -238,7 +248,10 @@ class Engine:
         return outputs
 
     def _forward(self, plan: StepPlan, sampled: list[Sequence]):
-        meta = self.backend.prepare_batch(build_batch(plan, self.blocks.block_size))
+        host_meta = build_batch(plan, self.blocks.block_size)
+        if self.parallel is not None:
+            self.parallel.broadcast_step(host_meta)
+        meta = self.backend.prepare_batch(host_meta)
         hidden = self.backend.forward(self.model, meta, self.kv_cache)
         logits = self.model.logits(hidden[meta.sample_index]).float()
         batch = self._sampling_batch(sampled)

@@ -14,6 +14,7 @@ import torch
 
 from splitfuse.models import weight_tables
 from splitfuse.models.weight_tables import Weight
+from splitfuse.parallel.shard import SINGLE, Shard
 
 
 class CausalLM:
@@ -38,6 +39,11 @@ class CausalLM:
     # prefixes some checkpoints put before every name, removed in this order before the lookup
     strip_prefixes: tuple[str, ...] = ()
 
+    # Whether forward honours a Shard (tensor parallelism). Read from each class itself, never
+    # inherited: a subclass adds layers its parent's sharding may not cover, so it must say so anew.
+    supports_tensor_parallel: bool = False
+    shard: Shard = SINGLE
+
     num_layers: int
     num_kv_heads: int
     head_dim: int
@@ -58,6 +64,20 @@ class CausalLM:
 
         For models whose K/V depend on the sequence's length, not only on each token's position
         (Phi-3's longrope switches rotary frequencies past the original context)."""
+        return None
+
+    # ---- tensor parallelism --------------------------------------------------------------------
+    def set_shard(self, shard: Shard) -> None:
+        """Make this model rank `shard.rank` of `shard.size` before its weights load; a model that
+        cannot be split refuses with the reason."""
+        if shard.size > 1 and not vars(type(self)).get("supports_tensor_parallel", False):
+            raise ValueError(f"tensor_parallel_size={shard.size}: {type(self).__name__} does not support tensor "
+                             "parallelism yet; use tensor_parallel_size=1 (supported: LlamaForCausalLM, "
+                             "MistralForCausalLM, Qwen2ForCausalLM)")
+        self.shard = shard
+
+    def checkpoint_slice(self, name: str, shape: list[int]) -> tuple[slice, ...] | None:
+        """This rank's index into checkpoint tensor `name` of `shape`; None: load it whole."""
         return None
 
     # ---- weights -------------------------------------------------------------------------------

@@ -9,24 +9,36 @@ from __future__ import annotations
 
 import torch
 
+from splitfuse.models import weight_tables
 from splitfuse.models.base import CausalLM, add_norm
 from splitfuse.models.rope import rope_cos_sin
-from splitfuse.models.weight_tables import Weight, fused
+from splitfuse.models.weight_tables import COLUMN, KV_COLUMN, ROW, VOCAB, Weight, fused
+from splitfuse.parallel.layers import vocab_embedding, vocab_logits
+from splitfuse.parallel.shard import Shard
+from splitfuse.parallel.sharding import checkpoint_slice
+
+
+_QKV_SPLITS = (COLUMN, KV_COLUMN, KV_COLUMN)
 
 
 class LlamaForCausalLM(CausalLM):
+    """Tensor parallel as Megatron splits it: q/k/v and gate/up by output features, o and down by
+    input features (one all-reduce after each), embedding and lm_head by vocabulary rows."""
+
+    supports_tensor_parallel = True
     global_weights = {
-        "model.embed_tokens.weight": "embed_tokens.weight",
+        "model.embed_tokens.weight": Weight("embed_tokens.weight", split=VOCAB),
         "model.norm.weight": "norm.weight",
-        "lm_head.weight": Weight("lm_head.weight", when="not tie_word_embeddings"),
+        "lm_head.weight": Weight("lm_head.weight", when="not tie_word_embeddings", split=VOCAB),
     }
     layer_weights = {
-        **fused("qkv.weight", ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"]),
+        **fused("qkv.weight", ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+                splits=_QKV_SPLITS),
         **fused("qkv.bias", ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"],
-                when="qkv_bias"),
-        **fused("gate_up.weight", ["mlp.gate_proj.weight", "mlp.up_proj.weight"]),
-        "self_attn.o_proj.weight": "o.weight",
-        "mlp.down_proj.weight": "down.weight",
+                when="qkv_bias", splits=_QKV_SPLITS),
+        **fused("gate_up.weight", ["mlp.gate_proj.weight", "mlp.up_proj.weight"], splits=(COLUMN, COLUMN)),
+        "self_attn.o_proj.weight": Weight("o.weight", split=ROW),
+        "mlp.down_proj.weight": Weight("down.weight", split=ROW),
         "input_layernorm.weight": "input_norm.weight",
         "post_attention_layernorm.weight": "post_norm.weight",
     }
@@ -43,9 +55,37 @@ class LlamaForCausalLM(CausalLM):
         self.qkv_bias = bool(getattr(config, "attention_bias", False))
         self.sliding_windows = self._sliding_windows(config)
         self.cos_sin = rope_cos_sin(config, self.head_dim, max_model_len, dtype, backend.device)
+        self.total_kv_heads = self.num_kv_heads  # the checkpoint's; num_kv_heads is this rank's
+        self._set_qkv_sizes()
+        self.rotary_dim: int | None = None  # None: rotate the whole head
+
+    def _set_qkv_sizes(self) -> None:
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_sizes = (q, kv, kv)
-        self.rotary_dim: int | None = None  # None: rotate the whole head
+
+    def set_shard(self, shard: Shard) -> None:
+        """Keep num_heads / size query heads and the matching KV heads (one replicated KV head per
+        rank where the model has fewer KV heads than ranks)."""
+        super().set_shard(shard)
+        size, heads, kv_heads = shard.size, self.num_heads, self.total_kv_heads
+        intermediate = self.config.intermediate_size
+        problems = []
+        if heads % size:
+            problems.append(f"num_attention_heads ({heads})")
+        if intermediate % size:
+            problems.append(f"intermediate_size ({intermediate})")
+        if kv_heads % size and size % kv_heads:
+            problems.append(f"num_key_value_heads ({kv_heads}), or be a multiple of it")
+        if problems:
+            raise ValueError(f"tensor_parallel_size={size} must divide {' and '.join(problems)} of "
+                             f"{type(self).__name__}")
+        self.num_heads = heads // size
+        self.num_kv_heads = max(1, kv_heads // size)
+        self._set_qkv_sizes()
+
+    def checkpoint_slice(self, name: str, shape: list[int]) -> tuple[slice, ...] | None:
+        return checkpoint_slice(weight_tables.split_of(self, name), shape, self.shard, self.total_kv_heads,
+                                self.head_dim)
 
     def _sliding_windows(self, config) -> list[int | None]:
         window = getattr(config, "sliding_window", None)
@@ -59,7 +99,7 @@ class LlamaForCausalLM(CausalLM):
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, input_ids, positions, meta, kv_cache) -> torch.Tensor:
         ops, w = self.backend, self.weights
-        hidden = ops.embedding(input_ids, w["embed_tokens.weight"])
+        hidden = vocab_embedding(ops, self.shard, input_ids, w["embed_tokens.weight"], self.vocab_size)
         residual = None
         rope_positions = self.rope_positions(positions, meta)
         for i in range(self.num_layers):
@@ -68,9 +108,9 @@ class LlamaForCausalLM(CausalLM):
             q, k, v = self.project_qkv(p, x)
             attn = ops.rotary_attention(q, k, v, rope_positions, self.cos_sin, kv_cache[i], meta, self.scale,
                                         self.sliding_windows[i], rotary_dim=self.rotary_dim)
-            hidden = ops.linear(attn.reshape(attn.shape[0], -1), w[p + "o.weight"])
+            hidden = self.shard.all_reduce(ops.linear(attn.reshape(attn.shape[0], -1), w[p + "o.weight"]))
             x, residual = self.norm(p + "post_norm", hidden, residual)
-            hidden = self.mlp(i, x)
+            hidden = self.shard.all_reduce(self.mlp(i, x))
         hidden, _ = self.norm("norm", hidden, residual)
         return hidden
 
@@ -97,17 +137,22 @@ class LlamaForCausalLM(CausalLM):
         return ops.linear(ops.silu_and_mul(ops.linear(x, self.weights[p + "gate_up.weight"])),
                           self.weights[p + "down.weight"])
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits [N, V] of hidden [N, hidden]; with tensor parallelism on rank 0 only (None elsewhere)."""
         head = self.weights["embed_tokens.weight"] if self.tie_word_embeddings else self.weights["lm_head.weight"]
-        return self.backend.linear(hidden, head)
+        return vocab_logits(self.backend, self.shard, hidden, head, self.vocab_size)
 
 
 class MistralForCausalLM(LlamaForCausalLM):
     """Same layout as Llama; the config's sliding_window is honoured."""
 
+    supports_tensor_parallel = True
+
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     """Llama layout with q/k/v biases."""
+
+    supports_tensor_parallel = True
 
     def __init__(self, config, backend, dtype: torch.dtype, max_model_len: int) -> None:
         super().__init__(config, backend, dtype, max_model_len)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from splitfuse.parallel.shard import SINGLE, Shard
 from splitfuse.plugins.manager import get_plugin_manager
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,7 +43,8 @@ def resolve_dtype(dtype: str, backend) -> torch.dtype:
 
 
 def load_model(path: str | Path, backend, dtype: str = "auto", max_model_len: int | None = None,
-               trust_remote_code: bool = False) -> LoadedModel:
+               trust_remote_code: bool = False, shard: Shard = SINGLE) -> LoadedModel:
+    """Load the model (this rank's slices of it, with a tensor-parallel shard) onto the backend."""
     from transformers import AutoConfig
 
     path = Path(path)
@@ -75,7 +77,9 @@ def load_model(path: str | Path, backend, dtype: str = "auto", max_model_len: in
         )
     max_model_len = max_model_len or limit
     model = registry.get(arch)(hf_config, backend, resolve_dtype(dtype, backend), max_model_len)
-    model.load_weights(_stream_tensors(files))
+    if shard.size > 1:
+        _shard_model(model, arch, shard)
+    model.load_weights(_stream_tensors(files, model.checkpoint_slice if shard.size > 1 else None))
     generation = _read_json(path / "generation_config.json")
     return LoadedModel(
         model=model,
@@ -102,7 +106,20 @@ def _safetensors_files(path: Path) -> list[Path]:
     raise ModelLoadError(f"{str(path)!r} has no *.safetensors weight files")
 
 
-def _stream_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def _shard_model(model, arch: str, shard: Shard) -> None:
+    """Make the model this rank's shard, or refuse clearly (a plugin model may not know sharding)."""
+    if not hasattr(model, "set_shard"):
+        raise ModelLoadError(f"tensor_parallel_size={shard.size}: {arch} does not support tensor parallelism; "
+                             "use tensor_parallel_size=1")
+    try:
+        model.set_shard(shard)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+
+
+def _stream_tensors(files: list[Path], checkpoint_slice=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every checkpoint tensor; where `checkpoint_slice(name, shape)` gives an
+    index, only that slice is read from the file."""
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
@@ -111,7 +128,11 @@ def _stream_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     with tqdm(total=total, desc="loading weights", unit="tensor", disable=None, leave=False) as bar:
         for handle in handles:
             for name in handle.keys():
-                yield name, handle.get_tensor(name)
+                index = None
+                if checkpoint_slice is not None:
+                    part = handle.get_slice(name)
+                    index = checkpoint_slice(name, part.get_shape())
+                yield name, handle.get_tensor(name) if index is None else part[index]
                 bar.update(1)
 
 

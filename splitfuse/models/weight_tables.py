@@ -8,8 +8,15 @@ maps a checkpoint name to our name or to a `Weight`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+
+# How a tensor-parallel rank slices a checkpoint tensor (`Weight.split`; None: every rank holds it
+# whole). See splitfuse/parallel/sharding.py.
+COLUMN = "column"  # output features (dim 0) split evenly: q, gate, up
+KV_COLUMN = "kv_column"  # dim 0 split by KV heads, a head replicated where there are fewer than ranks
+ROW = "row"  # input features (dim 1) split evenly: o, down (their outputs are all-reduced)
+VOCAB = "vocab"  # vocabulary rows (dim 0) split in ceil(V / ranks) ranges: embedding, lm_head
 
 
 @dataclass(frozen=True)
@@ -23,12 +30,16 @@ class Weight:
     # None: always. Else a model attribute that must be true ("not attr": false); an attribute that
     # is a method is called with the layer index, so a per-layer weight can depend on its layer.
     when: str | None = None
+    split: str | None = None  # COLUMN, KV_COLUMN, ROW or VOCAB: how tensor parallelism slices it
 
 
-def fused(name: str, checkpoint_names: Iterable[str], when: str | None = None) -> dict[str, Weight]:
-    """{checkpoint name: Weight} for tensors concatenated in this order (along rows) into `name`."""
+def fused(name: str, checkpoint_names: Iterable[str], when: str | None = None,
+          splits: Sequence[str | None] | None = None) -> dict[str, Weight]:
+    """{checkpoint name: Weight} for tensors concatenated in this order (along rows) into `name`;
+    `splits` gives each part's tensor-parallel split (each rank fuses its own slices)."""
     names = list(checkpoint_names)
-    return {hf: Weight(name, i, len(names), when) for i, hf in enumerate(names)}
+    splits = list(splits) if splits is not None else [None] * len(names)
+    return {hf: Weight(name, i, len(names), when, split) for i, (hf, split) in enumerate(zip(names, splits))}
 
 
 def weight_and_bias(modules: Mapping[str, str], when: str | None = None,
@@ -47,13 +58,13 @@ def map_name(model, name: str) -> tuple[str | None, tuple[int, int] | None]:
     `model`'s tables; KeyError for a name they do not know."""
     for prefix in model.strip_prefixes:
         name = name.removeprefix(prefix)
-    if name in model.global_weights:
-        return _placed(_as_weight(model.global_weights[name]))
+    entry = _table_entry(model, name)
+    if entry is not None:
+        layer, weight = entry
+        ours, part = _placed(weight)
+        return (ours if layer is None else f"layers.{layer}.{ours}"), part
     if name.startswith(model.layer_prefix):
         index, _, suffix = name[len(model.layer_prefix):].partition(".")
-        if suffix in model.layer_weights:
-            ours, part = _placed(_as_weight(model.layer_weights[suffix]))
-            return f"layers.{index}.{ours}", part
         expert = _expert_weight(model, suffix)
         if expert is not None:
             e, weight = expert
@@ -62,6 +73,25 @@ def map_name(model, name: str) -> tuple[str | None, tuple[int, int] | None]:
     if name.endswith(model.skipped_weights):
         return None, None
     raise KeyError(name)
+
+
+def split_of(model, name: str) -> str | None:
+    """The tensor-parallel split of checkpoint tensor `name` by `model`'s tables (None: whole)."""
+    for prefix in model.strip_prefixes:
+        name = name.removeprefix(prefix)
+    entry = _table_entry(model, name)
+    return None if entry is None else entry[1].split
+
+
+def _table_entry(model, name: str) -> tuple[str | None, Weight] | None:
+    """(layer index or None, Weight) of a global or per-layer table entry for `name`, else None."""
+    if name in model.global_weights:
+        return None, _as_weight(model.global_weights[name])
+    if name.startswith(model.layer_prefix):
+        index, _, suffix = name[len(model.layer_prefix):].partition(".")
+        if suffix in model.layer_weights:
+            return index, _as_weight(model.layer_weights[suffix])
+    return None
 
 
 def expected_sources(model) -> dict[str, list[str]]:

@@ -38,6 +38,11 @@ class CudaBackend(DeviceBackend):
                     "kernels on the CPU for testing")
         return triton_import_error()
 
+    @classmethod
+    def distributed_backend(cls) -> str:
+        # Under the Triton interpreter the tensors live on the CPU, where NCCL cannot run.
+        return "gloo" if cls.cpu_mode() else "nccl"
+
     def captures_graphs(self) -> bool:
         return self.device.type == "cuda"
 

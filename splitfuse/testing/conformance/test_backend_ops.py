@@ -70,6 +70,8 @@ def test_declares_a_usable_contract(backend):
     assert isinstance(backend.auto_selectable(), bool)
     assert backend.device_count() >= 1
     assert backend.device_type() == backend.device.type, "device_type() names the type of `device`"
+    name = backend.distributed_backend()
+    assert isinstance(name, str) and name, "distributed_backend() names a torch.distributed backend (\"gloo\", ...)"
     size = backend.kv_block_size(64)
     assert isinstance(size, int) and size >= 1
     blocks = backend.num_kv_blocks(EngineConfig(kv_cache_gib=0.01), 1 << 16, 64)
