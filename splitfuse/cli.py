@@ -37,25 +37,29 @@ def engine_flags(engine: dict) -> list[str]:
     return flags
 
 
+# Short spellings users know from vLLM.
+_ALIASES = {"tensor_parallel_size": ("-tp",)}
+
+
 def _add_model_fields(parser: argparse.ArgumentParser, model: type[BaseModel], title: str) -> None:
     """One --flag per pydantic field, so the CLI and the Python API share names and validation."""
     group = parser.add_argument_group(title)
     for name, info in model.model_fields.items():
-        flag = field_flag(name, info)
+        flags = (field_flag(name, info), *_ALIASES.get(name, ()))
         annotation = info.annotation
         args = typing.get_args(annotation)
         help_text = info.description or ""
         if annotation is bool:
             action = "store_false" if info.default is True else "store_true"
-            group.add_argument(flag, dest=name, action=action, default=None, help=help_text)
+            group.add_argument(*flags, dest=name, action=action, default=None, help=help_text)
         elif typing.get_origin(annotation) is list:
             item = args[0] if args else str
-            group.add_argument(flag, dest=name, action="append", type=item, default=None,
+            group.add_argument(*flags, dest=name, action="append", type=item, default=None,
                                help=(help_text + " (repeat for several)").strip())
         else:
             kinds = [a for a in args if a is not type(None)] or [annotation]
             kind = kinds[0] if kinds[0] in (int, float) else str
-            group.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
+            group.add_argument(*flags, dest=name, type=kind, default=None, help=help_text)
 
 
 def _picked(args: argparse.Namespace, model: type[BaseModel]) -> dict:

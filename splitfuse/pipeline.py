@@ -118,7 +118,10 @@ class Pipeline:
                 engine.abort(request_id)
 
     def close(self) -> None:
-        """Free the KV cache and the model; the pipeline cannot be used afterwards."""
+        """Free the KV cache and the model and stop tensor-parallel workers; the pipeline cannot be
+        used afterwards."""
+        if self.engine is not None:
+            self.engine.close()
         self.engine = None
 
     def __enter__(self) -> "Pipeline":

@@ -201,6 +201,7 @@ def test_tensor_parallel_size_must_be_at_least_one():
 def test_the_cli_flag_sets_tensor_parallel_size():
     args = build_parser().parse_args(["generate", "hello", "--tensor-parallel-size", "2"])
     assert args.tensor_parallel_size == 2
+    assert build_parser().parse_args(["serve", "-tp", "4"]).tensor_parallel_size == 4
 
 
 def test_the_process_group_backend_follows_the_accelerator():
@@ -210,6 +211,13 @@ def test_the_process_group_backend_follows_the_accelerator():
     assert CpuBackend.distributed_backend() == "gloo"
     # tests run the cuda backend under the Triton interpreter, on CPU tensors: gloo there, nccl on GPUs
     assert CudaBackend.distributed_backend() == ("gloo" if CudaBackend.cpu_mode() else "nccl")
+
+
+def test_closing_the_pipeline_stops_its_workers(tiny_model_dir):
+    pipe = splitfuse.pipeline(tiny_model_dir("llama"), backend="cpu", tensor_parallel_size=2)
+    pids = _worker_pids(pipe)
+    pipe.close()
+    assert _wait_gone(pids) == []
 
 
 def test_quantization_with_several_ranks_is_refused_by_name():

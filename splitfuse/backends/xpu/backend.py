@@ -36,6 +36,14 @@ class XpuBackend(DeviceBackend):
     def count_devices(cls) -> int:
         return xpu_device.device_count()
 
+    @classmethod
+    def distributed_backend(cls) -> str:
+        # oneCCL's process groups, where this torch build has them; the CPU test mode runs gloo
+        import torch.distributed as dist
+
+        xccl = getattr(dist, "is_xccl_available", lambda: False)()
+        return "xccl" if xccl and not cls.cpu_mode() else "gloo"
+
     def __init__(self, device_index: int = 0, device_module=None) -> None:
         super().__init__(device_index, device_module)
         self._ipex = ipex_attention.load()
