@@ -33,7 +33,8 @@ def build_engine(model: str | Path | None = None, backend: str | None = "auto", 
     backend_impl = create_backend(backend, device_index)
     if config.tensor_parallel_size > 1:
         return _build_tensor_parallel_engine(model, backend_impl, config)
-    loaded = load_model(model, backend_impl, config.dtype, config.max_model_len, config.trust_remote_code)
+    loaded = load_model(model, backend_impl, config.dtype, config.max_model_len, config.trust_remote_code,
+                        quantization=config.quantization)
     return assemble_engine(loaded.model, backend_impl, config, loaded.tokenizer, loaded.eos_token_ids,
                            loaded.sampling_defaults)
 
@@ -46,7 +47,7 @@ def _build_tensor_parallel_engine(model: str | Path, backend, config: EngineConf
     group = TensorParallelGroup(model, backend, config)
     try:
         loaded = load_model(model, backend, config.dtype, config.max_model_len, config.trust_remote_code,
-                            shard=group.shard)
+                            shard=group.shard, quantization=config.quantization)
         group.join()
         return assemble_engine(loaded.model, backend, config, loaded.tokenizer, loaded.eos_token_ids,
                                loaded.sampling_defaults, parallel=group)

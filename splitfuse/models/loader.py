@@ -12,6 +12,7 @@ import torch
 
 from splitfuse.parallel.shard import SINGLE, Shard
 from splitfuse.plugins.manager import get_plugin_manager
+from splitfuse.quant.gptq import GptqConfig, UnsupportedQuantization, load_gptq_weights, read_quantization_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAMPLING_DEFAULT_KEYS = ("temperature", "top_k", "top_p")
@@ -43,8 +44,9 @@ def resolve_dtype(dtype: str, backend) -> torch.dtype:
 
 
 def load_model(path: str | Path, backend, dtype: str = "auto", max_model_len: int | None = None,
-               trust_remote_code: bool = False, shard: Shard = SINGLE) -> LoadedModel:
-    """Load the model (this rank's slices of it, with a tensor-parallel shard) onto the backend."""
+               trust_remote_code: bool = False, shard: Shard = SINGLE, quantization: str | None = None) -> LoadedModel:
+    """Load the model (this rank's slices of it, with a tensor-parallel shard) onto the backend;
+    `quantization`: the on-the-fly format the caller will apply (refused for a quantized checkpoint)."""
     from transformers import AutoConfig
 
     path = Path(path)
@@ -69,6 +71,7 @@ def load_model(path: str | Path, backend, dtype: str = "auto", max_model_len: in
             f"architecture {architectures or '(none given)'} is not supported; supported: "
             + ", ".join(registry.names())
         )
+    gptq = _checkpoint_quantization(hf_config, quantization, shard)
     files = _safetensors_files(path)
     limit = getattr(hf_config, "max_position_embeddings", None) or 4096
     if max_model_len and max_model_len > limit:
@@ -79,7 +82,13 @@ def load_model(path: str | Path, backend, dtype: str = "auto", max_model_len: in
     model = registry.get(arch)(hf_config, backend, resolve_dtype(dtype, backend), max_model_len)
     if shard.size > 1:
         _shard_model(model, arch, shard)
-    model.load_weights(_stream_tensors(files, model.checkpoint_slice if shard.size > 1 else None))
+    if gptq is not None:
+        try:
+            load_gptq_weights(model, _stream_tensors(files), gptq, backend)
+        except UnsupportedQuantization as exc:
+            raise ModelLoadError(str(exc)) from None
+    else:
+        model.load_weights(_stream_tensors(files, model.checkpoint_slice if shard.size > 1 else None))
     generation = _read_json(path / "generation_config.json")
     return LoadedModel(
         model=model,
@@ -104,6 +113,26 @@ def _safetensors_files(path: Path) -> list[Path]:
             "transformers: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
         )
     raise ModelLoadError(f"{str(path)!r} has no *.safetensors weight files")
+
+
+def _checkpoint_quantization(hf_config, quantization: str | None, shard: Shard) -> GptqConfig | None:
+    """The checkpoint's GPTQ settings (None: not quantized), or refuse what cannot be served."""
+    config = getattr(hf_config, "quantization_config", None)
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        config = config.to_dict()
+    method = config.get("quant_method")
+    if quantization:
+        raise ModelLoadError(f"quantization={quantization!r} was given for a checkpoint already quantized "
+                             f"(quantization_config.quant_method={method!r}); leave quantization unset")
+    if shard.size > 1:
+        raise ModelLoadError(f"tensor_parallel_size={shard.size} with a quantized checkpoint (quant_method="
+                             f"{method!r}) is not supported; use tensor_parallel_size=1")
+    try:
+        return read_quantization_config(config)
+    except UnsupportedQuantization as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 def _shard_model(model, arch: str, shard: Shard) -> None:
