@@ -5,6 +5,7 @@ model holding those weights as plain float32, and unsupported configurations are
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import splitfuse
 from splitfuse.models.loader import ModelLoadError
 from splitfuse.quant import QuantizedWeight
 from splitfuse.testing.parity import make_prompts
+from splitfuse.testing.tiny_model import make_tiny_model
 from test_quantization import _divergence, _greedy
 
 STORED_ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}
@@ -53,13 +55,13 @@ def gptq_pack(weight: torch.Tensor, group_size: int, checkpoint_format: str = "g
 
 
 def write_gptq_checkpoint(source: Path, target: Path, group_size: int, quantization_config: dict | None = None,
-                          checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
+                          checkpoint_format: str = "gptq", modules=LINEAR_MODULES) -> dict[str, torch.Tensor]:
     """Copy the model directory `source` to `target` with every decoder linear layer GPTQ-packed;
     returns {HF module name: its dequantized float32 weight}."""
     shutil.copytree(source, target)
     tensors = load_file(target / "model.safetensors")
     dequantized = {}
-    for name in [n for n in tensors if n.endswith(".weight") and n.removesuffix(".weight").endswith(LINEAR_MODULES)]:
+    for name in [n for n in tensors if n.endswith(".weight") and n.removesuffix(".weight").endswith(modules)]:
         module = name.removesuffix(".weight")
         packed, dequantized[module] = gptq_pack(tensors.pop(name), group_size, checkpoint_format)
         tensors.update({f"{module}.{part}": t for part, t in packed.items()})
@@ -84,14 +86,17 @@ def _pipeline(path):
     return splitfuse.pipeline(path, backend="cpu", kv_cache_gib=0.01)
 
 
-@pytest.mark.parametrize("group_size,checkpoint_format", [(32, "gptq"), (64, "gptq_v2")])
-def test_gptq_checkpoint_loads_exactly_and_generates_as_its_dequantized_weights(tiny_model_dir, tmp_path, group_size,
-                                                                              checkpoint_format):
-    source = tiny_model_dir("llama")
+@pytest.mark.parametrize("arch,group_size,checkpoint_format",
+                         [("llama", 32, "gptq"), ("llama", 64, "gptq_v2"), ("qwen2", 32, "gptq")])  # qwen2: qkv biases
+def test_gptq_checkpoint_loads_exactly_and_generates_as_its_dequantized_weights(tiny_model_dir, tmp_path, arch,
+                                                                              group_size, checkpoint_format, caplog):
+    source = tiny_model_dir(arch)
     dequantized = write_gptq_checkpoint(source, tmp_path / "gptq", group_size, checkpoint_format=checkpoint_format)
     write_float_checkpoint(source, tmp_path / "float", dequantized)
 
-    pipe = _pipeline(tmp_path / "gptq")
+    with caplog.at_level(logging.INFO, logger="splitfuse"):
+        pipe = _pipeline(tmp_path / "gptq")
+    assert "GPTQ int4 checkpoint: 8 quantized matrices (from 14 layers)" in caplog.text
     weights = pipe.engine.model.weights
     fused = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
              "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "o": ("self_attn.o_proj",), "down": ("mlp.down_proj",)}
@@ -149,6 +154,14 @@ def test_a_quantized_checkpoint_with_on_the_fly_quantization_is_refused(tiny_mod
     with pytest.raises(ModelLoadError, match=_literal("quantization='int4' was given for a checkpoint already "
                                                       "quantized (quantization_config.quant_method='gptq')")):
         splitfuse.pipeline(tmp_path / "model", backend="cpu", quantization="int4", kv_cache_gib=0.01)
+
+
+def test_gptq_checkpoint_of_a_model_that_rearranges_its_matrices_is_refused(tmp_path):
+    source = make_tiny_model(tmp_path / "falcon", "falcon")
+    modules = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+    assert write_gptq_checkpoint(source, tmp_path / "model", 32, modules=modules)
+    with pytest.raises(ModelLoadError, match="GPTQ checkpoints of FalconForCausalLM are not supported"):
+        _pipeline(tmp_path / "model")
 
 
 def _literal(text: str) -> str:

@@ -12,12 +12,16 @@ Per linear layer `<module>` (weight [N, K]: N output, K input features, G = K / 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 
+from splitfuse.models.base import CausalLM
 from splitfuse.quant.weights import QuantizedWeight, pack_int4
+
+log = logging.getLogger("splitfuse")
 
 SUPPORTED = "GPTQ 4-bit (bits=4, desc_act=false, checkpoint_format gptq or gptq_v2)"
 CHECKPOINT_FORMATS = {"gptq": 1, "gptq_v2": 0}  # format -> what is added to a stored zero point
@@ -126,6 +130,9 @@ def load_gptq_weights(model, named_tensors: Iterable[tuple[str, torch.Tensor]], 
                       backend) -> None:
     """Load a GPTQ checkpoint into `model`: quantized layers become QuantizedWeights (fused as the
     model's tables fuse `<module>.weight`), the rest loads as usual."""
+    if type(model).load_weights is not CausalLM.load_weights:
+        raise UnsupportedQuantization(f"GPTQ checkpoints of {type(model).__name__} are not supported: its loader "
+                                      "rearranges loaded matrices, which quantized ones do not allow yet")
     layers: dict[str, dict[str, torch.Tensor]] = {}
     plain = list(split_gptq_layers(named_tensors, layers))  # small: embeddings, norms, head, biases
     fused: dict[str, dict[int, QuantizedWeight]] = {}
@@ -151,3 +158,5 @@ def load_gptq_weights(model, named_tensors: Iterable[tuple[str, torch.Tensor]], 
         weight = concat_rows([parts[i] for i in range(counts[ours])])
         model.weights[ours] = backend.prepare_linear_weight(weight.to(backend.device))
     model.load_weights(plain)
+    log.info("GPTQ int4 checkpoint: %d quantized matrices (from %d layers), the rest in %s", len(fused),
+             len(layers), str(model.dtype).replace("torch.", ""))
