@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import splitfuse
-from splitfuse.models.loader import ModelLoadError
+from splitfuse.backends.cpu import CpuBackend
+from splitfuse.models.loader import ModelLoadError, load_model
+from splitfuse.parallel.shard import Shard
 from splitfuse.quant import QuantizedWeight
 from splitfuse.testing.parity import make_prompts
 from splitfuse.testing.tiny_model import make_tiny_model
@@ -128,7 +131,7 @@ GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False}
 ])
 def test_unsupported_quantization_configs_are_refused_at_load(tiny_model_dir, tmp_path, config, message):
     write_gptq_checkpoint(tiny_model_dir("llama"), tmp_path / "model", 32, quantization_config=config)
-    with pytest.raises(ModelLoadError, match=_literal(message)):
+    with pytest.raises(ModelLoadError, match=re.escape(message)):
         _pipeline(tmp_path / "model")
 
 
@@ -138,7 +141,7 @@ def test_a_layer_without_scales_is_refused(tiny_model_dir, tmp_path):
     tensors = load_file(path / "model.safetensors")
     del tensors["model.layers.1.mlp.up_proj.scales"]
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ModelLoadError, match=_literal("'model.layers.1.mlp.up_proj' lacks model.layers.1.mlp.up_proj.scales")):
+    with pytest.raises(ModelLoadError, match=re.escape("'model.layers.1.mlp.up_proj' lacks model.layers.1.mlp.up_proj.scales")):
         _pipeline(path)
 
 
@@ -151,9 +154,16 @@ def test_a_group_size_not_dividing_in_features_is_refused(tiny_model_dir, tmp_pa
 
 def test_a_quantized_checkpoint_with_on_the_fly_quantization_is_refused(tiny_model_dir, tmp_path):
     write_gptq_checkpoint(tiny_model_dir("llama"), tmp_path / "model", 32)
-    with pytest.raises(ModelLoadError, match=_literal("quantization='int4' was given for a checkpoint already "
+    with pytest.raises(ModelLoadError, match=re.escape("quantization='int4' was given for a checkpoint already "
                                                       "quantized (quantization_config.quant_method='gptq')")):
         splitfuse.pipeline(tmp_path / "model", backend="cpu", quantization="int4", kv_cache_gib=0.01)
+
+
+def test_a_quantized_checkpoint_is_refused_with_tensor_parallelism(tiny_model_dir, tmp_path):
+    write_gptq_checkpoint(tiny_model_dir("llama"), tmp_path / "model", 32)
+    with pytest.raises(ModelLoadError, match=re.escape("tensor_parallel_size=2 with a quantized checkpoint "
+                                                      "(quant_method='gptq') is not supported")):
+        load_model(tmp_path / "model", CpuBackend(), shard=Shard(rank=0, size=2))
 
 
 def test_gptq_checkpoint_of_a_model_that_rearranges_its_matrices_is_refused(tmp_path):
@@ -162,9 +172,3 @@ def test_gptq_checkpoint_of_a_model_that_rearranges_its_matrices_is_refused(tmp_
     assert write_gptq_checkpoint(source, tmp_path / "model", 32, modules=modules)
     with pytest.raises(ModelLoadError, match="GPTQ checkpoints of FalconForCausalLM are not supported"):
         _pipeline(tmp_path / "model")
-
-
-def _literal(text: str) -> str:
-    import re
-
-    return re.escape(text)
