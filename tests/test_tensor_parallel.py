@@ -27,8 +27,8 @@ from splitfuse.core.request import Sequence
 from splitfuse.core.scheduler import Scheduler
 from splitfuse.models.loader import ModelLoadError
 from splitfuse.parallel.step_meta import pack, unpack
-from splitfuse.testing.parity import check_all, hf_greedy
-from splitfuse.testing.tiny_model import make_tiny_model
+from splitfuse.testing.parity import check_all, hf_greedy, mismatch
+from splitfuse.testing.tiny_model import make_tiny_model, tiny_model_builder
 
 # 40 blocks of 4 tokens for four 33-54 token prompts decoding 24 tokens each, 32 tokens a step:
 # prompts span several steps and decodes outgrow the cache, so a sequence is preempted.
@@ -39,6 +39,17 @@ NEW_TOKENS = 24
 def _prompts() -> list[list[int]]:
     rng = random.Random(2)
     return [[rng.randrange(3, 512) for _ in range(n)] for n in (33, 40, 47, 54)]
+
+
+# Architectures beyond the Llama family, with what their sharding must get right.
+MORE_ARCHITECTURES = {
+    "qwen3": ("qwen3", {}),  # per-head q/k norms, replicated on every rank
+}
+
+
+@pytest.fixture(scope="module")
+def arch_dir(tmp_path_factory):
+    return tiny_model_builder(tmp_path_factory, MORE_ARCHITECTURES)
 
 
 def _worker_pids(pipe) -> list[int]:
@@ -75,6 +86,21 @@ def test_two_ranks_give_the_tokens_of_one_rank_and_hf(name, tiny_model_dir, hf_m
         assert [r.token_ids for r in again] == expected
     finally:
         two.engine.close()
+
+
+@pytest.mark.parametrize("name", list(MORE_ARCHITECTURES))
+def test_more_architectures_give_the_tokens_of_one_rank_and_hf_over_two_ranks(name, arch_dir, hf_model):
+    path, prompts, settings = arch_dir(name), _prompts()[:2], dict(token_budget=16, kv_block_size=4)
+    one = splitfuse.pipeline(path, backend="cpu", **settings)
+    expected = [r.token_ids for r in one(prompts, max_new_tokens=8, temperature=0.0)]
+    two = splitfuse.pipeline(path, backend="cpu", tensor_parallel_size=2, **settings)
+    try:
+        got = [r.token_ids for r in two(prompts, max_new_tokens=8, temperature=0.0)]
+    finally:
+        two.engine.close()
+    assert got == expected
+    hf = hf_model(path)
+    assert [mismatch(hf, p, tokens, hf_greedy(hf, p, 8)) for p, tokens in zip(prompts, got)] == [None, None]
 
 
 def test_fewer_kv_heads_than_ranks_and_an_uneven_vocabulary(tmp_path, hf_model):
