@@ -44,6 +44,10 @@ def _prompts() -> list[list[int]]:
 # Architectures beyond the Llama family, with what their sharding must get right.
 MORE_ARCHITECTURES = {
     "qwen3": ("qwen3", {}),  # per-head q/k norms, replicated on every rank
+    # sandwich norms after the all-reduces, soft-capped attention and logits (gathered before the
+    # cap), a window shorter than the prompts, tied embeddings split by vocabulary
+    "gemma2": ("gemma2", {"sliding_window": 24, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 10.0,
+                          "final_logit_softcapping": 5.0, "tie_word_embeddings": True}),
 }
 
 
@@ -206,8 +210,8 @@ def test_workers_exit_when_the_engine_process_dies(tiny_model_dir):
 
 
 def test_an_architecture_without_tensor_parallel_support_is_refused(tmp_path):
-    path = make_tiny_model(tmp_path / "gemma2", "gemma2")
-    with pytest.raises(ModelLoadError, match="tensor_parallel_size=2: Gemma2ForCausalLM does not support tensor "
+    path = make_tiny_model(tmp_path / "phi3", "phi3")
+    with pytest.raises(ModelLoadError, match="tensor_parallel_size=2: Phi3ForCausalLM does not support tensor "
                                              "parallelism"):
         splitfuse.pipeline(path, backend="cpu", tensor_parallel_size=2)
     assert multiprocessing.active_children() == []
