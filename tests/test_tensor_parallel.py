@@ -48,6 +48,8 @@ MORE_ARCHITECTURES = {
     # cap), a window shorter than the prompts, tied embeddings split by vocabulary
     "gemma2": ("gemma2", {"sliding_window": 24, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 10.0,
                           "final_logit_softcapping": 5.0, "tie_word_embeddings": True}),
+    # experts split along their intermediate dimension, router replicated, a sliding window
+    "mixtral": ("mixtral", {"sliding_window": 24}),
 }
 
 
@@ -105,6 +107,29 @@ def test_more_architectures_give_the_tokens_of_one_rank_and_hf_over_two_ranks(na
     assert got == expected
     hf = hf_model(path)
     assert [mismatch(hf, p, tokens, hf_greedy(hf, p, 8)) for p, tokens in zip(prompts, got)] == [None, None]
+
+
+def test_experts_stacked_in_one_tensor_are_refused(arch_dir, hf_model, tmp_path):
+    # transformers' in-memory layout: each layer's experts as gate_up [E, 2I, H] and down [E, H, I]
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    source = arch_dir("mixtral")
+    shutil.copytree(source, tmp_path, dirs_exist_ok=True)
+    tensors = load_file(f"{source}/model.safetensors")
+    for i in range(2):
+        block = f"model.layers.{i}.block_sparse_moe.experts"
+        experts = [{w: tensors.pop(f"{block}.{e}.{w}.weight") for w in ("w1", "w2", "w3")} for e in range(4)]
+        tensors[f"{block}.gate_up_proj"] = torch.stack([torch.cat([x["w1"], x["w3"]]) for x in experts])
+        tensors[f"{block}.down_proj"] = torch.stack([x["w2"] for x in experts])
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    one = splitfuse.pipeline(str(tmp_path), backend="cpu", token_budget=16, kv_block_size=4)  # one rank loads it
+    assert one([[5, 6, 7]], max_new_tokens=4, temperature=0.0)[0].token_ids == hf_greedy(hf_model(source), [5, 6, 7], 4)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 cannot split experts stacked in one checkpoint "
+                                         r"tensor \[4, \d+, \d+\]; save the model with one tensor per expert"):
+        splitfuse.pipeline(str(tmp_path), backend="cpu", tensor_parallel_size=2)
+    assert multiprocessing.active_children() == []
 
 
 def test_fewer_kv_heads_than_ranks_and_an_uneven_vocabulary(tmp_path, hf_model):
