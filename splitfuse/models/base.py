@@ -73,7 +73,8 @@ class CausalLM:
         if shard.size > 1 and not vars(type(self)).get("supports_tensor_parallel", False):
             raise ValueError(f"tensor_parallel_size={shard.size}: {type(self).__name__} does not support tensor "
                              "parallelism yet; use tensor_parallel_size=1 (supported: LlamaForCausalLM, "
-                             "MistralForCausalLM, Qwen2ForCausalLM)")
+                             "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, "
+                             "MixtralForCausalLM)")
         self.shard = shard
 
     def checkpoint_slice(self, name: str, shape: list[int]) -> tuple[slice, ...] | None:

@@ -8,11 +8,16 @@ import torch
 
 from splitfuse.models.base import add_norm
 from splitfuse.models.llama import LlamaForCausalLM
+from splitfuse.parallel.layers import vocab_embedding
 
 _GEMMA_NORM_OFFSET = 1.0  # Gemma's RMSNorm scales by (1 + weight)
 
 
 class Gemma2ForCausalLM(LlamaForCausalLM):
+    """Tensor parallel as Llama; the sandwich norms are replicated and run after the all-reduce of
+    the o and down projections, on the whole sums."""
+
+    supports_tensor_parallel = True
     layer_weights = {
         **LlamaForCausalLM.layer_weights,
         "post_attention_layernorm.weight": "post_attn_norm.weight",  # Llama's post_norm, renamed
@@ -41,7 +46,8 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
 
     def forward(self, input_ids, positions, meta, kv_cache) -> torch.Tensor:
         ops, w = self.backend, self.weights
-        hidden = ops.embedding(input_ids, w["embed_tokens.weight"]) * self.embed_scale
+        hidden = vocab_embedding(ops, self.shard, input_ids, w["embed_tokens.weight"], self.vocab_size)
+        hidden = hidden * self.embed_scale
         residual = None
         for i in range(self.num_layers):
             p = f"layers.{i}."
@@ -49,9 +55,9 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
             q, k, v = self.project_qkv(p, x)
             attn = ops.rotary_attention(q, k, v, positions, self.cos_sin, kv_cache[i], meta, self.scale,
                                         self.sliding_windows[i], self.attn_softcap)
-            attn = self.norm(p + "post_attn_norm", ops.linear(attn.reshape(attn.shape[0], -1), w[p + "o.weight"]))
-            x, residual = self.norm(p + "pre_ff_norm", attn, residual)
-            hidden = self.norm(p + "post_ff_norm", self.mlp(i, x))
+            attn = self.shard.all_reduce(ops.linear(attn.reshape(attn.shape[0], -1), w[p + "o.weight"]))
+            x, residual = self.norm(p + "pre_ff_norm", self.norm(p + "post_attn_norm", attn), residual)
+            hidden = self.norm(p + "post_ff_norm", self.shard.all_reduce(self.mlp(i, x)))
         hidden, _ = self.norm("norm", hidden, residual)
         return hidden
 
@@ -64,8 +70,8 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         gate_up = ops.linear(x, self.weights[p + "gate_up.weight"])
         return ops.linear(ops.gelu_and_mul(gate_up, self.gelu_approximate), self.weights[p + "down.weight"])
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         logits = super().logits(hidden)
-        if self.final_softcap is None:
+        if logits is None or self.final_softcap is None:  # None: a rank other than 0
             return logits
         return torch.tanh(logits / self.final_softcap) * self.final_softcap

@@ -12,15 +12,16 @@ from __future__ import annotations
 import torch
 
 from splitfuse.models.llama import LlamaForCausalLM
-from splitfuse.models.weight_tables import Weight, fused
+from splitfuse.models.weight_tables import COLUMN, ROW, STACKED_EXPERTS, Weight, fused
 
 
 def per_expert_weights(gate: str, up: str, down: str) -> dict[str, Weight]:
     """One expert's projections: its gate then up rows in the stacked gate_up (so expert 0's gate,
-    its up, expert 1's gate, ...: viewed as [E, 2I, H]), and its down rows in the stacked down."""
-    return {f"{gate}.weight": Weight("experts.gate_up", 0, 2, when="is_sparse"),
-            f"{up}.weight": Weight("experts.gate_up", 1, 2, when="is_sparse"),
-            f"{down}.weight": Weight("experts.down", 0, 1, when="is_sparse")}
+    its up, expert 1's gate, ...: viewed as [E, 2I, H]), and its down rows in the stacked down.
+    Tensor parallelism splits every expert along I: gate and up by rows, down by columns."""
+    return {f"{gate}.weight": Weight("experts.gate_up", 0, 2, when="is_sparse", split=COLUMN),
+            f"{up}.weight": Weight("experts.gate_up", 1, 2, when="is_sparse", split=COLUMN),
+            f"{down}.weight": Weight("experts.down", 0, 1, when="is_sparse", split=ROW)}
 
 
 def sparse_block_weights(blocks: tuple[str, ...]) -> dict[str, Weight]:
@@ -28,8 +29,8 @@ def sparse_block_weights(blocks: tuple[str, ...]) -> dict[str, Weight]:
     table = {}
     for block in blocks:
         table[f"{block}.gate.weight"] = Weight("router.weight", when="is_sparse")
-        table[f"{block}.experts.gate_up_proj"] = Weight("experts.gate_up", when="is_sparse")
-        table[f"{block}.experts.down_proj"] = Weight("experts.down", when="is_sparse")
+        table[f"{block}.experts.gate_up_proj"] = Weight("experts.gate_up", when="is_sparse", split=STACKED_EXPERTS)
+        table[f"{block}.experts.down_proj"] = Weight("experts.down", when="is_sparse", split=STACKED_EXPERTS)
     return table
 
 
@@ -75,7 +76,11 @@ class _SparseMoeLM(LlamaForCausalLM):
 
 
 class MixtralForCausalLM(_SparseMoeLM):
-    """Mixtral: every layer sparse, top-k weights always renormalised; optional sliding window."""
+    """Mixtral: every layer sparse, top-k weights always renormalised; optional sliding window.
+    Tensor parallel as Llama, each expert split along its intermediate dimension and the router
+    replicated: every rank routes alike, and one all-reduce sums the experts' partial outputs."""
+
+    supports_tensor_parallel = True
 
     expert_blocks = ("block_sparse_moe", "mlp")  # transformers' older and newer name of the block
     expert_weights = per_expert_weights("w1", "w3", "w2")

@@ -8,7 +8,10 @@ from splitfuse.models.llama import LlamaForCausalLM
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
-    """Per-head q/k RMSNorm (weights [D], shared by the heads); optional qkv bias."""
+    """Per-head q/k RMSNorm (weights [D], shared by the heads); optional qkv bias. Tensor parallel as
+    Llama: each rank norms its own heads, so the norm weights are replicated."""
+
+    supports_tensor_parallel = True
 
     layer_weights = {
         **LlamaForCausalLM.layer_weights,

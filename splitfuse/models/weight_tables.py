@@ -17,6 +17,9 @@ COLUMN = "column"  # output features (dim 0) split evenly: q, gate, up
 KV_COLUMN = "kv_column"  # dim 0 split by KV heads, a head replicated where there are fewer than ranks
 ROW = "row"  # input features (dim 1) split evenly: o, down (their outputs are all-reduced)
 VOCAB = "vocab"  # vocabulary rows (dim 0) split in ceil(V / ranks) ranges: embedding, lm_head
+# every expert stacked in one tensor: its gate and up halves cannot be sliced as one range, so
+# tensor parallelism refuses it (per-expert tensors, what save_pretrained writes, split instead)
+STACKED_EXPERTS = "stacked_experts"
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class Weight:
     # None: always. Else a model attribute that must be true ("not attr": false); an attribute that
     # is a method is called with the layer index, so a per-layer weight can depend on its layer.
     when: str | None = None
-    split: str | None = None  # COLUMN, KV_COLUMN, ROW or VOCAB: how tensor parallelism slices it
+    split: str | None = None  # COLUMN, KV_COLUMN, ROW, VOCAB or STACKED_EXPERTS: how tensor parallelism slices it
 
 
 def fused(name: str, checkpoint_names: Iterable[str], when: str | None = None,
@@ -63,13 +66,11 @@ def map_name(model, name: str) -> tuple[str | None, tuple[int, int] | None]:
         layer, weight = entry
         ours, part = _placed(weight)
         return (ours if layer is None else f"layers.{layer}.{ours}"), part
-    if name.startswith(model.layer_prefix):
-        index, _, suffix = name[len(model.layer_prefix):].partition(".")
-        expert = _expert_weight(model, suffix)
-        if expert is not None:
-            e, weight = expert
-            part = (e * weight.parts + weight.part, model.num_experts * weight.parts)
-            return f"layers.{index}.{weight.name}", part
+    expert = _layer_expert(model, name)
+    if expert is not None:
+        index, e, weight = expert
+        part = (e * weight.parts + weight.part, model.num_experts * weight.parts)
+        return f"layers.{index}.{weight.name}", part
     if name.endswith(model.skipped_weights):
         return None, None
     raise KeyError(name)
@@ -80,7 +81,10 @@ def split_of(model, name: str) -> str | None:
     for prefix in model.strip_prefixes:
         name = name.removeprefix(prefix)
     entry = _table_entry(model, name)
-    return None if entry is None else entry[1].split
+    if entry is not None:
+        return entry[1].split
+    expert = _layer_expert(model, name)
+    return None if expert is None else expert[2].split
 
 
 def _table_entry(model, name: str) -> tuple[str | None, Weight] | None:
@@ -111,6 +115,15 @@ def expected_sources(model) -> dict[str, list[str]]:
             if _holds(model, weight.when, i):
                 sources.setdefault(f"layers.{i}.{weight.name}", []).append(f"{model.layer_prefix}{i}.{suffix}")
     return sources
+
+
+def _layer_expert(model, name: str) -> tuple[str, int, Weight] | None:
+    """(layer index, expert index, its Weight) for a checkpoint name of one expert's tensor, else None."""
+    if not name.startswith(model.layer_prefix):
+        return None
+    index, _, suffix = name[len(model.layer_prefix):].partition(".")
+    expert = _expert_weight(model, suffix)
+    return None if expert is None else (index, *expert)
 
 
 def _expert_weight(model, suffix: str) -> tuple[int, Weight] | None:

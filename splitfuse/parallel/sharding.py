@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from splitfuse.models.weight_tables import COLUMN, KV_COLUMN, ROW, VOCAB
+from splitfuse.models.weight_tables import COLUMN, KV_COLUMN, ROW, STACKED_EXPERTS, VOCAB
 from splitfuse.parallel.shard import Shard
 
 
@@ -23,6 +23,9 @@ def checkpoint_slice(split: str | None, shape: list[int], shard: Shard, num_kv_h
             return (slice(*_even(shard, shape[0], "KV features")),)
         head = shard.rank * num_kv_heads // shard.size  # fewer heads than ranks: each rank copies one
         return (slice(head * head_dim, (head + 1) * head_dim),)
+    if split == STACKED_EXPERTS:
+        raise ValueError(f"tensor_parallel_size={shard.size} cannot split experts stacked in one checkpoint tensor "
+                         f"{shape}; save the model with one tensor per expert (transformers' save_pretrained does)")
     raise ValueError(f"unknown tensor-parallel split {split!r}; expected one of {[COLUMN, KV_COLUMN, ROW, VOCAB]}")
 
 
