@@ -108,6 +108,36 @@ class Engine:
         """Queue a request; raises AdmissionError if it can never be served."""
         prompt_ids = [int(t) for t in prompt_ids]
         self._check_admissible(prompt_ids, params)
+        return self._queue(prompt_ids, params, request_id)
+
+    def add_requests(self, requests: Iterable[Request]) -> list[str]:
+        """Queue a group of (prompt_ids, params, request_id or None) all or none: if one cannot be
+        admitted, none is queued and the AdmissionError names it (index, id) and says why."""
+        checked: list[Request] = []
+        seen: set[str] = set()
+        for index, (prompt_ids, params, request_id) in enumerate(requests):
+            prompt_ids = [int(t) for t in prompt_ids]
+            try:
+                if request_id is not None and (request_id in self.requests or request_id in seen):
+                    raise AdmissionError(f"request_id {request_id!r} is already in use")
+                self._check_admissible(prompt_ids, params)
+            except AdmissionError as exc:
+                raise AdmissionError(exc.reason, index, request_id) from None
+            if request_id is not None:
+                seen.add(request_id)
+            checked.append((prompt_ids, params, request_id))
+        added: list[str] = []
+        try:
+            for prompt_ids, params, request_id in checked:
+                added.append(self._queue(prompt_ids, params, request_id))
+        except BaseException:
+            for request_id in added:
+                self.abort(request_id)
+            raise
+        return added
+
+    def _queue(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None) -> str:
+        """Queue an admissible request (prompt_ids already ints and checked)."""
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -123,30 +153,6 @@ class Engine:
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
-
-    def add_requests(self, requests: Iterable[Request]) -> list[str]:
-        """Queue a group of (prompt_ids, params, request_id or None) all or none: if one cannot be
-        admitted, none is queued and the AdmissionError names it (index, id) and says why."""
-        requests = list(requests)
-        seen: set[str] = set()
-        for index, (prompt_ids, params, request_id) in enumerate(requests):
-            try:
-                if request_id is not None and (request_id in self.requests or request_id in seen):
-                    raise AdmissionError(f"request_id {request_id!r} is already in use")
-                self._check_admissible([int(t) for t in prompt_ids], params)
-            except AdmissionError as exc:
-                raise AdmissionError(exc.reason, index, request_id) from None
-            if request_id is not None:
-                seen.add(request_id)
-        added: list[str] = []
-        try:
-            for prompt_ids, params, request_id in requests:
-                added.append(self.add_request(prompt_ids, params, request_id))
-        except BaseException:
-            for request_id in added:
-                self.abort(request_id)
-            raise
-        return added
 
     def _check_admissible(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
