@@ -108,7 +108,8 @@ def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 def _draw(row_logits: torch.Tensor, temperature: float, top_k: int, top_p: float, seed: int,
           counter: int) -> torch.Tensor:
-    """One token (a 0-d tensor on the logits' device, no host sync) of the kept set by the exponential race, key for key as the Triton kernel.
+    """One token of the kept set (a 0-d tensor on the logits' device, no host sync) by the
+    exponential race, key for key as the Triton kernel.
 
     argmax over kept tokens of logit / T - log(E), E ~ Exp(1): picks token i with probability
     softmax(logit / T) over the kept set, with no cumsum; ties go to the lowest token id."""
