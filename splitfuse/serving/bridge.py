@@ -6,6 +6,7 @@ waiting for its admission, and handing back a RequestGroup of its outputs.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import itertools
 import logging
@@ -67,7 +68,7 @@ class RequestGroup:
         self.abort()
 
 
-class EngineFront:
+class EngineFront(abc.ABC):
     """submit() and generate() over engines fed through AddGroup commands; a subclass routes the
     group (dispatch) and aborts requests (abort), and says what the app reads below."""
 
@@ -116,15 +117,15 @@ class EngineFront:
         finally:
             group.abort()
 
+    @abc.abstractmethod
     def dispatch(self, group: AddGroup, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue,
                  admitted: asyncio.Future) -> None:
         """Route the group's outputs to queue and send it to an engine; admitted settles once the
         engine has queued it (or refused it)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks; a finished or unknown one needs nothing."""
-        raise NotImplementedError
 
 
 class _CommandQueue:
