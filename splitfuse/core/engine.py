@@ -10,6 +10,7 @@ import torch
 
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.core.batch import build_batch
+from splitfuse.core.constraints import Constraints
 from splitfuse.core.detokenizer import IncrementalDetokenizer
 from splitfuse.core.kv_blocks import BlockManager
 from splitfuse.core.request import RequestOutput, Sequence, TokenLogprob
@@ -102,6 +103,7 @@ class Engine:
         self._ids = itertools.count()
         self._num_steps = 0
         self._in_step: list[Sequence] = []  # the sequences of the step now running
+        self.constraints = Constraints(tokenizer, model.vocab_size, eos_token_ids)  # structured outputs
 
     # ---- requests --------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
@@ -148,6 +150,8 @@ class Engine:
         seq.stop_token_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self.eos_token_ids
         )
+        if params.structured_outputs is not None and not seq.stop_token_ids:
+            seq.stop_token_ids = self.eos_token_ids  # a grammar ends the output: its end must stop it
         if self.tokenizer is not None:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
         self.requests[request_id] = seq
@@ -173,6 +177,10 @@ class Engine:
                 f"prompt + max_new_tokens needs {longest} tokens of KV cache but it holds {capacity}: "
                 "lower max_new_tokens or give the cache more blocks (num_kv_blocks / kv_cache_gib)"
             )
+        try:
+            self.constraints.check(params)
+        except ValueError as exc:
+            raise AdmissionError(str(exc)) from None
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its KV blocks; False if it is unknown or already done."""
@@ -239,8 +247,10 @@ class Engine:
             return []
         sampled = [item.sequence for item in plan.items if item.samples]
         tokens, logprobs = self._forward(plan, sampled)
+        results = self.scheduler.apply(plan, tokens)
+        self.constraints.advance(results)
         outputs = []
-        for result, logprob in zip(self.scheduler.apply(plan, tokens), logprobs):
+        for result, logprob in zip(results, logprobs):
             seq = result.sequence
             if logprob is not None:
                 seq.logprobs.append(logprob)
@@ -258,10 +268,11 @@ class Engine:
         if self.parallel is not None:
             self.parallel.broadcast_step(host_meta)
         meta = self.backend.prepare_batch(host_meta)
+        self.constraints.begin(sampled)  # the grammars' CPU work runs beside the forward pass
         hidden = self.backend.forward(self.model, meta, self.kv_cache)
         logits = self.model.logits(hidden[meta.sample_index]).float()
         batch = self._sampling_batch(sampled)
-        tokens = self.backend.sample(logits, batch)
+        tokens = self.backend.sample(self.constraints.mask(logits, batch), batch)
         for seq in sampled:
             seq.num_draws += 1
         logprobs = self._logprobs(logits, tokens, sampled, batch.num_logprobs)
