@@ -27,6 +27,10 @@ _NUM_CACHED_GRAMMARS = 256
 class ConstraintError(ValueError):
     """A schema, regex, choice list or grammar that cannot be compiled; the message names the field."""
 
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message  # what is wrong, without the field's name
+
 
 def _xgrammar():
     try:
@@ -71,7 +75,7 @@ def validate(spec: StructuredOutputsParams) -> None:
         elif kind in ("choice", "grammar"):
             xgr.Grammar.from_ebnf(text)
     except Exception as exc:  # xgrammar raises RuntimeError for every kind of bad input
-        raise ConstraintError(f"structured_outputs.{kind}: {_reason(exc)}") from None
+        raise ConstraintError(f"structured_outputs.{kind}: {_reason(exc)}", _reason(exc)) from None
 
 
 class _Matcher:
@@ -141,7 +145,7 @@ class Constraints:
                 return self._compiler.compile_regex(text)
             return self._compiler.compile_grammar(text)
         except Exception as exc:
-            raise ConstraintError(f"structured_outputs.{kind}: {_reason(exc)}") from None
+            raise ConstraintError(f"structured_outputs.{kind}: {_reason(exc)}", _reason(exc)) from None
 
     # ---- one step --------------------------------------------------------------------------
     def begin(self, sampled: list) -> None:

@@ -29,6 +29,8 @@ from splitfuse.serving.bridge import (
 from splitfuse.serving.chat import render_chat
 from splitfuse.serving.guard import Guard
 from splitfuse.serving.metrics import Metrics, Tracker
+from splitfuse.serving.structured import ConstraintRequestError, request_constraint
+from splitfuse.serving.tools import ToolPlan, ToolStream, reply, tool_plan
 from splitfuse.serving.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -112,14 +114,15 @@ class _Handlers:
                 "completion); reduce the prompt or max_tokens", param="max_tokens", code="context_length_exceeded")
         return max_tokens
 
-    def params(self, req: SamplingFields, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
+    def params(self, req: SamplingFields, max_tokens: int, logprobs: int | None, choice: int,
+               constraint=None) -> SamplingParams:
         if req.min_tokens > max_tokens:  # checked here so the 400 names the client's field
             raise APIError(400, f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens})",
                            param="min_tokens")
         request = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_new_tokens=max_tokens,
                        min_new_tokens=req.min_tokens, ignore_eos=req.ignore_eos, stop=req.stop, logprobs=logprobs,
                        # Each of the n choices gets its own seed, so seeded choices differ yet are reproducible.
-                       seed=None if req.seed is None else req.seed + choice)
+                       seed=None if req.seed is None else req.seed + choice, structured_outputs=constraint)
         try:
             return resolve_sampling(self.engine.sampling_defaults, None, request)
         except ValidationError as exc:
@@ -127,6 +130,21 @@ class _Handlers:
             name = str(err["loc"][0]) if err["loc"] else None
             param = _OPENAI_NAMES.get(name, name)
             raise APIError(400, f"{param or 'request'}: {err['msg']}", param=param) from None
+
+    @staticmethod
+    def constraint(req: SamplingFields, tools: ToolPlan | None = None):
+        """The request's output constraint (response_format, guided_*, or its tools); 400 naming
+        the field when it is invalid or there are two."""
+        try:
+            constraint = request_constraint(req)
+        except ConstraintRequestError as exc:
+            raise APIError(400, str(exc), param=exc.param) from None
+        if tools is not None and tools.constraint is not None:
+            if constraint is not None:
+                raise APIError(400, "tool_choice: a required or named tool call cannot be combined with "
+                                    "response_format or guided_* fields", param="tool_choice")
+            return tools.constraint
+        return constraint
 
     async def submit(self, requests: list[tuple[list[int], SamplingParams]], param: str) -> RequestGroup:
         try:
@@ -190,12 +208,13 @@ class _Handlers:
         if not prompts:
             raise APIError(400, "prompt is empty", param="prompt")
         encoded = [self.encode(p) for p in prompts]
+        constraint = self.constraint(req)
         requests, echoes = [], []
         for prompt, ids in zip(prompts, encoded):
             max_tokens = self.budget(ids, req.max_tokens, "prompt")
             echo = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) if req.echo else ""
             for choice in range(req.n):
-                requests.append((ids, self.params(req, max_tokens, req.logprobs, choice)))
+                requests.append((ids, self.params(req, max_tokens, req.logprobs, choice, constraint)))
                 echoes.append(echo)
         tracker = self.metrics.tracker([len(ids) for ids in encoded], req.n)
         group = await self.submit(requests, "prompt")
@@ -236,43 +255,60 @@ class _Handlers:
     # ---- /v1/chat/completions --------------------------------------------------------------
     async def chat(self, req: ChatRequest, raw: Request):
         self.check_model(req.model)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages = [m.template_fields() for m in req.messages]
         try:
-            ids = render_chat(self.tokenizer, messages, self.chat_template)
+            tools = tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls)
+        except ConstraintRequestError as exc:
+            raise APIError(400, str(exc), param=exc.param) from None
+        constraint = self.constraint(req, tools)
+        try:
+            ids = render_chat(self.tokenizer, messages, self.chat_template, tools.tools if tools else None)
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
         max_tokens = self.budget(ids, req.max_completion_tokens or req.max_tokens, "messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
-        requests = [(ids, self.params(req, max_tokens, top, choice)) for choice in range(req.n)]
+        requests = [(ids, self.params(req, max_tokens, top, choice, constraint)) for choice in range(req.n)]
         tracker = self.metrics.tracker([len(ids)], req.n)
         group = await self.submit(requests, "messages")
         if req.stream:
-            return self._stream(self._chat_chunks(group, tracker, req))
+            return self._stream(self._chat_chunks(group, tracker, req, tools))
         outputs = await self.collect(group, tracker, len(requests))
         choices = []
         for index, outs in enumerate(outputs):
             lps = [lp for o in outs for lp in o.new_logprobs]
+            content, calls, finish_reason = "".join(o.new_text for o in outs), None, outs[-1].finish_reason
+            if tools is not None:
+                content, calls, finish_reason = reply(tools, content, finish_reason)
             choices.append(ChatChoice(
-                index=index, message=AssistantMessage(content="".join(o.new_text for o in outs)),
-                finish_reason=outs[-1].finish_reason, logprobs=self.chat_logprobs(lps) if req.logprobs else None))
+                index=index, message=AssistantMessage(content=content, tool_calls=calls or None),
+                finish_reason=finish_reason, logprobs=self.chat_logprobs(lps) if req.logprobs else None))
         return ChatResponse(model=self.model_name, choices=choices, usage=tracker.usage())
 
-    async def _chat_chunks(self, group, tracker, req) -> AsyncIterator[str]:
+    async def _chat_chunks(self, group, tracker, req, tools: ToolPlan | None = None) -> AsyncIterator[str]:
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         # OpenAI opens each choice with a chunk carrying only the role.
         for index in range(req.n):
             yield _sse(ChatChunk(**head, choices=[ChatChunkChoice(index=index, delta=ChatDelta(role="assistant",
                                                                                                  content=""))]))
+        streams = [ToolStream(tools) for _ in range(req.n)] if tools is not None else None
         try:
             async for index, out in group:
                 tracker.token(index, out)
-                if out.new_text or (req.logprobs and out.new_logprobs):
+                finish_reason = out.finish_reason
+                if streams is not None:  # tool calls: content and calls as the plan lets them out
+                    deltas = streams[index].feed(out.new_text)
+                    if out.finished:
+                        last, finish_reason = streams[index].finish(out.finish_reason)
+                        deltas += last
+                    for delta in deltas:
+                        yield _sse(ChatChunk(**head, choices=[ChatChunkChoice(index=index, delta=ChatDelta(**delta))]))
+                elif out.new_text or (req.logprobs and out.new_logprobs):
                     yield _sse(ChatChunk(**head, choices=[ChatChunkChoice(
                         index=index, delta=ChatDelta(content=out.new_text),
                         logprobs=self.chat_logprobs(out.new_logprobs) if req.logprobs else None)]))
                 if out.finished:
                     yield _sse(ChatChunk(**head, choices=[ChatChunkChoice(
-                        index=index, delta=ChatDelta(), finish_reason=out.finish_reason)]))
+                        index=index, delta=ChatDelta(), finish_reason=finish_reason)]))
         finally:
             group.abort()
         if _include_usage(req):
