@@ -156,10 +156,13 @@ def test_a_matcher_replays_tokens_after_its_sequence_lost_some(pipe):
     assert state.matcher.is_completed()
 
 
-@pytest.mark.parametrize("vocab", [5, 32, 41, 100])
-def test_apply_token_bitmask_keeps_exactly_the_allowed_tokens(vocab):
+@pytest.mark.parametrize("path", ["xgrammar", "torch ops"])  # cpu / every other device
+@pytest.mark.parametrize("vocab, padding", [(5, 0), (32, 0), (41, 0), (100, 0), (64, 9)])
+def test_apply_token_bitmask_keeps_exactly_the_allowed_tokens(monkeypatch, path, vocab, padding):
+    if path == "torch ops":
+        monkeypatch.setattr("splitfuse.core.constraints._has_xgrammar", lambda: False)
     generator = torch.Generator().manual_seed(vocab)
-    logits = torch.randn(3, vocab, generator=generator)
+    logits = torch.randn(3, vocab + padding, generator=generator)  # padding: columns no grammar covers
     allowed = torch.rand(2, vocab, generator=generator) < 0.3
     words = torch.zeros(2, (vocab + 31) // 32, dtype=torch.int64)
     for row, token in allowed.nonzero().tolist():
@@ -167,6 +170,19 @@ def test_apply_token_bitmask_keeps_exactly_the_allowed_tokens(vocab):
     bitmask = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
     masked = apply_token_bitmask(logits, [0, 2], bitmask)
     assert torch.equal(masked[1], logits[1])
+    allowed = torch.nn.functional.pad(allowed, (0, padding), value=False)
     for row, mask_row in ((0, 0), (2, 1)):
         expected = torch.where(allowed[mask_row], logits[row], torch.tensor(float("-inf")))
         assert torch.equal(masked[row], expected)
+
+
+def test_masks_computed_beside_the_forward_pass_give_the_same_outputs(pipe):
+    # device backends fill the masks on a worker thread during the forward pass (overlap)
+    kwargs = dict(temperature=1.0, seed=5, max_new_tokens=80, **constrained(json=PERSON))
+    inline = pipe(["A user record:"] * 4, **kwargs)
+    pipe.engine.constraints.overlap = True
+    try:
+        overlapped = pipe(["A user record:"] * 4, **kwargs)
+    finally:
+        pipe.engine.constraints.overlap = False
+    assert [r.token_ids for r in overlapped] == [r.token_ids for r in inline]

@@ -8,6 +8,7 @@ seen yet, so preemption (recompute keeps the tokens) and a copied sequence both 
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import weakref
@@ -98,8 +99,11 @@ class _Matcher:
 class Constraints:
     """The compiled grammars (cached by their text) and the matchers of one engine's sequences."""
 
-    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: Iterable[int]) -> None:
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: Iterable[int], overlap: bool = False) -> None:
+        """overlap: compute the masks on worker threads while the forward pass runs; worth it
+        where the forward runs on a device, not where it needs the same CPU cores."""
         self.tokenizer = tokenizer
+        self.overlap = overlap
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(eos_token_ids)
         self._compiler = None  # built at the first constrained request: xgrammar is optional
@@ -108,6 +112,8 @@ class Constraints:
         self._lock = threading.Lock()  # admission (front end thread) and steps may compile at once
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
+        self._stop_masks: dict[frozenset[int], torch.Tensor] = {}
+        self._batch = None  # xgrammar's BatchGrammarMatcher
 
     # ---- compiling -------------------------------------------------------------------------
     def check(self, params: SamplingParams) -> None:
@@ -150,10 +156,15 @@ class Constraints:
     # ---- one step --------------------------------------------------------------------------
     def begin(self, sampled: list) -> None:
         """Start computing the allowed tokens of the constrained sequences among `sampled` (the
-        rows of this step's logits) on a worker thread, while the forward pass runs."""
+        rows of this step's logits): on a worker thread while the forward pass runs (overlap),
+        else now."""
         self._wait()
         rows = [(row, seq) for row, seq in enumerate(sampled) if seq.params.structured_outputs is not None]
         if not rows:
+            return
+        if not self.overlap:
+            self._pending = Future()
+            self._pending.set_result(self._fill(rows))
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitfuse-grammar")
@@ -195,41 +206,63 @@ class Constraints:
             state = self._matchers[seq] = _Matcher(xgr.GrammarMatcher(compiled, override_stop_tokens=stop))
         return state
 
+    def _stop_bits(self, stop_ids: frozenset[int]) -> torch.Tensor:
+        """A bitmask row [ceil(V/32)] int32 with the bits of stop_ids set (cached per set)."""
+        bits = self._stop_masks.get(stop_ids)
+        if bits is None:
+            words = [0] * ((self.vocab_size + 31) // 32)
+            for token in stop_ids:
+                if token < self.vocab_size:
+                    words[token // 32] |= 1 << (token % 32)
+            bits = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
+            self._stop_masks[stop_ids] = bits
+        return bits
+
     def _fill(self, rows: list) -> tuple[list[int], torch.Tensor, list[int]]:
         """Bitmask [len(rows), ceil(V/32)] int32 of the rows' allowed tokens, and the rows whose
         only allowed tokens are stop tokens."""
         xgr = _xgrammar()
         bitmask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)
-        must_end = []
-        for index, (row, seq) in enumerate(rows):
+        matchers = []
+        for _, seq in rows:
             state = self._matcher(seq)
             state.sync(seq.generated_ids)
-            state.matcher.fill_next_token_bitmask(bitmask, index)
-            if not _allows_other_than(bitmask[index], seq.stop_token_ids):
-                must_end.append(row)
-        return [row for row, _ in rows], bitmask, must_end
-
-
-def _allows_other_than(words: torch.Tensor, stop_ids) -> bool:
-    words = words.clone()
-    for token in stop_ids:
-        if token // 32 < words.shape[0]:
-            keep = ~(1 << (token % 32)) & 0xFFFFFFFF  # as a signed int32
-            words[token // 32] &= keep - (1 << 32) if keep >= 1 << 31 else keep
-    return bool(words.any())
+            matchers.append(state.matcher)
+        if self._batch is None:  # fills the rows on its own threads, outside the GIL
+            threads = min(8, max(1, (os.cpu_count() or 2) // 2)) if self.overlap else 1
+            self._batch = xgr.BatchGrammarMatcher(max_threads=threads)
+        self._batch.batch_fill_next_token_bitmask(matchers, bitmask)
+        stops = torch.stack([self._stop_bits(seq.stop_token_ids) for _, seq in rows])
+        only_stops = (bitmask & ~stops).eq(0).all(dim=1).tolist()
+        return [row for row, _ in rows], bitmask, [row for (row, _), end in zip(rows, only_stops) if end]
 
 
 def apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
     """A copy of logits [S', V] whose `rows` keep only the tokens whose bit is set in their row of
-    bitmask [len(rows), ceil(V/32)] int32 (bit j of word w: token 32 w + j); torch ops on the
-    logits' device."""
-    device, vocab = logits.device, logits.shape[-1]
-    words = bitmask.to(device)
-    bits = torch.arange(32, device=device, dtype=torch.int32)
-    allowed = ((words.unsqueeze(-1) >> bits) & 1).bool().flatten(1)
-    if allowed.shape[1] < vocab:  # logits wider than the grammar's vocabulary: the rest is forbidden
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
-    index = torch.as_tensor(rows, device=device)
+    bitmask [len(rows), ceil(V/32)] int32 (bit j of word w: token 32 w + j). CPU logits go
+    through xgrammar's C++ loop; on other devices it is torch ops on the logits' device."""
     masked = logits.clone()
+    vocab, width = logits.shape[-1], bitmask.shape[1] * 32
+    if logits.device.type == "cpu" and _has_xgrammar():
+        full = torch.full((logits.shape[0], bitmask.shape[1]), -1, dtype=torch.int32)
+        full[rows] = bitmask
+        _xgrammar().apply_token_bitmask_inplace(masked, full, vocab_size=min(vocab, width), indices=rows, backend="cpu")
+        if vocab > width:  # logits wider than the grammar's vocabulary: the rest is forbidden
+            masked[rows, width:] = float("-inf")
+        return masked
+    device = logits.device
+    bits = torch.arange(32, device=device, dtype=torch.int32)
+    allowed = ((bitmask.to(device).unsqueeze(-1) >> bits) & 1).bool().flatten(1)
+    if width < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - width), value=False)
+    index = torch.as_tensor(rows, device=device)
     masked[index] = logits[index].masked_fill(~allowed[:, :vocab], float("-inf"))
     return masked
+
+
+def _has_xgrammar() -> bool:
+    try:
+        _xgrammar()
+        return True
+    except ConstraintError:
+        return False

@@ -103,7 +103,8 @@ class Engine:
         self._ids = itertools.count()
         self._num_steps = 0
         self._in_step: list[Sequence] = []  # the sequences of the step now running
-        self.constraints = Constraints(tokenizer, model.vocab_size, eos_token_ids)  # structured outputs
+        self.constraints = Constraints(tokenizer, model.vocab_size, eos_token_ids,  # structured outputs
+                                       overlap=torch.device(backend.device).type != "cpu")
 
     # ---- requests --------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
