@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import jsonschema
 import pytest
 
 import splitfuse
@@ -216,3 +218,29 @@ def test_api_key_from_the_page_is_sent_and_remembered(page, keyed_server):
     page.reload()  # the key survives in localStorage
     page.wait_for_function("name => document.getElementById('model').textContent === name", arg=MODEL)
     assert page.input_value("#api-key") == KEY
+
+
+@needs_chromium
+def test_json_schema_box_constrains_the_reply(page, server):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+              "required": ["ok", "n"]}
+    _open(page, server)
+    page.fill("#json_schema", json.dumps(schema))
+    _fill(page, max_tokens=40, temperature=1.0)
+    page.click("#send")
+    assert _wait_finished(page) == "finished: stop"
+    jsonschema.validate(json.loads(_output(page)), schema)
+
+
+@needs_chromium
+def test_json_schema_box_reports_bad_json_and_bad_schemas(page, server):
+    _open(page, server)
+    _fill(page, max_tokens=8)
+    page.fill("#json_schema", "{not json")
+    page.click("#send")
+    page.wait_for_selector("#error:not([hidden])")
+    assert page.text_content("#error").startswith("JSON schema: not valid JSON")
+    page.fill("#json_schema", '{"type": "objec"}')
+    page.click("#send")
+    page.wait_for_function("document.getElementById('error').textContent.startsWith('400: ')")
+    assert "response_format: Unsupported type" in page.text_content("#error") and _output(page) == ""
