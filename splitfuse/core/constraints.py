@@ -228,7 +228,7 @@ class Constraints:
             state = self._matcher(seq)
             state.sync(seq.generated_ids)
             matchers.append(state.matcher)
-        if self._batch is None:  # fills the rows on its own threads, outside the GIL
+        if self._batch is None:  # fills the rows in C++, on several threads when overlapping
             threads = min(8, max(1, (os.cpu_count() or 2) // 2)) if self.overlap else 1
             self._batch = xgr.BatchGrammarMatcher(max_threads=threads)
         self._batch.batch_fill_next_token_bitmask(matchers, bitmask)
