@@ -10,7 +10,6 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-import splitfuse
 
 SCHEMA = {
     "type": "object",
@@ -26,15 +25,8 @@ class Answer(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def server():
-    handle = splitfuse.serve(None, backend="cpu", dtype="float32", served_model_name="demo")
-    yield handle
-    handle.terminate()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+def client(demo_client):
+    return demo_client
 
 
 def chat(client, **kwargs):
@@ -92,7 +84,7 @@ def test_vllm_guided_fields_on_completions(client):
     ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice", "give one output constraint"),
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "exactly one of"),
 ])
-def test_an_invalid_constraint_is_a_400_naming_the_field(client, server, body, param, problem):
+def test_an_invalid_constraint_is_a_400_naming_the_field(client, body, param, problem):
     with pytest.raises(openai.BadRequestError) as caught:
         chat(client, extra_body=body)
     error = caught.value.body

@@ -10,7 +10,6 @@ import jsonschema
 import openai
 import pytest
 
-import splitfuse
 from splitfuse.serving.tools import ToolStream, parse_tool_calls, tool_plan
 
 WEATHER = {
@@ -25,7 +24,7 @@ TOOLS = [
 ]
 SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
 # A Hermes-style template: the tools go into a system turn, past calls are written back as <tool_call>.
-TEMPLATE = (
+CHAT_TEMPLATE = (
     "{{ bos_token }}{% if tools %}<|system|>\nTools: {% for tool in tools %}{{ tool | tojson }}{% endfor %}</s>\n"
     "{% endif %}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
     "{% for call in m.get('tool_calls') or [] %}<tool_call>{{ call['function'] | tojson }}</tool_call>{% endfor %}"
@@ -35,15 +34,8 @@ MESSAGES = [{"role": "user", "content": "Weather?"}]
 
 
 @pytest.fixture(scope="module")
-def server():
-    handle = splitfuse.serve(None, backend="cpu", dtype="float32", served_model_name="demo", chat_template=TEMPLATE)
-    yield handle
-    handle.terminate()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+def client(demo_client):
+    return demo_client
 
 
 def create(client, **kwargs):
