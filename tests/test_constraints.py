@@ -186,3 +186,22 @@ def test_masks_computed_beside_the_forward_pass_give_the_same_outputs(pipe):
     finally:
         pipe.engine.constraints.overlap = False
     assert [r.token_ids for r in overlapped] == [r.token_ids for r in inline]
+
+
+def test_a_constraint_needs_a_tokenizer_and_xgrammar(monkeypatch):
+    from splitfuse.core.constraints import ConstraintError
+
+    params = SamplingParams(**constrained(regex="a"))
+    with pytest.raises(ConstraintError, match="needs the model's tokenizer"):
+        Constraints(None, 32, [2]).check(params)
+    monkeypatch.setitem(__import__("sys").modules, "xgrammar", None)  # as if not installed
+    with pytest.raises(ConstraintError, match=r"pip install 'splitfuse\[structured\]'"):
+        Constraints(object(), 32, [2]).check(params)
+
+
+def test_constrained_params_survive_a_process_boundary():
+    # replicas receive SamplingParams pickled
+    import pickle
+
+    params = SamplingParams(**constrained(json=PERSON))
+    assert pickle.loads(pickle.dumps(params)) == params

@@ -70,6 +70,11 @@ def test_vllm_guided_fields_on_completions(client):
                                         extra_body={"guided_json": SCHEMA})
     for choice in records.choices:
         jsonschema.validate(json.loads(choice.text), SCHEMA)
+    formatted = client.completions.create(model="demo", prompt="Record:", n=2, temperature=1.0, max_tokens=60,
+                                          extra_body={"response_format": {"type": "json_schema",
+                                                                          "json_schema": {"name": "r", "schema": SCHEMA}}})
+    for choice in formatted.choices:
+        jsonschema.validate(json.loads(choice.text), SCHEMA)
     sums = client.completions.create(model="demo", prompt="Sum:", n=2, temperature=1.0, max_tokens=30,
                                      extra_body={"structured_outputs": {"grammar": 'root ::= [0-9] ("+" [0-9])?'}})
     assert all(re.fullmatch(r"\d(\+\d)?", c.text) for c in sums.choices)
