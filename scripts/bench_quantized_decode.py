@@ -29,8 +29,8 @@ from splitfuse.models.llama import LlamaForCausalLM
 from splitfuse.models.loader import resolve_dtype
 from splitfuse.quant import weight_bytes
 
-# (dtype, quantization) per column
-VARIANTS = (("float32", None), ("bfloat16", None), ("bfloat16", "int8"), ("bfloat16", "int4"))
+# (dtype, quantization) per row; quantized rows run bfloat16 activations
+VARIANTS = (("bfloat16", None), ("float32", None), ("bfloat16", "int8"), ("bfloat16", "int4"))
 MAX_MODEL_LEN = 512
 
 
@@ -73,16 +73,35 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per variant")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model: checks the script runs")
+    parser.add_argument("--variants", default=",".join(_label(*v) for v in VARIANTS),
+                        help="comma-separated subset of the rows to run; bfloat16 always runs (the ratios' base)")
     args = parser.parse_args(argv)
+    variants = _selected_variants(args.variants)
     hf_config = llama_config(args.tiny)
     print(f"cpu, {torch.get_num_threads()} threads, torch {torch.__version__}; batch 1, prompt {args.prompt_len}, "
-          f"{args.new_tokens} decode steps")
-    print(f"{'weights':<18}{'weight MiB':>12}{'tokens/s (median step)':>24}")
-    for dtype_name, quantization in VARIANTS:
+          f"{args.new_tokens} decode steps; int8/int4 rows: weight-only, bfloat16 activations")
+    print(f"{'weights':<18}{'weight MiB':>12}{'tokens/s (median step)':>24}{'vs bfloat16':>13}")
+    base = None
+    for dtype_name, quantization in variants:
         result = decode_tokens_per_s(hf_config, dtype_name, quantization, args.prompt_len, args.new_tokens)
-        label = dtype_name if quantization is None else f"{quantization} ({dtype_name})"
-        print(f"{label:<18}{result['weights_mib']:>12.1f}{result['tokens_per_s']:>24.2f}", flush=True)
+        base = base or result["tokens_per_s"]  # bfloat16 runs first
+        print(f"{_label(dtype_name, quantization):<18}{result['weights_mib']:>12.1f}{result['tokens_per_s']:>24.2f}"
+              f"{result['tokens_per_s'] / base:>12.2f}x", flush=True)
     return 0
+
+
+def _label(dtype_name: str, quantization: str | None) -> str:
+    return dtype_name if quantization is None else f"{quantization}"
+
+
+def _selected_variants(names: str) -> list[tuple[str, str | None]]:
+    """The VARIANTS named in `names`, bfloat16 (the ratios' base) first."""
+    by_label = {_label(*v): v for v in VARIANTS}
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in by_label]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; expected names from {list(by_label)}")
+    return [by_label["bfloat16"]] + [by_label[n] for n in wanted if n != "bfloat16"]
 
 
 if __name__ == "__main__":
