@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import splitfuse
-from splitfuse.backends import Backend, create_backend, torch_ops
+from splitfuse.backends import Backend, create_backend, fp8_linear, torch_ops
 from splitfuse.backends.cpu import CpuBackend, quantized
 from splitfuse.cli import main
 from splitfuse.config import EngineConfig
@@ -150,14 +150,14 @@ def test_cpu_int4_layout_dequantizes_to_the_same_matrix():
     torch.testing.assert_close(prepared.dequantize(), weight.dequantize(), rtol=1e-6, atol=1e-6)
 
 
-def test_cuda_backend_under_the_interpreter_dequantizes_and_matches():
+def test_cuda_backend_under_the_interpreter_runs_the_triton_kernels_and_matches():
     backend = create_backend("cuda")  # the Triton interpreter on the cpu (tests/conftest.py)
     reference = CpuBackend()
     x, bias = torch.randn(7, 96), torch.randn(48)
     for fmt in ("int8", "int4"):
         weight = quantize(_weight(48, 96) * 0.1, fmt)
         prepared = backend.prepare_linear_weight(weight.to(backend.device))
-        assert prepared.layout == "rows"
+        assert prepared.layout == f"triton_{fmt}"
         got = backend.linear(x.to(backend.device), prepared, bias.to(backend.device))
         torch.testing.assert_close(got.cpu(), reference.linear(x, reference.prepare_linear_weight(weight), bias),
                                    rtol=1e-5, atol=1e-5)
@@ -258,3 +258,44 @@ def test_quantization_from_the_command_line(tiny_model_dir, capsys):
     assert "3 tokens, finish_reason=length" in capsys.readouterr().err
     assert main(["generate", tiny_model_dir("llama"), "Hello", "--quantization", "fp8"]) == 1
     assert "quantization='fp8' is not supported" in capsys.readouterr().err
+
+
+# ---- fp8 on the cuda backend: _scaled_mm where the GPU multiplies float8 ------------------------------
+def _fp8_weight(N: int, K: int, dtype=torch.bfloat16, per_row: bool = True) -> QuantizedWeight:
+    """An "fp8" weight as checkpoints give it: float8_e4m3fn data, float32 scales per row (or per block)."""
+    w = _weight(N, K) * K ** -0.5
+    scales = w.abs().amax(dim=1, keepdim=True) / 448 if per_row else torch.full((N, K // 16), 1e-3)
+    group = K if per_row else 16
+    data = (w / scales.repeat_interleave(group, dim=1)).to(torch.float8_e4m3fn)
+    return QuantizedWeight("fp8", data, scales, None, group, (N, K), dtype)
+
+
+@pytest.mark.parametrize("weight,capability,expected", [
+    pytest.param(_fp8_weight(32, 64), (9, 0), True, id="hopper"),
+    pytest.param(_fp8_weight(32, 64), (8, 9), True, id="ada"),
+    pytest.param(_fp8_weight(32, 64), (8, 6), False, id="ampere-dequantizes"),
+    pytest.param(_fp8_weight(32, 64), None, False, id="not-a-cuda-gpu"),
+    pytest.param(_fp8_weight(32, 64, per_row=False), (9, 0), False, id="block-scales-dequantize"),
+    pytest.param(_fp8_weight(32, 40), (9, 0), False, id="K-not-a-multiple-of-16"),
+    pytest.param(_fp8_weight(32, 64, dtype=torch.float32), (9, 0), False, id="float32-model"),
+    pytest.param(quantize(_weight(32, 64), "int8"), (9, 0), False, id="int8-is-not-fp8"),
+])
+def test_fp8_runs_scaled_mm_only_where_the_gpu_multiplies_float8(weight, capability, expected):
+    assert fp8_linear.use_scaled_mm(weight, capability) is expected
+
+
+def test_cuda_backend_prepares_fp8_for_scaled_mm_by_compute_capability(monkeypatch):
+    backend = create_backend("cuda")  # the Triton interpreter on the cpu: no capability of its own
+    weight = _fp8_weight(32, 64)
+    assert backend.prepare_linear_weight(weight) is weight  # dequantized by Backend.linear
+    monkeypatch.setattr(backend, "compute_capability", lambda: (9, 0))
+    prepared = backend.prepare_linear_weight(weight)
+    assert prepared.layout == fp8_linear.LAYOUT
+    # _scaled_mm also runs on the cpu: activations are rounded to float8 per token, so the result
+    # is the dequantized reference within e4m3's 2**-4 relative per activation (about 2**-4 /
+    # sqrt(K) of outputs ~1, plus bf16 output rounding)
+    x, bias = torch.randn(3, 64).bfloat16(), torch.randn(32).bfloat16()
+    expected = x.float() @ (weight.data.float() * weight.scales).T + bias.float()
+    got = backend.linear(x, prepared, bias)
+    assert got.dtype == torch.bfloat16 and got.shape == (3, 32)
+    torch.testing.assert_close(got.float(), expected, rtol=5e-2, atol=5e-2)
