@@ -4,6 +4,7 @@ dequantized matrices as plain float32 tensors."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pydantic
@@ -299,3 +300,63 @@ def test_cuda_backend_prepares_fp8_for_scaled_mm_by_compute_capability(monkeypat
     got = backend.linear(x, prepared, bias)
     assert got.dtype == torch.bfloat16 and got.shape == (3, 32)
     torch.testing.assert_close(got.float(), expected, rtol=5e-2, atol=5e-2)
+
+
+# ---- the conformance kit checks the quantized formats a backend claims ---------------------------------
+CLAIMING_BACKENDS = '''
+import torch
+
+from splitfuse.backends.base import Backend
+from splitfuse.plugins import hookimpl
+from splitfuse.quant import QuantizedWeight
+
+SPLITFUSE_API_VERSION = 2
+
+
+class Int8Only(Backend):
+    """Claims int8 and runs it right; would fail int4, which it does not claim."""
+    name, dtypes, quantized_formats = "int8only", (torch.float32,), ("int8",)
+
+    def linear(self, x, weight, bias=None):
+        if isinstance(weight, QuantizedWeight) and weight.format == "int4":
+            raise NotImplementedError("int4")
+        return super().linear(x, weight, bias)
+
+
+@hookimpl
+def splitfuse_register_backends(registry):
+    registry.add(Int8Only)
+'''
+
+
+@pytest.fixture(scope="module")
+def claiming_site(tmp_path_factory):
+    from test_backend_contract import install_plugin_module
+
+    return install_plugin_module(tmp_path_factory.mktemp("claims"), "splitfuse_claims", "splitfuse_claims",
+                                 CLAIMING_BACKENDS)
+
+
+def test_conformance_checks_only_the_quantized_formats_a_backend_claims(claiming_site, tmp_path):
+    from test_backend_contract import assert_conformance_passed, run_conformance
+
+    result = run_conformance("int8only", claiming_site, tmp_path, "-k", "quantized or prepare_linear", "-vv")
+    assert_conformance_passed(result)
+    assert "int8-9x41x33" in result.stdout and "int4-" not in result.stdout
+
+
+class ZerolessInt4(Backend):
+    """Claims int4 but drops the zero points."""
+    name, dtypes, quantized_formats = "zeroless", (torch.float32,), ("int4",)
+
+    def linear(self, x, weight, bias=None):
+        if isinstance(weight, QuantizedWeight):
+            weight = dataclasses.replace(weight, zeros=torch.zeros_like(weight.zeros))
+        return super().linear(x, weight, bias)
+
+
+def test_conformance_fails_a_wrong_claimed_format():
+    from splitfuse.testing.conformance.test_backend_ops import test_quantized_linear
+
+    with pytest.raises(AssertionError, match=r"linear \(int4 weight\)"):
+        test_quantized_linear(ZerolessInt4(), torch.float32, "int4", 9, 96, 48, False)

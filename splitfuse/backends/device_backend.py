@@ -76,6 +76,7 @@ class DeviceBackend(Backend):
     memory_name: ClassVar[str] = ""  # how errors name the device's memory: "GPU", "XPU"
     cpu_mode_env: ClassVar[str] = ""  # the environment flag of the CPU test mode
     cpu_mode_label: ClassVar[str] = "test mode on cpu"  # describe() in that mode
+    quantized_formats: ClassVar[tuple[str, ...]] = ("int8", "int4")  # the Triton kernels (fp8: see fp8_linear)
 
     # ---- discovery -------------------------------------------------------------------------
     @classmethod

@@ -15,6 +15,7 @@ class CpuBackend(Backend):
     name = "cpu"
     priority = 0  # every other backend is preferred by `auto`
     dtypes = (torch.float32, torch.bfloat16)
+    quantized_formats = ("int8", "int4")
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor | QuantizedWeight,
                bias: torch.Tensor | None = None) -> torch.Tensor:
