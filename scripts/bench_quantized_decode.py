@@ -98,6 +98,35 @@ def profile_step_ms(engine, steps: int) -> dict[str, float]:
     return {"weight-only kernels": weight_only, "dense matmuls": dense, "other": wall_ms - weight_only - dense}
 
 
+def layer_matmul_ms(hf_config, copies: int = 8) -> dict[str, dict[str, float]]:
+    """One batch-1 matmul of each layer matrix shape (fused qkv, o, fused gate/up, down) through
+    the cpu backend's linear, bf16 dense vs int8 vs int4, ms from the median of passes over
+    `copies` different matrices (more bytes than the CPU caches, as in a decode step)."""
+    from splitfuse.quant import quantize
+
+    backend = create_backend("cpu")
+    c = hf_config
+    qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+    shapes = {"qkv": (qkv, c.hidden_size), "o": (c.hidden_size, c.num_attention_heads * c.head_dim),
+              "gate_up": (2 * c.intermediate_size, c.hidden_size), "down": (c.hidden_size, c.intermediate_size)}
+    results = {}
+    for name, (N, K) in shapes.items():
+        dense = [torch.randn(N, K).mul_(0.02).bfloat16() for _ in range(copies)]
+        weights = {"bfloat16": dense, **{f: [backend.prepare_linear_weight(quantize(w, f)) for w in dense]
+                                         for f in ("int8", "int4")}}
+        x = torch.randn(1, K).bfloat16()
+        results[name] = {}
+        for label, ws in weights.items():
+            passes = []
+            for _ in range(5):
+                start = time.perf_counter()
+                for w in ws:
+                    backend.linear(x, w)
+                passes.append((time.perf_counter() - start) * 1000 / copies)
+            results[name][label] = statistics.median(passes)
+    return results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per variant")
@@ -105,6 +134,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model: checks the script runs")
     parser.add_argument("--variants", default=",".join(_label(*v) for v in VARIANTS),
                         help="comma-separated subset of the rows to run; bfloat16 always runs (the ratios' base)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also time one matmul per layer shape: bf16 dense vs int8 vs int4 kernels")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="then profile this many more decode steps per row: where a step's time goes")
     args = parser.parse_args(argv)
@@ -117,6 +148,11 @@ def main(argv=None) -> int:
     tokens_per_s = interleaved_tokens_per_s([engine for engine, _ in built], args.new_tokens)
     for (dtype_name, quantization), (_, weights_mib), rate in zip(variants, built, tokens_per_s):
         print(f"{_label(dtype_name, quantization):<18}{weights_mib:>12.1f}{rate:>24.2f}{rate / tokens_per_s[0]:>12.2f}x")
+    if args.kernels:
+        print("\nms per batch-1 matmul (cold weights), and speed-up over bfloat16")
+        for name, times in layer_matmul_ms(hf_config).items():
+            print(f"{name:<10}" + "".join(f"  {label} {ms:.3f} ({times['bfloat16'] / ms:.2f}x)"
+                                          for label, ms in times.items()))
     if args.profile:
         print(f"\nms per decode step (torch.profiler, {args.profile} steps each; the profiler adds to 'other')")
         for (dtype_name, quantization), (engine, _) in zip(variants, built):
