@@ -151,7 +151,10 @@ def quant_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | 
         block_kh = min(64, max(16, triton.next_power_of_2(triton.cdiv(K, 2))))
     else:  # tl.dot needs at least 16 rows; decode batches are padded to them by the row mask
         block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
-        block_n, block_kh = 64, 32
+        # narrower column tiles when few row tiles: a decode step's 4096-wide matrix still spreads
+        # over more programs than an H100 has SMs (132)
+        block_n = 64 if triton.cdiv(M, block_m) * triton.cdiv(N, 64) >= 256 else 32
+        block_kh = 32
     ieee = x.dtype == torch.float32
     # the interpreter's dot mishandles 16-bit floats: it gets float32 copies of the same values
     upcast = on_cpu and not ieee
