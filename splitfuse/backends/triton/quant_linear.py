@@ -34,7 +34,7 @@ ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _dequant_gemm_kernel(
     x_ptr, w_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, group_size,
     stride_xm, stride_om,
-    INT4: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    INT4: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr,
 ):
     # The K loop steps over pairs of input features (kh = k // 2): int4 holds a pair per byte, and
@@ -75,12 +75,8 @@ def _dequant_gemm_kernel(
         if UPCAST:
             x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)
             w_even, w_odd = w_even.to(tl.float32), w_odd.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(x_even, w_even, acc, input_precision="ieee")
-            acc = tl.dot(x_odd, w_odd, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x_even, w_even, acc)
-            acc = tl.dot(x_odd, w_odd, acc)
+        acc = tl.dot(x_even, w_even, acc, input_precision=PRECISION)
+        acc = tl.dot(x_odd, w_odd, acc, input_precision=PRECISION)
     if HAS_BIAS:  # added to the float32 sum, rounded once (as addmm does)
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
@@ -155,16 +151,17 @@ def quant_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | 
         # over more programs than an H100 has SMs (132)
         block_n = 64 if triton.cdiv(M, block_m) * triton.cdiv(N, 64) >= 256 else 32
         block_kh = 32
-    ieee = x.dtype == torch.float32
-    # the interpreter's dot mishandles 16-bit floats: it gets float32 copies of the same values
-    upcast = on_cpu and not ieee
+    # the interpreter's dot mishandles 16-bit floats: it gets float32 copies of the same values;
+    # float32 multiplies in IEEE float32, not TF32 (16-bit operands ignore the precision)
+    upcast = on_cpu and x.dtype != torch.float32
+    precision = "ieee" if upcast or x.dtype == torch.float32 else "tf32"
     is_int4 = weight.layout == INT4_LAYOUT
     zeros = weight.zeros if is_int4 else weight.scales  # unused by the int8 kernel
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     _dequant_gemm_kernel[grid](
         x2d, weight.data, weight.scales, zeros, bias if bias is not None else out, out, M, N, K, weight.group_size,
         x2d.stride(0), out.stride(0),
-        INT4=is_int4, HAS_BIAS=bias is not None, IEEE=ieee, UPCAST=upcast,
+        INT4=is_int4, HAS_BIAS=bias is not None, PRECISION=precision, UPCAST=upcast,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KH=block_kh, num_warps=num_warps(x.device, 4),
     )
     return out.view(*x.shape[:-1], N)
