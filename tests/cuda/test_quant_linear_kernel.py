@@ -81,3 +81,37 @@ def test_bad_arguments_are_refused_by_name(device):
         quant_linear(torch.randn(2, 31, device=device), prepared)
     with pytest.raises(ValueError, match=r"bias must be \[N=16\]"):
         quant_linear(torch.randn(2, 32, device=device), prepared, torch.zeros(15, device=device))
+
+
+def test_real_shapes_on_gpu(device):
+    if device.type != "cuda":
+        pytest.skip("real shapes only on a GPU (the interpreter is too slow)")
+    # Llama-3-8B's layer matrices (fused qkv, o, fused gate/up, down): a decode step, a small
+    # batch, a prompt chunk
+    for N, K in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
+        for fmt in ("int8", "int4"):
+            weight = _quantized(fmt, K, N, 128, torch.bfloat16).to(device)
+            prepared = prepare(weight)
+            for M in (1, 16, 256):
+                x = torch.randn(M, K, device=device).bfloat16()
+                expected = x.float() @ weight.dequantize(torch.float32).T
+                torch.testing.assert_close(quant_linear(x, prepared).float(), expected,
+                                           **TOLERANCE[torch.bfloat16])
+
+
+def test_fp8_scaled_mm_at_real_shapes_on_gpu(device):
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        pytest.skip("float8 matmuls need a GPU of compute capability 8.9 or later")
+    from splitfuse.backends import fp8_linear
+    from splitfuse.quant import QuantizedWeight
+
+    N, K = 4096, 4096
+    w = torch.randn(N, K, device=device) * K ** -0.5
+    scales = w.abs().amax(dim=1, keepdim=True) / fp8_linear.FP8_MAX
+    weight = QuantizedWeight("fp8", (w / scales).to(torch.float8_e4m3fn), scales, None, K, (N, K), torch.bfloat16)
+    assert fp8_linear.use_scaled_mm(weight, torch.cuda.get_device_capability(device))
+    x = torch.randn(16, K, device=device).bfloat16()
+    expected = x.float() @ (weight.data.float() * scales).T
+    got = fp8_linear.scaled_mm_linear(x, fp8_linear.prepare(weight)).float()
+    # activations rounded to float8 per token: about 2**-4 / sqrt(3) of outputs ~1 (one sigma)
+    assert (got - expected).abs().max() < 0.2 and (got - expected).abs().mean() < 0.05
