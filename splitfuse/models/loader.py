@@ -169,7 +169,13 @@ def _load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     has_files = any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code) if has_files else None
+    if not has_files:
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    # The engine checks lengths against max_model_len itself and says what to do; without this,
+    # transformers warns "Token indices sequence length is longer than..." before that message.
+    tokenizer.model_max_length = int(1e30)
+    return tokenizer
 
 
 def _read_json(file: Path) -> dict:
