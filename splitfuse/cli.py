@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 import typing
@@ -75,6 +77,23 @@ def _split_model_and_prompts(positional: list[str], model_flag: str | None) -> t
     return None, positional
 
 
+@contextlib.contextmanager
+def _load_log(verbose: bool):
+    """With --verbose, the load log (weight bytes and quantization, KV blocks) goes to stderr."""
+    if not verbose:
+        yield
+        return
+    logger, handler = logging.getLogger("splitfuse"), logging.StreamHandler(sys.stderr)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from splitfuse.pipeline import pipeline
 
@@ -82,7 +101,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompts:
         print("error: give at least one prompt", file=sys.stderr)
         return 2
-    pipe = pipeline(model, backend=args.backend, **_picked(args, EngineConfig))
+    with _load_log(args.verbose):
+        pipe = pipeline(model, backend=args.backend, **_picked(args, EngineConfig))
     sampling = _picked(args, SamplingParams)
     if args.stream and len(prompts) == 1:
         for piece in pipe.stream(prompts[0], **sampling):
@@ -175,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=None, help="model directory (instead of the first positional word)")
     gen.add_argument("--backend", default=None, help="auto, cpu, cuda, xpu or a plugin's name (env SPLITFUSE_BACKEND)")
     gen.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
+    gen.add_argument("--verbose", action="store_true", help="print the load log: weight bytes, quantization, KV blocks")
     _add_model_fields(gen, EngineConfig, "engine")
     _add_model_fields(gen, SamplingParams, "sampling")
     gen.set_defaults(func=cmd_generate)
