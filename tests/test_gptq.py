@@ -139,10 +139,15 @@ def test_gptq_checkpoint_loads_exactly_and_generates_as_its_dequantized_weights(
             assert torch.equal(weight.dequantize(torch.float32), expected), f"layer {layer} {ours}"
     assert all(isinstance(weights[n], torch.Tensor) for n in ("embed_tokens.weight", "lm_head.weight"))
 
-    prompts = make_prompts()
+    assert_generates_as(pipe, tmp_path / "float")
+
+
+def assert_generates_as(pipe, reference_path: Path, prompts=None) -> None:
+    """Greedy tokens of `pipe` equal those of the model at `reference_path` (near-ties accepted)."""
+    prompts = prompts or make_prompts()
     ours = _greedy(pipe, prompts)
     assert all(len(o.token_ids) == 8 for o in ours)
-    references = _greedy(_pipeline(tmp_path / "float"), prompts, logprobs=2)
+    references = _greedy(_pipeline(reference_path), prompts, logprobs=2)
     problems = [p for p in (_divergence(len(q), o.token_ids, r) for q, o, r in zip(prompts, ours, references)) if p]
     assert not problems, "\n".join(problems)
 
