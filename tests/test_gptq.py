@@ -129,17 +129,46 @@ def test_gptq_checkpoint_loads_exactly_and_generates_as_its_dequantized_weights(
         pipe = _pipeline(tmp_path / "gptq")
     assert "GPTQ int4 checkpoint: 8 quantized matrices (from 14 layers)" in caplog.text
     weights = pipe.engine.model.weights
-    fused = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-             "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "o": ("self_attn.o_proj",), "down": ("mlp.down_proj",)}
-    for layer in range(2):
-        for ours, modules in fused.items():
-            weight = weights[f"layers.{layer}.{ours}.weight"]
-            assert isinstance(weight, QuantizedWeight) and weight.group_size == group_size
-            expected = torch.cat([dequantized[f"model.layers.{layer}.{m}"] for m in modules])
-            assert torch.equal(weight.dequantize(torch.float32), expected), f"layer {layer} {ours}"
+    for name, weight, expected in fused_layers(weights, dequantized):
+        assert isinstance(weight, QuantizedWeight) and weight.group_size == group_size
+        assert torch.equal(weight.dequantize(torch.float32), expected), name
     assert all(isinstance(weights[n], torch.Tensor) for n in ("embed_tokens.weight", "lm_head.weight"))
 
     assert_generates_as(pipe, tmp_path / "float")
+
+
+# our fused matrix -> the checkpoint modules whose rows it concatenates
+FUSED = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "o": ("self_attn.o_proj",), "down": ("mlp.down_proj",)}
+
+
+def fused_layers(weights: dict, dequantized: dict[str, torch.Tensor], num_layers: int = 2):
+    """(our name, the loaded weight, the packer's dequantized float32 rows it stands for) of every
+    fused linear layer of a tiny llama-layout model."""
+    for layer in range(num_layers):
+        for ours, modules in FUSED.items():
+            expected = torch.cat([dequantized[f"model.layers.{layer}.{m}"] for m in modules])
+            yield f"layers.{layer}.{ours}.weight", weights[f"layers.{layer}.{ours}.weight"], expected
+
+
+def drop(name: str):
+    """A damage: checkpoint tensor `name` removed."""
+    return lambda tensors: tensors.pop(name)
+
+
+def replace(name: str, make):
+    """A damage: checkpoint tensor `name` replaced by make(it)."""
+    return lambda tensors: tensors.__setitem__(name, make(tensors[name]))
+
+
+def assert_refused_at_load(path: Path, damage, message: str) -> None:
+    """After `damage(tensors)` (None: none) to the checkpoint at `path`, loading it fails with `message`."""
+    if damage:
+        tensors = load_file(path / "model.safetensors")
+        damage(tensors)
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=re.escape(message)):
+        _pipeline(path)
 
 
 def assert_generates_as(pipe, reference_path: Path, prompts=None) -> None:

@@ -5,17 +5,13 @@ checkpoints are refused at load naming what is wrong."""
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
-from splitfuse.models.loader import ModelLoadError
 from splitfuse.quant import QuantizedWeight
 from splitfuse.testing.tiny_model import make_tiny_model
-from test_gptq import _pipeline, assert_generates_as, quantize_groups, write_float_checkpoint, \
-    write_quantized_checkpoint
+from test_gptq import _pipeline, assert_generates_as, assert_refused_at_load, drop, fused_layers, quantize_groups, \
+    replace, write_float_checkpoint, write_quantized_checkpoint
 
 # AutoAWQ's GEMM packing: output features 8c .. 8c+7 of a row go into int32 column c, feature
 # 8c + ORDER[i] in bits 4i .. 4i+3 (the order its CUDA kernel dequantizes in).
@@ -60,35 +56,21 @@ def test_awq_checkpoint_loads_exactly_and_generates_as_its_dequantized_weights(l
 
     pipe = _pipeline(tmp_path / "awq")
     assert pipe.engine.settings.quantization == "awq int4 (group 128)"
-    weights = pipe.engine.model.weights
-    fused = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-             "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "o": ("self_attn.o_proj",), "down": ("mlp.down_proj",)}
-    for layer in range(2):
-        for ours, modules in fused.items():
-            weight = weights[f"layers.{layer}.{ours}.weight"]
-            assert isinstance(weight, QuantizedWeight) and weight.group_size == 128
-            expected = torch.cat([dequantized[f"model.layers.{layer}.{m}"] for m in modules])
-            assert torch.equal(weight.dequantize(torch.float32), expected), f"layer {layer} {ours}"
+    for name, weight, expected in fused_layers(pipe.engine.model.weights, dequantized):
+        assert isinstance(weight, QuantizedWeight) and weight.group_size == 128
+        assert torch.equal(weight.dequantize(torch.float32), expected), name
     assert_generates_as(pipe, tmp_path / "float")
-
-
-def _drop(name):
-    return lambda tensors: tensors.pop(name)
-
-
-def _replace(name, make):
-    return lambda tensors: tensors.__setitem__(name, make(tensors[name]))
 
 
 UP = "model.layers.1.mlp.up_proj"
 BAD_AWQ = [
-    pytest.param({}, _drop(f"{UP}.qzeros"), f"AWQ layer '{UP}' lacks {UP}.qzeros", id="missing-qzeros"),
-    pytest.param({}, _drop(f"{UP}.scales"), f"AWQ layer '{UP}' lacks {UP}.scales", id="missing-scales"),
-    pytest.param({}, _replace(f"{UP}.scales", lambda t: t[:, :-8]),
+    pytest.param({}, drop(f"{UP}.qzeros"), f"AWQ layer '{UP}' lacks {UP}.qzeros", id="missing-qzeros"),
+    pytest.param({}, drop(f"{UP}.scales"), f"AWQ layer '{UP}' lacks {UP}.scales", id="missing-scales"),
+    pytest.param({}, replace(f"{UP}.scales", lambda t: t[:, :-8]),
                  f"AWQ layer '{UP}': scales has shape (1, 248), expected (1, 256)", id="scales-shape"),
-    pytest.param({}, _replace(f"{UP}.qzeros", lambda t: torch.cat([t, t])),
+    pytest.param({}, replace(f"{UP}.qzeros", lambda t: torch.cat([t, t])),
                  f"AWQ layer '{UP}': qzeros has shape (2, 32), expected (1, 32)", id="qzeros-shape"),
-    pytest.param({}, _replace(f"{UP}.qweight", lambda t: t.float()),
+    pytest.param({}, replace(f"{UP}.qweight", lambda t: t.float()),
                  f"AWQ layer '{UP}': qweight has dtype torch.float32, expected torch.int32", id="qweight-dtype"),
     pytest.param({"group_size": 96}, None, "mlp.down_proj': group_size 96 does not divide its in_features 256",
                  id="group-size"),
@@ -103,9 +85,4 @@ BAD_AWQ = [
 def test_malformed_awq_checkpoints_are_refused_at_load(llama_128, tmp_path, config, damage, message):
     path = tmp_path / "awq"
     write_awq_checkpoint(llama_128, path, config={**AWQ, **config})
-    if damage:
-        tensors = load_file(path / "model.safetensors")
-        damage(tensors)
-        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ModelLoadError, match=re.escape(message)):
-        _pipeline(path)
+    assert_refused_at_load(path, damage, message)

@@ -5,17 +5,15 @@ malformed GPTQ checkpoints are refused at load naming what is wrong."""
 
 from __future__ import annotations
 
-import re
 import zlib
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
-from splitfuse.models.loader import ModelLoadError
 from splitfuse.quant.gptq import ActOrderWeight, GptqConfig
 from splitfuse.testing.tiny_model import make_tiny_model
-from test_gptq import _pipeline, assert_generates_as, gptq_pack, write_float_checkpoint, write_quantized_checkpoint
+from test_gptq import _pipeline, assert_generates_as, assert_refused_at_load, drop, fused_layers, gptq_pack, replace, \
+    write_float_checkpoint, write_quantized_checkpoint
 
 # modules reading the same input share one activation order, as GPTQ derives it from that input
 SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
@@ -46,26 +44,19 @@ def llama_128(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("llama128"), "llama", hidden_size=128, intermediate_size=256)
 
 
-FUSED = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-         "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "o": ("self_attn.o_proj",), "down": ("mlp.down_proj",)}
-
-
 @pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_act_order_layers_dequantize_exactly(llama_128, tmp_path, group_size, sym):
     dequantized = write_act_order_checkpoint(llama_128, tmp_path / "gptq", group_size, sym)
     engine = _pipeline(tmp_path / "gptq").engine
     assert engine.settings.quantization == f"gptq int4 (group {group_size}, act-order)"
-    for layer in range(2):
-        for ours, modules in FUSED.items():
-            weight = engine.model.weights[f"layers.{layer}.{ours}.weight"]
-            # a single group (K = group_size) has no order to keep
-            assert isinstance(weight, ActOrderWeight) == (weight.shape[1] > group_size), f"layer {layer} {ours}"
-            assert weight.group_size == group_size
-            expected = torch.cat([dequantized[f"model.layers.{layer}.{m}"] for m in modules])
-            assert torch.equal(weight.dequantize(torch.float32), expected), f"layer {layer} {ours}"
-            x = torch.randn(3, weight.shape[1])
-            torch.testing.assert_close(engine.backend.linear(x, weight), x @ expected.T, rtol=1e-5, atol=1e-5)
+    for name, weight, expected in fused_layers(engine.model.weights, dequantized):
+        # a single group (K = group_size) has no order to keep
+        assert isinstance(weight, ActOrderWeight) == (weight.shape[1] > group_size), name
+        assert weight.group_size == group_size
+        assert torch.equal(weight.dequantize(torch.float32), expected), name
+        x = torch.randn(3, weight.shape[1])
+        torch.testing.assert_close(engine.backend.linear(x, weight), x @ expected.T, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("group_size,sym", [(32, False), (128, True)], ids=["g32-asym", "g128-sym"])
@@ -83,27 +74,19 @@ def test_act_order_weight_moves_with_its_order():
     assert weight.nbytes == 16 * 32 + 16 * 2 * 4 + 16 * 2 + 64 * 8  # data, float32 scales, uint8 zeros, int64 order
 
 
-def _drop(name):
-    return lambda tensors: tensors.pop(name)
-
-
-def _replace(name, make):
-    return lambda tensors: tensors.__setitem__(name, make(tensors[name]))
-
-
 UP = "model.layers.1.mlp.up_proj"
 BAD_GPTQ = [
-    pytest.param({}, _drop(f"{UP}.qzeros"), None, f"GPTQ layer '{UP}' lacks {UP}.qzeros", id="missing-qzeros"),
-    pytest.param({}, _drop(f"{UP}.g_idx"), None, f"GPTQ layer '{UP}' lacks {UP}.g_idx, which desc_act=true",
+    pytest.param({}, drop(f"{UP}.qzeros"), None, f"GPTQ layer '{UP}' lacks {UP}.qzeros", id="missing-qzeros"),
+    pytest.param({}, drop(f"{UP}.g_idx"), None, f"GPTQ layer '{UP}' lacks {UP}.g_idx, which desc_act=true",
                  id="missing-g_idx"),
-    pytest.param({}, _replace(f"{UP}.scales", lambda t: t[:-1]), None,
+    pytest.param({}, replace(f"{UP}.scales", lambda t: t[:-1]), None,
                  f"GPTQ layer '{UP}': scales has shape (3, 256), expected (4, 256)", id="scales-shape"),
-    pytest.param({}, _replace(f"{UP}.g_idx", lambda t: t[:-1]), None,
+    pytest.param({}, replace(f"{UP}.g_idx", lambda t: t[:-1]), None,
                  f"GPTQ layer '{UP}': g_idx has shape (127,), expected (128,)", id="g_idx-shape"),
-    pytest.param({}, _replace(f"{UP}.g_idx", lambda t: torch.where(t == 1, 0, t)), None,
+    pytest.param({}, replace(f"{UP}.g_idx", lambda t: torch.where(t == 1, 0, t)), None,
                  f"GPTQ layer '{UP}': g_idx must give each of the 4 groups exactly group_size=32 input features; "
                  "it gives [64, 0, 32, 32]", id="g_idx-uneven"),
-    pytest.param({}, _replace(f"{UP}.g_idx", lambda t: t + 1), None,
+    pytest.param({}, replace(f"{UP}.g_idx", lambda t: t + 1), None,
                  f"GPTQ layer '{UP}': g_idx holds groups 1..4, expected 0..3", id="g_idx-range"),
     pytest.param({}, None, lambda module, k: torch.randperm(k), "act-order parts fused into one matrix (q/k/v or "
                  "gate/up) order their input features differently", id="orders-differ"),
@@ -117,9 +100,4 @@ BAD_GPTQ = [
 def test_malformed_gptq_checkpoints_are_refused_at_load(llama_128, tmp_path, config, damage, order, message):
     path = tmp_path / "gptq"
     write_act_order_checkpoint(llama_128, path, 32, False, {**gptq_config(32, False), **config}, order)
-    if damage:
-        tensors = load_file(path / "model.safetensors")
-        damage(tensors)
-        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ModelLoadError, match=re.escape(message)):
-        _pipeline(path)
+    assert_refused_at_load(path, damage, message)
