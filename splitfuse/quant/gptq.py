@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 
 from splitfuse.quant.packed import Int4Checkpoint, UnsupportedQuantization, int4_weight, unpack_nibbles
-from splitfuse.quant.weights import QuantizedWeight, pack_int4, unpack_int4
+from splitfuse.quant.weights import QuantizedWeight
 
 SUPPORTED = "GPTQ 4-bit (bits=4, checkpoint_format gptq or gptq_v2, with or without desc_act)"
 CHECKPOINT_FORMATS = {"gptq": 1, "gptq_v2": 0}  # format -> what is added to a stored zero point
@@ -69,7 +69,7 @@ class GptqConfig(Int4Checkpoint):
     required_parts: ClassVar[tuple[str, ...]] = ("qweight", "qzeros", "scales")
 
     def describe(self) -> str:
-        return super().describe()[:-1] + (", act-order)" if self.desc_act else ")")
+        return super().describe("act-order") if self.desc_act else super().describe()
 
     def layer_weight(self, module: str, parts: Mapping[str, torch.Tensor], dtype: torch.dtype) -> QuantizedWeight:
         self.require(module, parts)
@@ -82,27 +82,28 @@ class GptqConfig(Int4Checkpoint):
         self.check_shapes(module, parts, {"qzeros": (groups, N // 8), "scales": (groups, N), "g_idx": (K,)})
         q = unpack_nibbles(qweight, 0).t()  # [N, K]
         zeros = unpack_nibbles(parts["qzeros"], 1).t() + self.zero_offset  # [N, G]
-        weight = int4_weight(q, zeros, parts["scales"].t(), group_size, dtype)
-        g_idx = parts.get("g_idx")
-        if g_idx is None or torch.equal(g_idx.long(), torch.arange(K) // group_size):
+        order = None if "g_idx" not in parts else act_order(module, parts["g_idx"].long(), group_size, groups)
+        weight = int4_weight(q if order is None else q[:, order], zeros, parts["scales"].t(), group_size, dtype)
+        if order is None:
             return weight
-        return act_order_weight(module, weight, g_idx.long(), groups)
+        return ActOrderWeight(weight.format, weight.data, weight.scales, weight.zeros, group_size, weight.shape,
+                              dtype, layout=ACT_ORDER_LAYOUT, input_order=order)
 
 
-def act_order_weight(module: str, weight: QuantizedWeight, g_idx: torch.Tensor, groups: int) -> ActOrderWeight:
-    """`weight` whose data holds input features in checkpoint order, with scales and zeros by group
-    -> its columns sorted by group (each group must hold exactly group_size features)."""
+def act_order(module: str, g_idx: torch.Tensor, group_size: int, groups: int) -> torch.Tensor | None:
+    """The input features sorted by group (stable: by k within a group), or None where g_idx is
+    k // group_size already; refuses a g_idx whose groups are not group_size features each."""
+    K = g_idx.numel()
+    if torch.equal(g_idx, torch.arange(K) // group_size):
+        return None
     if g_idx.min() < 0 or g_idx.max() >= groups:
         raise UnsupportedQuantization(f"GPTQ layer {module!r}: g_idx holds groups {int(g_idx.min())}.."
                                       f"{int(g_idx.max())}, expected 0..{groups - 1}")
     counts = torch.bincount(g_idx, minlength=groups)
-    if (counts != weight.group_size).any():
+    if (counts != group_size).any():
         raise UnsupportedQuantization(f"GPTQ layer {module!r}: g_idx must give each of the {groups} groups exactly "
-                                      f"group_size={weight.group_size} input features; it gives {counts.tolist()}")
-    order = torch.argsort(g_idx, stable=True)
-    data = pack_int4(unpack_int4(weight.data)[:, order])
-    return ActOrderWeight(weight.format, data, weight.scales, weight.zeros, weight.group_size, weight.shape,
-                          weight.dtype, layout=ACT_ORDER_LAYOUT, input_order=order)
+                                      f"group_size={group_size} input features; it gives {counts.tolist()}")
+    return torch.argsort(g_idx, stable=True)
 
 
 def read_gptq_config(config: Mapping) -> GptqConfig:

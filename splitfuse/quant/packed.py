@@ -7,6 +7,7 @@ QuantizedWeight; splitfuse.quant.checkpoint does the rest (fusing, experts, load
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
@@ -23,7 +24,7 @@ class UnsupportedQuantization(ValueError):
 
 
 @dataclass(frozen=True)
-class Int4Checkpoint:
+class Int4Checkpoint(abc.ABC):
     """A packed 4-bit checkpoint format and the settings its quantization_config gave."""
 
     group_size: int  # -1: one group per input row (the whole K)
@@ -32,13 +33,14 @@ class Int4Checkpoint:
     parts: ClassVar[tuple[str, ...]]  # every `<module>.<part>` tensor a quantized layer may hold
     required_parts: ClassVar[tuple[str, ...]]
 
+    @abc.abstractmethod
     def layer_weight(self, module: str, parts: Mapping[str, torch.Tensor], dtype: torch.dtype) -> QuantizedWeight:
         """One layer's tensors -> its QuantizedWeight [N, K] (shapes checked)."""
-        raise NotImplementedError
 
-    def describe(self) -> str:
-        """The quantization in effect, as engine.settings reports it."""
-        return f"{self.label.lower()} int4 (group {self.group_size})"
+    def describe(self, *details: str) -> str:
+        """The quantization in effect, as engine.settings reports it ("gptq int4 (group 128)")."""
+        group = "one group per row" if self.group_size == -1 else f"group {self.group_size}"
+        return f"{self.label.lower()} int4 ({', '.join((group, *details))})"
 
     def groups(self, module: str, in_features: int) -> tuple[int, int]:
         """(group size, number of groups) of a layer with `in_features`, or refuse."""
