@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 import typing
@@ -133,6 +135,23 @@ def _print_details(response, tokenizer) -> None:
     print(f"[{response.generated_length} tokens, finish_reason={response.finish_reason}]", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def _load_log(verbose: bool):
+    """With --verbose, the load log (weight bytes and quantization, KV blocks) goes to stderr."""
+    if not verbose:
+        yield
+        return
+    logger, handler = logging.getLogger("splitfuse"), logging.StreamHandler(sys.stderr)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from splitfuse.pipeline import pipeline
 
@@ -144,7 +163,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print("error: --stream and --json cannot be combined: JSON is written once a response is complete",
               file=sys.stderr)
         return 2
-    pipe = pipeline(model, backend=args.backend, **_picked(args, EngineConfig))
+    with _load_log(args.verbose):
+        pipe = pipeline(model, backend=args.backend, **_picked(args, EngineConfig))
     sampling = _picked(args, SamplingParams)
     if args.stream:
         # one prompt after another, each streamed as it is generated
@@ -260,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="one JSON object per prompt: text, token ids, finish reason, log-probabilities")
     gen.add_argument("--backend", default=None, help="auto, cpu, cuda, xpu or a plugin's name (env SPLITFUSE_BACKEND)")
     gen.add_argument("--stream", action="store_true", help="print text as it is generated (prompts one after another)")
+    gen.add_argument("--verbose", action="store_true", help="print the load log: weight bytes, quantization, KV blocks")
     _add_model_fields(gen, EngineConfig, "engine")
     _add_model_fields(gen, SamplingParams, "sampling (unset: the model's generation_config.json, else the default)")
     gen.set_defaults(func=cmd_generate)

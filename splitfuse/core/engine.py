@@ -47,6 +47,7 @@ class EngineSettings:
     max_model_len: int
     dtype: str  # "float32", "bfloat16", ...
     backend: str  # the backend's own description (name, device)
+    quantization: str | None = None  # the weights' quantization in effect ("int4", "gptq int4 (group 128)", ...)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ class Engine:
         backend.warm_up(model, self.kv_cache, config, max_model_len, block_size)
         self.scheduler = Scheduler(config.token_budget, config.max_seqs, self.blocks, recompute_at)
         self.settings = EngineSettings(block_size, num_kv_blocks, max_model_len,
-                                       str(model.dtype).removeprefix("torch."), backend.describe())
+                                       str(model.dtype).removeprefix("torch."), backend.describe(),
+                                       getattr(model, "quantization", None))
         self.requests: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self._ids = itertools.count()
