@@ -54,6 +54,23 @@ def test_quant_linear_matches_the_dequantized_reference(device, fmt, M, K, N, gr
     torch.testing.assert_close(got.cpu().float(), _reference(x, weight, bias), **TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("fmt,split_k", [("int8", 4), ("int4", 2), ("int4", 16)])
+def test_split_k_sums_the_same_products(device, fmt, split_k, with_bias):
+    """K cut into slices summed separately (how a decode step fills a GPU): 4 slices of an odd K
+    (K = 385: the interpreter's 64-pair tiles, the last slice one lone feature), 2 of K = 256, and
+    more slices asked for than K has tiles (capped at one tile each, none empty)."""
+    K, N = (385, 24) if fmt == "int8" else (256, 24)
+    weight = _quantized(fmt, K, N, 32, torch.bfloat16)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, K, generator=gen).bfloat16()
+    bias = torch.randn(N, generator=gen).bfloat16() if with_bias else None
+    got = quant_linear(x.to(device), prepare(weight.to(device)), None if bias is None else bias.to(device),
+                       split_k=split_k)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, N)
+    torch.testing.assert_close(got.cpu().float(), _reference(x, weight, bias), **TOLERANCE[torch.bfloat16])
+
+
 @pytest.mark.parametrize("fmt,layout", [("int8", INT8_LAYOUT), ("int4", INT4_LAYOUT)])
 def test_prepare_repacks_without_changing_the_matrix(fmt, layout):
     weight = _quantized(fmt, 64, 24, 32, torch.bfloat16)

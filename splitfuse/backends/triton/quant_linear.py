@@ -16,6 +16,7 @@ q * scale), rounded to the activations' dtype, and multiplied with float32 accum
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
@@ -32,22 +33,26 @@ ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @triton.jit
 def _dequant_gemm_kernel(
-    x_ptr, w_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, group_size,
+    x_ptr, w_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, group_size, kh_per_split,
     stride_xm, stride_om,
-    INT4: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr,
+    INT4: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr,
 ):
     # The K loop steps over pairs of input features (kh = k // 2): int4 holds a pair per byte, and
-    # int8 reads the pair's two rows; the even and odd halves each make one tl.dot.
+    # int8 reads the pair's two rows; the even and odd halves each make one tl.dot. Program
+    # (m, n, s) sums the pairs [s * kh_per_split, (s + 1) * kh_per_split), a multiple of BLOCK_KH;
+    # with PARTIAL it writes that float32 sum to out_ptr[s] for the host to add up (split K).
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_ok = rows < M
     col_ok = cols < N
     dtype = out_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh0 in range(0, tl.cdiv(K, 2), BLOCK_KH):
+    kh_begin = pid_s * kh_per_split
+    for kh0 in range(kh_begin, tl.minimum(kh_begin + kh_per_split, tl.cdiv(K, 2)), BLOCK_KH):
         khs = kh0 + tl.arange(0, BLOCK_KH).to(tl.int64)
         k_even = 2 * khs
         even_ok = k_even < K
@@ -77,9 +82,13 @@ def _dequant_gemm_kernel(
             w_even, w_odd = w_even.to(tl.float32), w_odd.to(tl.float32)
         acc = tl.dot(x_even, w_even, acc, input_precision=PRECISION)
         acc = tl.dot(x_odd, w_odd, acc, input_precision=PRECISION)
-    if HAS_BIAS:  # added to the float32 sum, rounded once (as addmm does)
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if PARTIAL:
+        tl.store(out_ptr + pid_s * M * N + rows[:, None] * N + cols[None, :], acc, mask=out_mask)
+    else:
+        if HAS_BIAS:  # added to the float32 sum, rounded once (as addmm does)
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(dtype), mask=out_mask)
 
 
 # ---- layouts ------------------------------------------------------------------------------------
@@ -121,8 +130,29 @@ for _layout in LAYOUTS:
 
 
 # ---- host wrapper -------------------------------------------------------------------------------
-def quant_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ W.T + bias for W in a layout `prepare` made -> [..., N] in x's dtype."""
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split_k(programs: int, kh_tiles: int, device: torch.device) -> int:
+    """How many slices K is cut into: enough programs to fill the GPU twice over when the output
+    tiles alone are fewer than its multiprocessors (a decode step's 4096-wide matrices), each slice
+    at least 4 tiles of K long; 1 in the interpreter."""
+    if device.type != "cuda":
+        return 1
+    sms = _multiprocessors(device)
+    if programs >= sms:
+        return 1
+    return max(1, min(8, triton.cdiv(2 * sms, programs), kh_tiles // 4))
+
+
+def quant_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None,
+                 split_k: int | None = None) -> torch.Tensor:
+    """x [..., K] @ W.T + bias for W in a layout `prepare` made -> [..., N] in x's dtype.
+
+    split_k forces how many slices K is summed in (their float32 sums are added on the host side
+    with torch); by default the GPU's size decides (see _split_k)."""
     if weight.layout not in LAYOUTS:
         raise ValueError(f"quant_linear: weight layout must be one of {LAYOUTS} (QuantizedWeight from "
                          f"quant_linear.prepare), got {weight.layout!r}")
@@ -157,11 +187,19 @@ def quant_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | 
     precision = "ieee" if upcast or x.dtype == torch.float32 else "tf32"
     is_int4 = weight.layout == INT4_LAYOUT
     zeros = weight.zeros if is_int4 else weight.scales  # unused by the int8 kernel
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _dequant_gemm_kernel[grid](
-        x2d, weight.data, weight.scales, zeros, bias if bias is not None else out, out, M, N, K, weight.group_size,
-        x2d.stride(0), out.stride(0),
-        INT4=is_int4, HAS_BIAS=bias is not None, PRECISION=precision, UPCAST=upcast,
+    tiles = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    kh_tiles = triton.cdiv(triton.cdiv(K, 2), block_kh)
+    split = split_k or _split_k(tiles[0] * tiles[1], kh_tiles, x.device)
+    kh_per_split = triton.cdiv(kh_tiles, split) * block_kh
+    split = triton.cdiv(triton.cdiv(K, 2), kh_per_split)  # no empty slice
+    target = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    _dequant_gemm_kernel[(*tiles, split)](
+        x2d, weight.data, weight.scales, zeros, bias if bias is not None else out, target, M, N, K, weight.group_size,
+        kh_per_split, x2d.stride(0), out.stride(0),
+        INT4=is_int4, HAS_BIAS=bias is not None, PARTIAL=split > 1, PRECISION=precision, UPCAST=upcast,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KH=block_kh, num_warps=num_warps(x.device, 4),
     )
+    if split > 1:
+        total = target.sum(dim=0)
+        out = (total if bias is None else total + bias.float()).to(x.dtype)
     return out.view(*x.shape[:-1], N)
