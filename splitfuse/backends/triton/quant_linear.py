@@ -9,7 +9,9 @@ contiguous along N):
 - "triton_int8": data int8 [K, N], scales float32 [N];
 - "triton_int4": data uint8 [K/2, N] (byte kh holds k = 2kh in the low nibble, 2kh + 1 in the
   high one), scales float32 [K/group_size, N], zeros uint8 [K/group_size, N].
-Numerics follow torch_ops.linear: the weight is dequantized in float32 ((q - zero) * scale, or
+A decode step's narrow matrices give fewer output tiles than a GPU has multiprocessors; K is then
+cut into slices summed by separate programs, their float32 sums added with torch (deterministic,
+no atomics). Numerics follow torch_ops.linear: the weight is dequantized in float32 ((q - zero) * scale, or
 q * scale), rounded to the activations' dtype, and multiplied with float32 accumulation.
 """
 
