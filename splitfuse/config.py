@@ -97,7 +97,7 @@ class SamplingParams(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = Field(None, ge=0, le=20, description="top alternatives to return per token")
-    structured_outputs: StructuredOutputsParams | None = Field(None, description="constrain the output (constrained decoding)")
+    structured_outputs: StructuredOutputsParams | None = Field(None, description="constrain the output to a grammar")
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -68,8 +68,8 @@ def tool_plan(tools: list[dict] | None, tool_choice, parallel_tool_calls: bool =
     elif choice == "auto":
         constraint, mode = None, "auto"
     else:
-        raise ConstraintRequestError("tool_choice", f"expected 'none', 'auto', 'required' or "
-                                                    f"{{'type': 'function', 'function': {{'name': ...}}}}, got {choice!r}")
+        named = "{'type': 'function', 'function': {'name': ...}}"
+        raise ConstraintRequestError("tool_choice", f"expected 'none', 'auto', 'required' or {named}, got {choice!r}")
     if constraint is not None:
         check(constraint, "tools")
     return ToolPlan(list(tools), mode, constraint)

@@ -35,7 +35,8 @@ def chat(client, **kwargs):
 
 
 def test_json_schema_response_format_on_chat_validates_for_every_choice(client):
-    response = chat(client, n=6, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}})
+    response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}
+    response = chat(client, n=6, response_format=response_format)
     for choice in response.choices:
         assert choice.finish_reason == "stop"
         jsonschema.validate(json.loads(choice.message.content), SCHEMA)
@@ -70,9 +71,9 @@ def test_vllm_guided_fields_on_completions(client):
                                         extra_body={"guided_json": SCHEMA})
     for choice in records.choices:
         jsonschema.validate(json.loads(choice.text), SCHEMA)
+    response_format = {"type": "json_schema", "json_schema": {"name": "r", "schema": SCHEMA}}
     formatted = client.completions.create(model="demo", prompt="Record:", n=2, temperature=1.0, max_tokens=60,
-                                          extra_body={"response_format": {"type": "json_schema",
-                                                                          "json_schema": {"name": "r", "schema": SCHEMA}}})
+                                          extra_body={"response_format": response_format})
     for choice in formatted.choices:
         jsonschema.validate(json.loads(choice.text), SCHEMA)
     sums = client.completions.create(model="demo", prompt="Sum:", n=2, temperature=1.0, max_tokens=30,

@@ -102,7 +102,8 @@ def test_auto_parses_a_hermes_tool_call_from_the_reply(client, stream):
 
 
 def test_auto_without_a_call_is_plain_content(client):
-    choice = create(client, tool_choice="auto", max_tokens=30, extra_body={"guided_choice": ["Sunny today."]}).choices[0]
+    reply = create(client, tool_choice="auto", max_tokens=30, extra_body={"guided_choice": ["Sunny today."]})
+    choice = reply.choices[0]
     assert (choice.message.content, choice.message.tool_calls, choice.finish_reason) == ("Sunny today.", None, "stop")
 
 
