@@ -156,6 +156,14 @@ def test_a_matcher_replays_tokens_after_its_sequence_lost_some(pipe):
     assert state.matcher.is_completed()
 
 
+def bitmask_of(allowed: torch.Tensor) -> torch.Tensor:
+    """The int32 bitmask [rows, ceil(V/32)] of a bool [rows, V] tensor of allowed tokens."""
+    words = torch.zeros(allowed.shape[0], (allowed.shape[1] + 31) // 32, dtype=torch.int64)
+    for row, token in allowed.nonzero().tolist():
+        words[row, token // 32] |= 1 << (token % 32)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
 @pytest.mark.parametrize("path", ["xgrammar", "torch ops"])  # cpu / every other device
 @pytest.mark.parametrize("vocab, padding", [(5, 0), (32, 0), (41, 0), (100, 0), (64, 9)])
 def test_apply_token_bitmask_keeps_exactly_the_allowed_tokens(monkeypatch, path, vocab, padding):
@@ -164,11 +172,7 @@ def test_apply_token_bitmask_keeps_exactly_the_allowed_tokens(monkeypatch, path,
     generator = torch.Generator().manual_seed(vocab)
     logits = torch.randn(3, vocab + padding, generator=generator)  # padding: columns no grammar covers
     allowed = torch.rand(2, vocab, generator=generator) < 0.3
-    words = torch.zeros(2, (vocab + 31) // 32, dtype=torch.int64)
-    for row, token in allowed.nonzero().tolist():
-        words[row, token // 32] |= 1 << (token % 32)
-    bitmask = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
-    masked = apply_token_bitmask(logits, [0, 2], bitmask)
+    masked = apply_token_bitmask(logits, [0, 2], bitmask_of(allowed))
     assert torch.equal(masked[1], logits[1])
     allowed = torch.nn.functional.pad(allowed, (0, padding), value=False)
     for row, mask_row in ((0, 0), (2, 1)):
@@ -205,3 +209,26 @@ def test_constrained_params_survive_a_process_boundary():
 
     params = SamplingParams(**constrained(json=PERSON))
     assert pickle.loads(pickle.dumps(params)) == params
+
+
+# the Triton interpreter turns loop bounds into ints through a numpy conversion it deprecates
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+def test_the_cuda_sampler_draws_only_allowed_tokens_from_masked_logits():
+    # the Triton sampling kernel (under the interpreter without a GPU) on logits that are mostly -inf
+    pytest.importorskip("triton")
+    from splitfuse.backends.cuda.backend import CudaBackend
+    from splitfuse.core.sampler import SamplingBatch, sample_tokens
+
+    backend, vocab = CudaBackend(), 300
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, vocab, generator=generator) * 3
+    allowed = torch.zeros(4, vocab, dtype=torch.bool)
+    allowed[0, 7] = allowed[1, [3, 150, 299]] = True
+    allowed[2:] = torch.rand(2, vocab, generator=generator) < 0.2
+    masked = apply_token_bitmask(logits.to(backend.device), [0, 1, 2, 3], bitmask_of(allowed))
+    for counter in range(4):
+        batch = SamplingBatch(temperatures=[1.0, 0.0, 0.8, 1.3], top_ks=[0, 0, 5, 0], top_ps=[1.0, 1.0, 1.0, 0.9],
+                              seeds=[1, None, 3, 4], counters=[counter] * 4, suppressed=[[]] * 4)
+        tokens = backend.sample(masked, batch).tolist()
+        assert all(allowed[row, token] for row, token in enumerate(tokens))
+        assert tokens == sample_tokens(masked.cpu(), batch).tolist()  # the cpu sampler's draws
