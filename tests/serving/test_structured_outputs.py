@@ -10,6 +10,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+import splitfuse
 
 SCHEMA = {
     "type": "object",
@@ -95,3 +96,15 @@ def test_an_invalid_constraint_is_a_400_naming_the_field(client, body, param, pr
         chat(client, extra_body=body)
     error = caught.value.body
     assert error["param"] == param and problem in error["message"]
+
+
+def test_constraints_reach_replica_processes():
+    # each replica process compiles the constraint it receives in the pickled SamplingParams
+    handle = splitfuse.serve(None, backend="cpu", dtype="float32", served_model_name="demo", replicas=2)
+    try:
+        client = openai.OpenAI(base_url=handle.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        picks = client.completions.create(model="demo", prompt=["Pick:", "Choose:"], n=3, temperature=1.0,
+                                          extra_body={"guided_choice": ["left", "right"]})
+    finally:
+        handle.terminate()
+    assert len(picks.choices) == 6 and all(c.text in ("left", "right") for c in picks.choices)
