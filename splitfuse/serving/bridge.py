@@ -79,6 +79,8 @@ class EngineFront(abc.ABC):
     stats: EngineStats  # the latest the engine published
     ready: bool  # accepting requests and able to serve them
     max_waiting: int
+    restarts: int = 0  # engines launched again after dying (replica pools)
+    retries: int = 0  # requests resent to another engine after theirs died (replica pools)
 
     def __init__(self) -> None:
         self.lock = threading.Lock()  # the routes of every engine behind this front

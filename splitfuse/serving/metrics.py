@@ -11,6 +11,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 
 from splitfuse.serving.bridge import EngineFront
 from splitfuse.serving.protocol import PromptTokensDetails, Usage
@@ -32,6 +33,7 @@ class Metrics:
             lambda: engine.stats.kv_blocks_used)
         Gauge("splitfuse_kv_blocks_total", "KV cache blocks in all", registry=r).set_function(
             lambda: engine.stats.kv_blocks_total)
+        r.register(_FaultCounters(engine))
         self.ttft = Histogram("splitfuse_time_to_first_token_seconds", "request arrival to first token",
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("splitfuse_inter_token_latency_seconds", "time between a request's tokens",
@@ -51,6 +53,19 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _FaultCounters:
+    """Replica restarts and resent requests: the engine front counts them, the scrape reads them."""
+
+    def __init__(self, engine: EngineFront) -> None:
+        self.engine = engine
+
+    def collect(self):
+        yield CounterMetricFamily("splitfuse_replica_restarts", "replicas launched again after dying",
+                                  value=self.engine.restarts)
+        yield CounterMetricFamily("splitfuse_requests_retried",
+                                  "requests resent to another replica after theirs died", value=self.engine.retries)
 
 
 class Tracker:

@@ -1,11 +1,14 @@
 """Two engine processes behind one server: same outputs, spread by outstanding tokens, survive a death.
 
-The tests share one two-replica server; the kill test runs last in the file because it kills one.
+The tests share one two-replica server; the tests that pause or kill one run last in the file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 import time
 
 import httpx
@@ -99,42 +102,109 @@ def test_the_pool_reports_what_its_replicas_were_built_with(server):
     assert settings.max_model_len == server.engine.max_model_len and "cpu" in settings.backend
 
 
-def test_killing_a_replica_fails_only_its_requests(server, client):
+def test_one_queue_limit_covers_all_replicas(server):
+    """max_waiting counts requests without an output on every replica together: with both replicas
+    paused, 5 requests against a limit of 3 get 3 admitted (spread over both) and 2 answered 429."""
     pool = server.engine
-    long = {"model": "llama", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    before = [r.assigned for r in pool.replicas]
+    pool.max_waiting = 3
+    for replica in pool.replicas:
+        os.kill(replica.engine.pid, signal.SIGSTOP)
+    try:
+        async def run():
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+                tasks = [asyncio.create_task(http.post("/v1/completions", json={
+                    "model": "llama", "prompt": p, "max_tokens": 3, "temperature": 0})) for p in PROMPTS + ["b"]]
+                deadline = time.monotonic() + 20
+                while sum(t.done() for t in tasks) < 2:  # the refused ones answer at once
+                    assert time.monotonic() < deadline, "no request was refused"
+                    await asyncio.sleep(0.01)
+                spread = [r.assigned - b for r, b in zip(pool.replicas, before)]
+                for replica in pool.replicas:
+                    os.kill(replica.engine.pid, signal.SIGCONT)
+                return spread, await asyncio.gather(*tasks)
+
+        spread, replies = asyncio.run(run())
+    finally:
+        pool.max_waiting = 1024
+        for replica in pool.replicas:
+            os.kill(replica.engine.pid, signal.SIGCONT)
+    assert sorted(r.status_code for r in replies) == [200, 200, 200, 429, 429]
+    assert all(r.json()["error"]["code"] == "queue_full" for r in replies if r.status_code == 429)
+    assert sorted(spread) == [1, 2]  # a per-replica limit of 3 would have admitted all five
+
+
+def _events(lines) -> list[str]:
+    return [line for line in lines if line.startswith("data: ")]
+
+
+def test_a_dead_replica_loses_no_request_that_had_not_started(server, client):
+    """Replica X streams S, then is paused while more requests arrive (some routed to it), then killed:
+    its unstarted requests are resent and succeed, S ends with an error event then [DONE], X is
+    launched again and serves, and no KV block stays held."""
+    pool = server.engine
+    long = {"model": "llama", "temperature": 0, "ignore_eos": True}
 
     async def run():
-        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
-            tasks = [asyncio.create_task(http.post("/v1/completions", json={**long, "prompt": p}))
-                     for p in PROMPTS]
-            # Kill replica 0 once every request is routed and both replicas are generating, so it
-            # dies with requests in flight and none reaches it afterwards.
-            deadline = time.monotonic() + 20
-            while (sum(len(r.routes) for r in pool.replicas) < len(PROMPTS)
-                   or not all(r.routes for r in pool.replicas) or not all(r.stats.running for r in pool.replicas)):
-                assert time.monotonic() < deadline, "requests never reached both replicas"
-                await asyncio.sleep(0.01)
-            doomed = len(pool.replicas[0].routes)
-            pool.replicas[0].process.kill()
-            return doomed, await asyncio.gather(*tasks)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+            async with http.stream("POST", "/v1/completions",
+                                   json={**long, "prompt": PROMPTS[0], "max_tokens": 200, "stream": True}) as stream:
+                lines = stream.aiter_lines()
+                first = [await anext(lines)]
+                holder = next(r for r in pool.replicas if r.routes)
+                os.kill(holder.engine.pid, signal.SIGSTOP)  # frozen: nothing it holds can start any more
+                before = sum(r.assigned for r in pool.replicas)
+                tasks = [asyncio.create_task(http.post("/v1/completions", json={
+                    **long, "prompt": f"{PROMPTS[i % 4]} {i}", "max_tokens": 100})) for i in range(8)]
+                deadline = time.monotonic() + 30
+                while sum(r.assigned for r in pool.replicas) - before < 8:
+                    assert time.monotonic() < deadline, "the requests were never routed"
+                    await asyncio.sleep(0.01)
+                with pool.lock:
+                    unstarted = sum(not route.started for route in holder.routes.values())
+                retries, pid = pool.retries, holder.engine.pid
+                os.kill(pid, signal.SIGKILL)
+                # While it restarts, /health shows it out of rotation with zeroed figures, not its last ones.
+                body = _wait(server, lambda b: b["replicas"][holder.index]["state"] != "ok")
+                rest = [line async for line in lines]
+            return holder, pid, unstarted, retries, body, first + rest, await asyncio.gather(*tasks)
 
-    doomed, replies = asyncio.run(run())
-    codes = sorted(r.status_code for r in replies)
-    assert codes == sorted([200] * (len(PROMPTS) - doomed) + [503] * doomed), [r.text for r in replies]
-    assert all(r.json()["error"]["code"] == "unavailable" for r in replies if r.status_code == 503)
-    assert all(len(r.json()["choices"][0]["text"]) > 0 for r in replies if r.status_code == 200)
+    holder, pid, unstarted, retries, body, stream_lines, replies = asyncio.run(run())
+    assert unstarted >= 1, "no request was routed to the paused replica"
+    assert [r.status_code for r in replies] == [200] * 8, [r.text for r in replies]
+    assert all(len(r.json()["choices"][0]["text"]) > 0 for r in replies)
+    assert pool.retries - retries == unstarted
 
-    health = _health(server)
-    assert health.status_code == 200  # one replica still serves
-    states = {r["index"]: r["state"] for r in health.json()["replicas"]}
-    assert states == {0: "dead", 1: "ok"}
-    # New requests all go to the survivor and succeed.
-    for prompt in PROMPTS:
-        assert client.completions.create(model="llama", prompt=prompt, max_tokens=3, temperature=0).choices
-    live = _wait(server, lambda b: b["replicas"][1]["running"] == 0 and b["replicas"][1]["waiting"] == 0
-                 and b["replicas"][1]["kv_blocks_used"] == 0)["replicas"][1]
-    assert live["kv_blocks_free"] == live["kv_blocks_total"] == 64
-    assert live["outstanding_tokens"] == 0 and live["in_flight"] == 0
+    events = _events(stream_lines)
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2][len("data: "):])["error"]
+    assert error["code"] == "unavailable" and "died" in error["message"], error
+    dead = body["replicas"][holder.index]
+    assert dead["state"] == "restarting" and dead["kv_blocks_total"] == 0 and dead["running"] == 0
+
+    back = _wait(server, lambda b: b["replicas"][holder.index]["state"] == "ok", timeout=90)
+    assert back["replicas"][holder.index]["pid"] not in (pid, None)
+    assert back["replicas"][holder.index]["restarts"] == 1
+    metrics = httpx.get(server.url + "/metrics").text
+    assert "splitfuse_replica_restarts_total 1.0" in metrics
+    assert f"splitfuse_requests_retried_total {float(pool.retries)}" in metrics
+
+    # Back in rotation: concurrent requests reach both replicas and succeed.
+    served = holder.assigned
+
+    async def two():
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        return await asyncio.gather(*(aclient.completions.create(model="llama", prompt=p, max_tokens=30,
+                                                                 temperature=0, extra_body={"ignore_eos": True})
+                                      for p in PROMPTS[:2]))
+
+    assert all(c.choices[0].text for c in asyncio.run(two()))
+    assert holder.assigned > served
+    idle = _wait(server, lambda b: all(r["running"] == 0 and r["waiting"] == 0 and r["kv_blocks_used"] == 0
+                                       for r in b["replicas"]))
+    for replica in idle["replicas"]:
+        assert replica["kv_blocks_free"] == replica["kv_blocks_total"] == 64
+        assert replica["outstanding_tokens"] == 0 and replica["in_flight"] == 0
 
 
 def test_replicas_spread_over_the_backends_devices():
