@@ -130,7 +130,7 @@ class EngineFront(abc.ABC):
         """Stop a request and free its KV blocks; a finished or unknown one needs nothing."""
 
 
-class _CommandQueue:
+class CommandQueue:
     """Commands from any thread to the engine thread, under a condition variable."""
 
     def __init__(self) -> None:
@@ -167,7 +167,7 @@ class AsyncEngine(EngineFront):
         self.engine = engine
         self.stats: EngineStats = engine.stats()  # replaced whole by the engine thread: readers need no lock
         self._routes = Routes(self.lock)
-        self._commands = _CommandQueue()
+        self._commands = CommandQueue()
         self._loop = EngineLoop(engine, self._commands, self, max_waiting)
         self._thread = threading.Thread(target=self._serve, name="splitfuse-engine", daemon=True)
         self._thread.start()
