@@ -155,9 +155,10 @@ class _Replica:
             self.engine.launch()
             self.engine.wait_ready(self.pool.start_timeout)
         except Exception as exc:  # noqa: BLE001 - reported, and the replica stays out of rotation
-            log.error("replica %d could not be launched again: %s", self.index, exc)
             with self.pool.lock:
-                self.state = "failed"
+                self.state = "stopped" if self.pool.closing else "failed"
+            if self.state == "failed":
+                log.error("replica %d could not be launched again: %s", self.index, exc)
             return False
         with self.pool.lock:
             closing = self.pool.closing
