@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="require 'Authorization: Bearer KEY' on /v1/* (env SPLITFUSE_API_KEY)")
     srv.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template file")
     srv.add_argument("--max-waiting", type=int, default=1024,
-                     help="requests without a first token yet, over all replicas, before answering 429")
+                     help="requests not yet started (over all replicas together) before answering 429")
     srv.add_argument("--replicas", type=int, default=1,
                      help="engine processes; each request goes to the one with the fewest outstanding tokens")
     srv.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
