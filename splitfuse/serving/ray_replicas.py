@@ -173,10 +173,6 @@ class RayEngine:
     def exit_reason(self) -> str:
         return "its Ray actor stopped" if self.error is None else f"its Ray actor died: {type(self.error).__name__}"
 
-    def kill(self) -> None:
-        """Kill the actor as a crash would (Ray then restarts it)."""
-        import_ray().kill(self.actor, no_restart=False)
-
     def join(self, timeout: float | None) -> None:
         """Wait for the loop to stop (after Close), then remove the actor and its placement group."""
         if self.actor is None:

@@ -139,10 +139,6 @@ class ProcessEngine:
         self.process.join(5)
         return f"exit code {self.process.exitcode}"
 
-    def kill(self) -> None:
-        """Stop the process at once, as a crash would."""
-        self.process.kill()
-
     def join(self, timeout: float | None) -> None:
         """Wait for the process to exit (after Close); kill it when it takes longer than timeout."""
         if self.process is None:
