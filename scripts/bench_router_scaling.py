@@ -192,7 +192,8 @@ def main() -> None:
     print("| Ray replicas | requests/s | x one replica | added latency p50 / p90 (ms) |")
     print("|---|---|---|---|")
     for p in points:
-        print(f"| {p['replicas']} | {p['requests_per_s']:.0f} | {p['requests_per_s'] / points[0]['requests_per_s']:.2f} "
+        ratio = p["requests_per_s"] / points[0]["requests_per_s"]
+        print(f"| {p['replicas']} | {p['requests_per_s']:.0f} | {ratio:.2f} "
               f"| {p['added_p50_ms']:.1f} / {p['added_p90_ms']:.1f} |")
     print(f"\nsaturation (below 80% of linear): {knee or 'not reached'} replicas")
     if args.plot:
