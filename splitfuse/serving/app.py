@@ -24,6 +24,7 @@ from splitfuse.serving.bridge import (
     EngineStopped,
     QueueFull,
     ReplicaLost,
+    Replayed,
     RequestGroup,
 )
 from splitfuse.serving.chat import render_chat
@@ -143,8 +144,13 @@ class _Handlers:
     async def collect(self, group: RequestGroup, tracker: Tracker, num: int) -> list[list]:
         """All outputs of a group, per choice; an engine failure becomes a 500."""
         outputs: list[list] = [[] for _ in range(num)]
+        group.replayable = True  # nothing reaches the client before the end: a replica's death is survivable
         try:
             async for index, out in group:
+                if out is Replayed:  # the choice starts over on another replica
+                    outputs[index].clear()
+                    tracker.replay(index)
+                    continue
                 tracker.token(index, out)
                 outputs[index].append(out)
         except (ReplicaLost, EngineClosed) as exc:

@@ -79,7 +79,7 @@ class Tracker:
         total = len(self.prompt_lens) * num_choices
         self.last: list[float | None] = [None] * total
         self.cached: list[int] = [0] * total  # prompt tokens each choice found in the prefix cache
-        self.completion_tokens = 0
+        self.generated: list[int] = [0] * total  # tokens each choice has received
 
     def token(self, index: int, out) -> None:
         """One RequestOutput of choice `index` arrived."""
@@ -93,10 +93,18 @@ class Tracker:
         else:
             self.metrics.itl.observe(now - previous)
         self.last[index] = now
-        self.completion_tokens += len(out.new_token_ids)
+        self.generated[index] += len(out.new_token_ids)
         self.metrics.generation_tokens.inc(len(out.new_token_ids))
         if out.finish_reason is not None:
             self.metrics.requests.labels(out.finish_reason).inc()
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self.generated)
+
+    def replay(self, index: int) -> None:
+        """Choice `index` starts over on another engine: its tokens so far do not count in usage."""
+        self.generated[index] = 0
 
     def usage(self) -> Usage:
         """OpenAI's usage: each prompt counted once, its cached tokens as its first choice found them."""

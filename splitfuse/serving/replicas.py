@@ -7,11 +7,13 @@ with the fewest outstanding tokens (prompt tokens not yet computed + new tokens 
 counted here as outputs arrive. Round robin (MII) ignores that one long prompt can cost as much as
 many short ones. One queue limit covers the pool: at most max_waiting requests without an output yet.
 
-When a replica dies, no request is lost that has not started:
+When a replica dies, no request is lost that has not sent its client anything:
 - a group none of whose requests has produced an output is resent to another live replica, and its
   caller never notices (counted in `retries`);
-- requests that had produced output fail with ReplicaLost (HTTP 503, or an error event in a
-  stream), their sibling choices with them;
+- so is a replayable group (its consumer sends nothing before the end: a non-streaming HTTP
+  request), each resent choice announced by (index, Replayed) so its consumer drops what it had;
+- other requests that had produced output fail with ReplicaLost (an error event in a stream),
+  their sibling choices with them;
 - the replica is launched again and rejoins rotation once its engine is ready (`restarts`).
 """
 
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from splitfuse.backends.selection import backend_class
 from splitfuse.config import EngineConfig
 from splitfuse.core.engine import EngineStats
-from splitfuse.serving.bridge import EngineFront
+from splitfuse.serving.bridge import EngineFront, Replayed
 from splitfuse.serving.errors import EngineStopped, QueueFull, ReplicaLost
 from splitfuse.serving.loop import Abort, AddGroup, Close
 from splitfuse.serving.replica_worker import ProcessEngine
@@ -293,7 +295,8 @@ class ReplicaPool(EngineFront):
     # ---- a replica died (its reader thread calls these) ------------------------------------
     def recover(self, routes: dict[str, Route], pending: dict, why: str) -> tuple[int, int]:
         """Resend each group none of whose requests started (groups still waiting for admission
-        among them); fail the others with ReplicaLost. Returns (requests resent, requests failed)."""
+        among them) and each replayable one; fail the others with ReplicaLost. Returns (requests
+        resent, requests failed)."""
         waiting = {rid for group in pending.values() for rid in group.request_ids}
         groups: dict[int, dict[str, Route]] = {}  # each caller's group has its own queue
         for rid, route in routes.items():
@@ -301,11 +304,16 @@ class ReplicaPool(EngineFront):
                 groups.setdefault(id(route.queue), {})[rid] = route
         resent = failed = 0
         for group in groups.values():
-            if any(route.started for route in group.values()):
+            first = next(iter(group.values()))
+            started = any(route.started for route in group.values())
+            if started and not first.queue.replayable:
                 failed += self._fail_routes(group, ReplicaLost(f"{why}; retry"))
-            else:
-                resent += self._resend(group, next(iter(group.values())).loop,
-                                       _Resent(list(group.values()), why))
+                continue
+            if started:  # its consumer has sent nothing yet: run the choices again from scratch
+                for route in group.values():
+                    route.prompt_left, route.new_left = len(route.request[0]), route.request[1].max_new_tokens
+                    call_soon(route.loop, route.queue.put_nowait, (route.index, Replayed))
+            resent += self._resend(group, first.loop, _Resent(list(group.values()), why))
         for group in pending.values():
             members = {rid: routes[rid] for rid in group.request_ids if rid in routes}
             resent += self._resend(members, group.loop, group.future)

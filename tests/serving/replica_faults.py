@@ -1,8 +1,9 @@
 """A replica killed mid-load, told the same way for local processes and Ray actors.
 
-Replica X streams S; X is paused (SIGSTOP) while more requests arrive, some routed to it; then it is
-killed. Its unstarted requests must be resent and succeed, S must end with an error event then
-[DONE], X must be launched again and serve, and no KV block may stay held anywhere.
+Replica X streams S and generates N (not streamed); X is paused (SIGSTOP) while more requests
+arrive, some routed to it; then it is killed. N and its unstarted requests must be resent and
+succeed, S must end with an error event then [DONE], X must be launched again and serve, and no KV
+block may stay held anywhere.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ def wait_health(server, predicate, timeout: float = 20.0) -> dict:
         time.sleep(0.02)
 
 
+async def until(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
 def check_kill_mid_load(server, num_requests: int = 8, restart_timeout: float = 90.0) -> None:
     pool = server.engine
     long = {"model": "llama", "temperature": 0, "ignore_eos": True}
@@ -45,28 +53,37 @@ def check_kill_mid_load(server, num_requests: int = 8, restart_timeout: float = 
                 lines = stream.aiter_lines()
                 first = [await anext(lines)]
                 holder = next(r for r in pool.replicas if r.routes)
+                # The other replica gets a long request, so a non-streaming one N then joins S here.
+                ballast = asyncio.create_task(http.post("/v1/completions", json={
+                    **long, "prompt": PROMPTS[1], "max_tokens": 300}))
+                await until(lambda: sum(len(r.routes) for r in pool.replicas) == 2)
+                n = asyncio.create_task(http.post("/v1/completions", json={
+                    **long, "prompt": PROMPTS[2], "max_tokens": 100}))
+                await until(lambda: sum(route.started for route in holder.routes.values()) == 2)
                 os.kill(holder.engine.pid, signal.SIGSTOP)  # frozen: nothing it holds can start any more
                 before = sum(r.assigned for r in pool.replicas)
                 tasks = [asyncio.create_task(http.post("/v1/completions", json={
                     **long, "prompt": f"{PROMPTS[i % 4]} {i}", "max_tokens": 100})) for i in range(num_requests)]
-                deadline = time.monotonic() + 30
-                while sum(r.assigned for r in pool.replicas) - before < num_requests:
-                    assert time.monotonic() < deadline, "the requests were never routed"
-                    await asyncio.sleep(0.01)
+                await until(lambda: sum(r.assigned for r in pool.replicas) - before == num_requests)
                 with pool.lock:
                     unstarted = sum(not route.started for route in holder.routes.values())
+                    resendable = sum(not route.started or route.queue.replayable for route in holder.routes.values())
                 retries, pid = pool.retries, holder.engine.pid
                 os.kill(pid, signal.SIGKILL)
                 # While it restarts, /health shows it out of rotation with zeroed figures, not its last ones.
                 body = wait_health(server, lambda b: b["replicas"][holder.index]["state"] != "ok")
                 rest = [line async for line in lines]
-            return holder, pid, unstarted, retries, body, first + rest, await asyncio.gather(*tasks)
+            replies = await asyncio.gather(n, ballast, *tasks)
+            return holder, pid, unstarted, resendable - unstarted, retries, body, first + rest, replies
 
-    holder, pid, unstarted, retries, body, stream_lines, replies = asyncio.run(run())
+    holder, pid, unstarted, replayed, retries, body, stream_lines, replies = asyncio.run(run())
     assert unstarted >= 1, "no request was routed to the paused replica"
-    assert [r.status_code for r in replies] == [200] * num_requests, [r.text for r in replies]
+    assert replayed == 1  # N had started, but its client had received nothing
+    assert [r.status_code for r in replies] == [200] * (num_requests + 2), [r.text for r in replies]
     assert all(len(r.json()["choices"][0]["text"]) > 0 for r in replies)
-    assert pool.retries - retries == unstarted
+    n_usage = replies[0].json()["usage"]
+    assert n_usage["completion_tokens"] == 100  # what N generated before the death is not counted twice
+    assert pool.retries - retries == unstarted + replayed
 
     events = [line for line in stream_lines if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"

@@ -50,5 +50,5 @@ def test_two_ray_replicas_answer_50_mixed_requests_as_one_engine(server, tiny_mo
     assert len({r["pid"] for r in replicas}) == 2
 
 
-def test_a_killed_ray_actor_loses_no_request_that_had_not_started(server):
+def test_a_killed_ray_actor_loses_no_request_that_had_sent_nothing(server):
     check_kill_mid_load(server)

@@ -12,6 +12,7 @@ import pytest
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.core.engine import EngineStats
 from splitfuse.core.request import RequestOutput
+from splitfuse.serving.bridge import Replayed
 from splitfuse.serving.errors import QueueFull, ReplicaLost
 from splitfuse.serving.loop import AddGroup
 from splitfuse.serving.replicas import ReplicaPool
@@ -122,3 +123,28 @@ def test_max_waiting_counts_unstarted_requests_over_all_replicas(pool):
 
     asyncio.run(run())
     assert sum(r.assigned for r in pool.replicas) == 3  # the refused group went nowhere
+
+
+def test_a_replayable_group_starts_over_on_another_replica(pool):
+    """A consumer that shows nothing before the end (a non-streaming request) marks its group
+    replayable: its started choices run again elsewhere, announced by Replayed."""
+    first, second = (r.engine for r in pool.replicas)
+
+    async def run():
+        group = await pool.submit([request(), request()])  # n=2 on replica 0
+        group.replayable = True
+        first.output(group.request_ids[0])
+        first.output(group.request_ids[1], finished=True)  # this choice is complete: it stays
+        received = [await anext(group), await anext(group)]
+        first.die()
+        replayed = await anext(group)
+        await until(lambda: len(second.groups) == 1)
+        second.output(group.request_ids[0], finished=True)
+        return received, replayed, await anext(group)
+
+    received, replayed, last = asyncio.run(run())
+    assert [index for index, _ in received] == [0, 1]
+    assert replayed == (0, Replayed)
+    assert last[0] == 0 and last[1].finished
+    assert [rid for _, _, rid in pool.replicas[1].engine.groups[0].requests] == ["r0-0"]  # only the open one
+    assert pool.retries == 1

@@ -118,9 +118,9 @@ def test_one_queue_limit_covers_all_replicas(server):
     assert sorted(spread) == [1, 2]  # a per-replica limit of 3 would have admitted all five
 
 
-def test_a_dead_replica_loses_no_request_that_had_not_started(server):
-    """Its unstarted requests are resent and succeed, its stream ends with an error event, it is
-    launched again and serves, and no KV block stays held (replica_faults.py tells the story)."""
+def test_a_dead_replica_loses_no_request_that_had_sent_nothing(server):
+    """Its unstarted and non-streaming requests are resent and succeed, its stream ends with an
+    error event, it is launched again and serves, no KV block stays held (see replica_faults.py)."""
     check_kill_mid_load(server)
 
 
