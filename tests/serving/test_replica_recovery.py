@@ -1,14 +1,14 @@
-"""What the pool does when a replica dies, over fake engine handles (no processes): unstarted groups
-are resent, groups with a started request fail whole, the replica comes back."""
+"""What the pool does when a replica dies, over fake engine handles (no processes): unstarted and
+replayable groups are resent, other groups with a started request fail whole, the replica comes back."""
 
 from __future__ import annotations
 
 import asyncio
 import queue
-import time
 
 import pytest
 
+from replica_faults import until
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.core.engine import EngineStats
 from splitfuse.core.request import RequestOutput
@@ -58,13 +58,6 @@ class FakeEngine:
 
     def join(self, timeout) -> None:
         self.inbox.put(None)
-
-
-async def until(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.005)
 
 
 def request(prompt_len: int = 3, new: int = 5) -> tuple[list[int], SamplingParams]:
