@@ -24,6 +24,7 @@ from splitfuse.serving.bridge import (
     EngineStopped,
     QueueFull,
     ReplicaLost,
+    Replayed,
     RequestGroup,
 )
 from splitfuse.serving.chat import render_chat
@@ -143,8 +144,13 @@ class _Handlers:
     async def collect(self, group: RequestGroup, tracker: Tracker, num: int) -> list[list]:
         """All outputs of a group, per choice; an engine failure becomes a 500."""
         outputs: list[list] = [[] for _ in range(num)]
+        group.replayable = True  # nothing reaches the client before the end: a replica's death is survivable
         try:
             async for index, out in group:
+                if out is Replayed:  # the choice starts over on another replica
+                    outputs[index].clear()
+                    tracker.replay(index)
+                    continue
                 tracker.token(index, out)
                 outputs[index].append(out)
         except (ReplicaLost, EngineClosed) as exc:
@@ -288,6 +294,7 @@ class _Handlers:
                 # Headers are already sent: report the failure in the stream, as OpenAI does.
                 code = "unavailable" if isinstance(exc, (ReplicaLost, EngineClosed)) else "engine_error"
                 yield f"data: {json.dumps(error_body(str(exc), 'server_error', None, code))}\n\n"
+                yield "data: [DONE]\n\n"  # the stream still ends as every stream does
             finally:
                 # Runs when the client disconnects too (the task is cancelled): abort and free KV blocks.
                 await chunks.aclose()
