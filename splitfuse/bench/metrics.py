@@ -38,6 +38,13 @@ class RequestRecord:
     token_times: list[float] = field(default_factory=list)
     error: str | None = None
     tokens_from_usage: int = 0  # tokens the stream did not carry one by one, counted from its usage
+    status: int | None = None  # the HTTP status of a request the server answered with an error
+
+    @property
+    def rejected(self) -> bool:
+        """The server refused the request itself (4xx other than 429, which is load): a setting it
+        does not take, not a measurement."""
+        return self.status is not None and 400 <= self.status < 500 and self.status != 429
 
     @property
     def ok(self) -> bool:
