@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from splitfuse.config import is_greedy
-from splitfuse.core.philox import exponential, noise_offsets, philox, seed_to_int64
+from splitfuse.core.philox import exponential, philox, seed_to_int64
 
 # the kernel clamps a kept token's key here, so a kept token always beats a dropped one (-inf)
 _LOWEST_KEY = -3.4e38
@@ -91,8 +91,8 @@ def apply_suppression(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tenso
     return logits
 
 
-# rows of noise made at once: bounds the int64 temporaries of the Philox rounds (about 32 MiB each)
-_NOISE_ELEMENTS = 1 << 22
+# noise values made at once: small enough that the Philox rounds' int64 temporaries stay in cache
+_NOISE_ELEMENTS = 1 << 15
 
 
 def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -111,23 +111,29 @@ def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 def _draw(logits: torch.Tensor, temperatures: list[float], top_ks: list[int], top_ps: list[float],
           seeds: list[int], counters: list[int]) -> torch.Tensor:
-    """One token per row of logits [R, V] from its kept set (int64 [R] on the logits' device, no host
-    sync), by the exponential race, key for key as the Triton kernel.
+    """One token per row of logits [R, V] from its kept set (int64 [R]), by the exponential race,
+    key for key as the Triton kernel.
 
     argmax over kept tokens of logit / T - log(E), E ~ Exp(1): picks token i with probability
-    softmax(logit / T) over the kept set, with no cumsum; ties go to the lowest token id."""
-    temps = torch.tensor(temperatures, dtype=torch.float32, device=logits.device)
-    kept = filter_logits(logits, temps, top_ks, top_ps) > float("-inf")
-    keys = logits * (1.0 / temps)[:, None]  # the kernel's float32 1 / T
-    vocab = logits.shape[-1]
-    step = max(1, _NOISE_ELEMENTS // vocab)
-    for lo in range(0, len(seeds), step):
-        seed = torch.tensor([seed_to_int64(s) for s in seeds[lo:lo + step]], dtype=torch.int64)[:, None]
-        counter = torch.tensor(counters[lo:lo + step], dtype=torch.int64)[:, None]
-        noise = exponential(seed, noise_offsets(0, vocab)[None, :] + counter * vocab)
-        keys[lo:lo + step] -= torch.log(noise).to(logits.device)
-    keys = keys.clamp_min(_LOWEST_KEY)
-    return torch.where(kept, keys, float("-inf")).argmax(-1)
+    softmax(logit / T) over the kept set, with no cumsum; ties go to the lowest token id. Noise is
+    made for kept tokens only (a pure function of seed, counter and token id), so top-k and top-p
+    rows cost what they keep."""
+    device, (num_rows, vocab) = logits.device, logits.shape
+    temps = torch.tensor(temperatures, dtype=torch.float32, device=device)
+    row, token = (filter_logits(logits, temps, top_ks, top_ps) > float("-inf")).nonzero(as_tuple=True)
+    keys = logits[row, token] * (1.0 / temps)[row]  # the kernel's float32 1 / T
+    row_cpu, token_cpu = row.cpu(), token.cpu()
+    seed = torch.tensor([seed_to_int64(s) for s in seeds], dtype=torch.int64)[row_cpu]
+    offset = torch.tensor(counters, dtype=torch.int64)[row_cpu] * vocab + token_cpu  # noise_offsets' layout
+    log_noise = torch.empty(row.numel(), dtype=torch.float32)
+    for lo in range(0, row.numel(), _NOISE_ELEMENTS):
+        part = slice(lo, lo + _NOISE_ELEMENTS)
+        log_noise[part] = torch.log(exponential(seed[part], offset[part]))
+    keys = (keys - log_noise.to(device)).clamp_min(_LOWEST_KEY)
+    best = torch.full((num_rows,), float("-inf"), device=device).scatter_reduce(0, row, keys, "amax")
+    at_best = keys == best[row]
+    return torch.full((num_rows,), vocab, dtype=torch.int64, device=device).scatter_reduce(
+        0, row[at_best], token[at_best], "amin")
 
 
 def filter_logits(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: list[int],
