@@ -108,3 +108,12 @@ def test_preempted_requests_keep_their_scores(model_dir, hf_model):
 def test_out_of_range_values_are_refused(pipe):
     with pytest.raises(ValueError, match="prompt_logprobs"):
         pipe([1, 2, 3], prompt_logprobs=21)
+
+
+def test_tensor_parallel_engines_refuse_prompt_logprobs(pipe, monkeypatch):
+    from splitfuse.core.engine import AdmissionError
+
+    monkeypatch.setattr(pipe.engine, "parallel", object())  # as an engine with worker ranks has
+    with pytest.raises(AdmissionError, match="prompt_logprobs.*tensor_parallel_size"):
+        pipe.engine.add_request([1, 2, 3], pipe.sampling_params(prompt_logprobs=1))
+    assert not pipe.engine.has_unfinished()
