@@ -12,12 +12,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 import splitfuse
 from splitfuse.data import DEMO_MODEL_DIR
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is in the dev extra")
-pytest.importorskip("accelerate", reason="lm-eval's hf model type needs accelerate (lm-eval[hf], in the dev extra)")
 
 TOL = 1e-4
 HELD_OUT = Path(textwrap.__file__)  # textwrap.py: held out of the demo model's training
@@ -76,7 +76,7 @@ def write_tasks(root: Path) -> None:
         """))
 
 
-def evaluate(model: str, model_args: dict, task_dir: Path) -> dict:
+def evaluate(model, model_args: dict | None, task_dir: Path) -> dict:
     from lm_eval.tasks import TaskManager
 
     return lm_eval.simple_evaluate(
@@ -86,66 +86,98 @@ def evaluate(model: str, model_args: dict, task_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory, monkeypatch_module):
+def task_dir(tmp_path_factory, offline):
     root = tmp_path_factory.mktemp("lm_eval_tasks")
     write_tasks(root)
-    model_dir = str(DEMO_MODEL_DIR)
-    handle = splitfuse.serve(model_dir, backend="cpu", dtype="float32", served_model_name="demo")
-    try:
-        served = evaluate("local-completions", {
-            "model": "demo", "base_url": f"{handle.url}/v1/completions", "tokenizer": model_dir,
-            "tokenizer_backend": "huggingface", "tokenized_requests": True, "max_length": 1024,
-            "num_concurrent": 2, "max_retries": 1, "add_bos_token": True}, root)
-    finally:
-        handle.terminate()
-    # both tokenize alike only when told the same (hf otherwise follows the tokenizer's default)
-    hf = evaluate("hf", {"pretrained": model_dir, "dtype": "float32", "device": "cpu", "max_length": 1024,
-                         "add_bos_token": True}, root)
-    return served, hf
+    return root
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module(tmp_path_factory):
+def served(task_dir):
+    """(local-completions LM, its results) against a served demo model."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    model_dir = str(DEMO_MODEL_DIR)
+    handle = splitfuse.serve(model_dir, backend="cpu", dtype="float32", served_model_name="demo")
+    try:
+        lm = LocalCompletionsAPI(model="demo", base_url=f"{handle.url}/v1/completions", tokenizer=model_dir,
+                                 tokenizer_backend="huggingface", tokenized_requests=True, max_length=1024,
+                                 num_concurrent=2, max_retries=1, add_bos_token=True, batch_size=8)
+        return lm, evaluate(lm, None, task_dir)
+    finally:
+        handle.terminate()
+
+
+@pytest.fixture(scope="module")
+def hf(task_dir):
+    """lm-eval's hf model type on the same directory."""
+    pytest.importorskip("accelerate", reason="lm-eval's hf model type needs accelerate (lm-eval[hf], in the dev extra)")
+    # both tokenize alike only when told the same (hf otherwise follows the tokenizer's default)
+    return evaluate("hf", {"pretrained": str(DEMO_MODEL_DIR), "dtype": "float32", "device": "cpu",
+                           "max_length": 1024, "add_bos_token": True}, task_dir)
+
+
+@pytest.fixture(scope="module")
+def offline(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         # local datasets only: never reach for the hub, and keep their cache out of the home directory
         mp.setenv("HF_DATASETS_OFFLINE", "1")
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets")))
-        yield mp
+        yield
 
 
 def per_sample(results: dict, task: str) -> list:
-    return [s["resps"] for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
+    return [s for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
 
 
-def test_multiple_choice_log_likelihoods_and_accuracy_equal_hf(results):
-    served, hf = results
-    ours, theirs = per_sample(served, "heldout_mc"), per_sample(hf, "heldout_mc")
-    assert len(ours) == len(theirs) == 12
-    for doc_ours, doc_theirs in zip(ours, theirs):
-        assert len(doc_ours) == 4
-        for (ll_ours, greedy_ours), (ll_theirs, greedy_theirs) in zip(
-                [r[0] for r in doc_ours], [r[0] for r in doc_theirs]):
-            assert float(ll_ours) == pytest.approx(float(ll_theirs), abs=TOL)
-            assert ll_ours < 0
-    acc = served["results"]["heldout_mc"]["acc,none"]
-    assert acc == hf["results"]["heldout_mc"]["acc,none"]
-    assert acc > 0.25  # the demo model knows Python better than chance
+def test_served_multiple_choice_log_likelihoods_equal_transformers(served, hf_model):
+    lm, results = served
+    model = hf_model(str(DEMO_MODEL_DIR))
+    samples = per_sample(results, "heldout_mc")
+    assert len(samples) == 12
+    for sample in samples:
+        assert len(sample["resps"]) == 4
+        for (context, continuation), resp in zip(sample["arguments"], sample["resps"]):
+            context_ids, continuation_ids = lm._encode_pair(context, continuation)  # as lm-eval sent them
+            ids = torch.tensor([context_ids + continuation_ids])
+            with torch.no_grad():
+                logprobs = model(ids).logits[0].float().log_softmax(-1)
+            positions = range(len(context_ids), ids.shape[1])
+            want = sum(logprobs[p - 1, ids[0, p]].item() for p in positions)
+            assert resp[0][0] == pytest.approx(want, abs=TOL)
+    assert results["results"]["heldout_mc"]["acc,none"] > 0.25  # the demo model knows Python better than chance
 
 
-def test_perplexity_task_equals_hf(results):
-    served, hf = results
-    ours, theirs = per_sample(served, "heldout_ppl"), per_sample(hf, "heldout_ppl")
+def test_served_perplexity_and_generation_tasks_run(served):
+    _, results = served
+    assert all(s["resps"][0][0] < 0 for s in per_sample(results, "heldout_ppl"))
+    assert results["results"]["heldout_ppl"]["word_perplexity,none"] > 1
+    generations = [s["resps"][0][0] for s in per_sample(results, "heldout_gen")]
+    assert len(generations) == 3 and all(generations)  # every prompt got a non-empty continuation
+
+
+def responses(results: dict, task: str) -> list:
+    return [s["resps"] for s in per_sample(results, task)]
+
+
+def test_multiple_choice_log_likelihoods_and_accuracy_equal_hf(served, hf):
+    _, results = served
+    for doc_ours, doc_theirs in zip(responses(results, "heldout_mc"), responses(hf, "heldout_mc"), strict=True):
+        assert [r[0][0] for r in doc_ours] == pytest.approx([r[0][0] for r in doc_theirs], abs=TOL)
+    assert results["results"]["heldout_mc"]["acc,none"] == hf["results"]["heldout_mc"]["acc,none"]
+
+
+def test_perplexity_task_equals_hf(served, hf):
+    _, results = served
     # one response per document: [[log-likelihood of the whole text]]
+    ours, theirs = responses(results, "heldout_ppl"), responses(hf, "heldout_ppl")
     assert [r[0][0] for r in ours] == pytest.approx([r[0][0] for r in theirs], abs=TOL)
-    assert all(r[0][0] < 0 for r in ours)
-    assert served["results"]["heldout_ppl"]["word_perplexity,none"] == pytest.approx(
+    assert results["results"]["heldout_ppl"]["word_perplexity,none"] == pytest.approx(
         hf["results"]["heldout_ppl"]["word_perplexity,none"], rel=1e-5)
 
 
-def test_generation_task_runs_and_matches_hf(results):
-    served, hf = results
-    ours, theirs = per_sample(served, "heldout_gen"), per_sample(hf, "heldout_gen")
-    assert len(ours) == 3 and all(r[0][0] for r in ours)  # every prompt got a non-empty continuation
-    assert ours == theirs  # greedy in fp32 on both sides
-    assert served["results"]["heldout_gen"]["exact_match,none"] == hf["results"]["heldout_gen"]["exact_match,none"]
+def test_generation_task_matches_hf(served, hf):
+    _, results = served
+    assert responses(results, "heldout_gen") == responses(hf, "heldout_gen")  # greedy in fp32 on both sides
+    assert results["results"]["heldout_gen"]["exact_match,none"] == hf["results"]["heldout_gen"]["exact_match,none"]
