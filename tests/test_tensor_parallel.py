@@ -27,8 +27,9 @@ from splitfuse.core.request import Sequence
 from splitfuse.core.scheduler import Scheduler
 from splitfuse.models.loader import ModelLoadError
 from splitfuse.parallel.step_meta import pack, unpack
-from splitfuse.testing.parity import check_all, hf_greedy, mismatch
-from splitfuse.testing.tiny_model import make_tiny_model, tiny_model_builder
+from splitfuse.testing.parity import check_all, hf_greedy
+from splitfuse.testing.processes import wait_gone
+from splitfuse.testing.tiny_model import make_tiny_model
 
 # 40 blocks of 4 tokens for four 33-54 token prompts decoding 24 tokens each, 32 tokens a step:
 # prompts span several steps and decodes outgrow the cache, so a sequence is preempted.
@@ -43,23 +44,6 @@ def _prompts() -> list[list[int]]:
 
 def _worker_pids(pipe) -> list[int]:
     return [process.pid for process in pipe.engine.parallel.workers]
-
-
-def _is_gone(pid: int) -> bool:
-    """True once pid has exited (a zombie not yet reaped by its new parent counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-
-
-def _wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
-    """The pids still running after waiting up to timeout seconds for them to exit."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not all(_is_gone(pid) for pid in pids):
-        time.sleep(0.1)
-    return [pid for pid in pids if not _is_gone(pid)]
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
@@ -135,7 +119,24 @@ def test_a_killed_worker_fails_the_engine_clearly_and_leaves_no_process(tiny_mod
     with pytest.raises(StepError, match="cannot run more steps"):  # it stays failed, never hangs
         pipe([5, 6, 7], max_new_tokens=4, temperature=0.0)
     pipe.engine.close()
-    assert _wait_gone(pids) == [] and multiprocessing.active_children() == []
+    assert wait_gone(pids) == [] and multiprocessing.active_children() == []
+
+
+def test_a_worker_killed_mid_generation_fails_the_step_within_seconds(tiny_model_dir):
+    pipe = splitfuse.pipeline(tiny_model_dir("llama"), backend="cpu", tensor_parallel_size=2, token_budget=4)
+    engine, pids = pipe.engine, _worker_pids(pipe)
+    engine.add_request(list(range(5, 15)), SamplingParams(max_new_tokens=50, temperature=0.0, ignore_eos=True))
+    for _ in range(4):  # the prompt over three steps, then a decode
+        engine.step()
+    os.kill(pids[0], signal.SIGKILL)
+    started = time.monotonic()
+    with pytest.raises(StepError, match=r"worker rank 1 \(pid \d+\) exited with code -9"):
+        while engine.has_unfinished():
+            engine.step()
+    assert time.monotonic() - started < 10
+    assert not engine.has_unfinished()  # its request was aborted with the step
+    pipe.close()
+    assert wait_gone(pids) == [] and multiprocessing.active_children() == []
 
 
 def test_a_failed_step_stops_the_workers_and_every_later_step_raises(tiny_model_dir, monkeypatch):
@@ -144,7 +145,7 @@ def test_a_failed_step_stops_the_workers_and_every_later_step_raises(tiny_model_
     monkeypatch.setattr(pipe.engine.model, "logits", lambda hidden: 1 / 0)  # rank 0 fails after the all-reduces
     with pytest.raises(StepError, match="ZeroDivisionError"):
         pipe([5, 6, 7], max_new_tokens=4, temperature=0.0)
-    assert _wait_gone(pids) == []
+    assert wait_gone(pids) == []
     with pytest.raises(StepError, match="ranks out of step"):
         pipe([5, 6, 7], max_new_tokens=4, temperature=0.0)
     pipe.engine.close()
@@ -156,7 +157,7 @@ def test_workers_exit_when_the_engine_is_dropped_or_closed(tiny_model_dir):
     pipe.close()
     del pipe
     gc.collect()
-    assert _wait_gone(pids) == []
+    assert wait_gone(pids) == []
     # the process group was left with the engine: a new tensor-parallel engine can start
     again = splitfuse.pipeline(tiny_model_dir("llama"), backend="cpu", tensor_parallel_size=2)
     again.engine.close()
@@ -176,7 +177,7 @@ def test_workers_exit_when_the_engine_process_dies(tiny_model_dir):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == -signal.SIGKILL, out.stderr
-    assert _wait_gone([int(out.stdout.split()[0])]) == []
+    assert wait_gone([int(out.stdout.split()[0])]) == []
 
 
 def test_an_architecture_without_tensor_parallel_support_is_refused(tiny_model_dir):
@@ -225,7 +226,7 @@ def test_closing_the_pipeline_stops_its_workers(tiny_model_dir):
     pipe = splitfuse.pipeline(tiny_model_dir("llama"), backend="cpu", tensor_parallel_size=2)
     pids = _worker_pids(pipe)
     pipe.close()
-    assert _wait_gone(pids) == []
+    assert wait_gone(pids) == []
 
 
 def test_quantization_with_several_ranks_is_refused_by_name():

@@ -129,9 +129,10 @@ class _Replica:
         return {**info, **vars(self.stats)}
 
 
-def replica_devices(device_count: int, replicas: int) -> list[int]:
-    """Device index of each replica: one device each while they last, then round robin."""
-    return [index % max(device_count, 1) for index in range(replicas)]
+def replica_devices(device_count: int, replicas: int, tensor_parallel_size: int = 1) -> list[int]:
+    """First device index of each replica, whose tensor-parallel ranks take that many devices from
+    it: disjoint devices while they last, then round robin."""
+    return [index * tensor_parallel_size % max(device_count, 1) for index in range(replicas)]
 
 
 @dataclass(frozen=True)
@@ -142,14 +143,15 @@ class ReplicaPlacement:
     devices: list[int]
 
 
-def place_replicas(backend: str | None, replicas: int, cpu_count: int | None = None) -> ReplicaPlacement:
+def place_replicas(backend: str | None, replicas: int, cpu_count: int | None = None,
+                   tensor_parallel_size: int = 1) -> ReplicaPlacement:
     """Ask the backend class (named, SPLITFUSE_BACKEND, or auto) where it runs: replicas on the CPU
-    share its cores evenly, replicas on devices spread over them."""
+    share its cores evenly (each rank of each), replicas on devices spread over them."""
     cls = backend_class(backend)
     threads = None
     if cls.device_type() == "cpu":
-        threads = max(1, (cpu_count or os.cpu_count() or 1) // replicas)
-    return ReplicaPlacement(threads, replica_devices(cls.device_count(), replicas))
+        threads = max(1, (cpu_count or os.cpu_count() or 1) // (replicas * tensor_parallel_size))
+    return ReplicaPlacement(threads, replica_devices(cls.device_count(), replicas, tensor_parallel_size))
 
 
 class ReplicaPool(EngineFront):
@@ -163,11 +165,14 @@ class ReplicaPool(EngineFront):
         self.max_waiting = max_waiting
         self.closing = False
         ctx = multiprocessing.get_context("spawn")  # fork would copy the parent's threads and torch state
-        placement = place_replicas(backend, replicas)
+        placement = place_replicas(backend, replicas, tensor_parallel_size=config.tensor_parallel_size)
         self.replicas: list[_Replica] = []
         for index in range(replicas):
             parent, child = ctx.Pipe()
-            process = ctx.Process(target=replica_main, name=f"splitfuse-replica-{index}", daemon=True,
+            # a daemonic process may not start children, and a tensor-parallel replica starts its
+            # worker ranks; a replica exits on its own once its pipe closes, daemonic or not
+            process = ctx.Process(target=replica_main, name=f"splitfuse-replica-{index}",
+                                  daemon=config.tensor_parallel_size == 1,
                                   args=(child, model, backend, config, max_waiting, placement.threads,
                                         placement.devices[index]))
             process.start()
