@@ -6,14 +6,16 @@
 #   hf.json          scripts/gpu_bench_hf.py  (transformers generate / continuous batching)
 #   splitfuse.json   scripts/gpu_bench.py     (limits, matmuls, attention, decode, mixed, offline,
 #                                              and a summary of the GPU performance targets as ratios)
+#   tp.json          tensor parallelism over 2 GPUs: TP=2 greedy tokens equal TP=1's, and the
+#                    times of both (or the reason it was skipped: fewer than 2 CUDA devices)
 #   check.json       each part's exit code and seconds
 #   logs/*.log       the full output of each part
 #
-# Usage: scripts/gpu_check.sh [--part kernels|bench|hf|all] [--quick]
+# Usage: scripts/gpu_check.sh [--part kernels|bench|hf|tp|all] [--quick]
 #   --part bench runs gpu_bench.py only (it still reads an hf.json left in $OUT by an earlier run).
 #   --quick: fewer sizes and steps; only the real-shape kernel tests.
 # Without a CUDA device it dry-runs everything tiny on the CPU (Triton interpreter).
-# Per-part limits in seconds (env): T_KERNELS (50), T_HF (110), T_BENCH (80).
+# Per-part limits in seconds (env): T_KERNELS (50), T_HF (110), T_BENCH (80), T_TP (120).
 # Exit status: 0 when every part that ran passed, else 1 (the other parts still run).
 # On the GPU machine: source .whl/setup.sh; bash scripts/gpu_check.sh
 set -o pipefail
@@ -30,15 +32,16 @@ while [ $# -gt 0 ]; do
     --part) PART=${2:-}; shift 2 || { echo "--part needs a value" >&2; exit 2; } ;;
     --part=*) PART=${1#*=}; shift ;;
     --quick) QUICK=1; shift ;;
-    -h|--help) sed -n '2,18p' "$0" | cut -c3-; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0" | cut -c3-; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-case "$PART" in kernels|bench|hf|all) ;; *) echo "--part must be kernels, bench, hf or all" >&2; exit 2 ;; esac
+case "$PART" in kernels|bench|hf|tp|all) ;; *) echo "--part must be kernels, bench, hf, tp or all" >&2; exit 2 ;; esac
 
 T_KERNELS=${T_KERNELS:-50}
 T_HF=${T_HF:-110}
 T_BENCH=${T_BENCH:-80}
+T_TP=${T_TP:-120}
 
 echo "== device"
 if command -v nvidia-smi >/dev/null 2>&1; then
@@ -131,6 +134,18 @@ if [ "$PART" = bench ] || [ "$PART" = all ]; then
   run_part bench "$T_BENCH" python scripts/gpu_bench.py --backend cuda "${SIZE_ARGS[@]}" --budget-s $((T_BENCH - 20))
 fi
 
+# Tensor parallelism needs two devices: on fewer the part is skipped and tp.json says why.
+if [ "$PART" = tp ] || [ "$PART" = all ]; then
+  GPUS=$(python -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+  if [ "${GPUS:-0}" -ge 2 ]; then
+    run_part tp "$T_TP" python scripts/gpu_check_tp.py "$OUT/tp.json"
+  else
+    REASON="${GPUS:-0} CUDA device(s) here; tensor parallelism needs at least 2"
+    echo "== tp: skipped: $REASON"
+    printf '{"skipped": "%s"}\n' "$REASON" > "$OUT/tp.json"
+  fi
+fi
+
 echo "== results in $OUT: $(cd "$OUT" && ls -d ./*.json logs/*.log 2>/dev/null | tr '\n' ' ')"
 python - "$OUT" <<'EOF'
 import json, pathlib, sys
@@ -159,6 +174,7 @@ print("generate tokens/s by batch: splitfuse", {b: r.get("tokens_per_s") for b, 
       "| HF", {b: r.get("tokens_per_s") for b, r in (get(hf, "generate", "by_batch") or {}).items()})
 print("offline requests/s: splitfuse", get(sf, "offline", "requests_per_s"), "| HF static", get(hf, "offline_static", "requests_per_s"),
       "| HF continuous batching", get(hf, "offline_cb", "requests_per_s"))
+print("tensor parallelism:", load("tp.json") or "not run")
 errors = {f"{src}:{name}": s.get("error") or s.get("skipped") for src, tree in (("splitfuse", sf), ("hf", hf))
           for name, s in tree.items() if isinstance(s, dict) and (s.get("error") or s.get("skipped"))}
 if errors:

@@ -222,6 +222,22 @@ def test_the_process_group_backend_follows_the_accelerator():
     assert CudaBackend.distributed_backend() == ("gloo" if CudaBackend.cpu_mode() else "nccl")
 
 
+def test_device_ranks_send_host_tensors_over_gloo_beside_the_accelerators_backend():
+    from splitfuse.parallel.group import process_group_backend
+
+    class OnDevice:
+        device = torch.device("cuda", 1)
+
+        @classmethod
+        def distributed_backend(cls) -> str:
+            return "nccl"
+
+    # each step's metadata is a host tensor, which nccl cannot carry
+    assert process_group_backend(OnDevice()) == "cpu:gloo,cuda:nccl"
+    OnDevice.device = torch.device("cpu")  # host tensors only: one backend carries everything
+    assert process_group_backend(OnDevice()) == "nccl"
+
+
 def test_closing_the_pipeline_stops_its_workers(tiny_model_dir):
     pipe = splitfuse.pipeline(tiny_model_dir("llama"), backend="cpu", tensor_parallel_size=2)
     pids = _worker_pids(pipe)

@@ -61,7 +61,7 @@ class TensorParallelGroup:
 
         size = config.tensor_parallel_size
         self.shard = Shard(0, size)
-        self._spec = WorkerSpec(str(model), backend.name, config, type(backend).distributed_backend(),
+        self._spec = WorkerSpec(str(model), backend.name, config, process_group_backend(backend),
                                 f"tcp://127.0.0.1:{_free_port()}", size, backend.device.type == "cpu",
                                 backend.device.index or 0, torch.get_num_threads())
         context = multiprocessing.get_context("spawn")  # a fork would copy this process's threads and state
@@ -166,6 +166,14 @@ class TensorParallelGroup:
         except (EOFError, OSError):
             pass
         return message
+
+
+def process_group_backend(backend) -> str:
+    """The process group's backend: the accelerator's for its device tensors (the all-reduces), with
+    gloo beside it for the host tensors (each step's metadata, the KV block count)."""
+    name = type(backend).distributed_backend()
+    device = backend.device.type
+    return name if device == "cpu" or name == "gloo" else f"cpu:gloo,{device}:{name}"
 
 
 def agree_num_kv_blocks(num_blocks: int) -> int:
