@@ -17,9 +17,8 @@ import pytest
 import splitfuse
 from splitfuse.config import EngineConfig
 from splitfuse.testing.processes import is_gone, spawned_children
+from test_replicas import PROMPTS
 from test_serve_cli import _free_port
-
-PROMPTS = ["The quick brown fox", "Hello there", "One two three four five six", "a"]
 
 
 def _wait_until(condition, timeout: float, what: str) -> None:
@@ -27,6 +26,13 @@ def _wait_until(condition, timeout: float, what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, what
         time.sleep(0.1)
+
+
+async def _until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not reached in {timeout} s: {what}"
+        await asyncio.sleep(0.01)
 
 
 def _want(path: str, max_tokens: int) -> list[str]:
@@ -115,17 +121,13 @@ def test_a_dead_worker_rank_fails_only_its_replicas_requests(tp_replicas, tiny_m
     async def run():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
             tasks = [asyncio.create_task(http.post("/v1/completions", json={**long, "prompt": p})) for p in PROMPTS]
-            deadline = time.monotonic() + 30
-            while (sum(len(r.routes) for r in pool.replicas) < len(PROMPTS)
-                   or not all(r.routes for r in pool.replicas) or not all(r.stats.running for r in pool.replicas)):
-                assert time.monotonic() < deadline, "requests never reached both replicas"
-                await asyncio.sleep(0.01)
+            # every request routed, and both replicas generating
+            await _until(lambda: sum(len(r.routes) for r in pool.replicas) == len(PROMPTS)
+                         and all(r.routes and r.stats.running for r in pool.replicas), 30, "both replicas busy")
             doomed = len(pool.replicas[0].routes)
             os.kill(workers[0][0], signal.SIGKILL)  # replica 0's rank 1, mid-generation
-            deadline = time.monotonic() + 10
-            while pool.replicas[0].alive:  # its engine fails its step, and the replica exits
-                assert time.monotonic() < deadline, "replica 0 went on after its worker rank died"
-                await asyncio.sleep(0.05)
+            # its engine fails its step within seconds, and the replica exits
+            await _until(lambda: not pool.replicas[0].alive, 10, "replica 0 gone after its worker rank died")
             return doomed, await asyncio.gather(*tasks)
 
     doomed, replies = asyncio.run(run())
