@@ -61,6 +61,21 @@ def test_two_ranks_give_the_tokens_of_one_rank_and_hf(name, tiny_model_dir, hf_m
         two.engine.close()
 
 
+def test_four_ranks_give_the_tokens_of_one_rank(tiny_model_dir):
+    # 4 heads, 2 KV heads, each copied on two ranks; 512 vocabulary rows and 128 intermediate in 4
+    prompts = _prompts()
+    one = splitfuse.pipeline(tiny_model_dir("llama"), backend="cpu", **PREEMPTING)
+    expected = [r.token_ids for r in one(prompts, max_new_tokens=NEW_TOKENS, temperature=0.0)]
+    four = splitfuse.pipeline(tiny_model_dir("llama"), backend="cpu", tensor_parallel_size=4, **PREEMPTING)
+    try:
+        assert four.engine.model.num_heads == 1 and four.engine.model.num_kv_heads == 1
+        assert [r.token_ids for r in four(prompts, max_new_tokens=NEW_TOKENS, temperature=0.0)] == expected
+        assert four.engine.scheduler.num_preemptions > 0
+    finally:
+        four.close()
+    assert multiprocessing.active_children() == []
+
+
 def test_fewer_kv_heads_than_ranks_and_an_uneven_vocabulary(tmp_path, hf_model):
     # One KV head is copied to both ranks; 515 vocabulary rows split 258 + 257.
     path = str(make_tiny_model(tmp_path / "m", "llama", num_kv_heads=1, vocab_size=515))
