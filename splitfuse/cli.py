@@ -201,9 +201,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.chat_template is not None:
         with open(args.chat_template, encoding="utf-8") as f:
             template = f.read()
+    if args.ray is not None:
+        from splitfuse.serving.ray_replicas import import_ray
+
+        try:
+            import_ray()
+        except ImportError as exc:
+            print(f"error: --ray: {exc}", file=sys.stderr)
+            return 2
     run(args.model, host=args.host, port=args.port, backend=args.backend, api_key=args.api_key,
         chat_template=template, max_waiting=args.max_waiting, served_model_name=args.served_model_name,
-        replicas=args.replicas, **_picked(args, EngineConfig))
+        replicas=args.replicas, ray_address=args.ray, **_picked(args, EngineConfig))
     return 0
 
 
@@ -295,9 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", default=os.environ.get("SPLITFUSE_API_KEY"),
                      help="require 'Authorization: Bearer KEY' on /v1/* (env SPLITFUSE_API_KEY)")
     srv.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template file")
-    srv.add_argument("--max-waiting", type=int, default=1024, help="queued requests before answering 429")
+    srv.add_argument("--max-waiting", type=int, default=1024,
+                     help="requests not yet started (over all replicas together) before answering 429")
     srv.add_argument("--replicas", type=int, default=1,
                      help="engine processes; each request goes to the one with the fewest outstanding tokens")
+    srv.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="run the replicas as Ray actors: ADDRESS omitted starts Ray here, 'auto' joins the "
+                          "cluster this machine is in (`ray start`), or a Ray address (needs splitfuse[ray])")
     srv.add_argument("--served-model-name", default=None, help="model name in the API (default: directory name)")
     _add_model_fields(srv, EngineConfig, "engine")
     srv.set_defaults(func=cmd_serve)

@@ -97,6 +97,8 @@ class SamplingParams(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = Field(None, ge=0, le=20, description="top alternatives to return per token")
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=20, description="log-probabilities of the prompt's tokens, with this many top alternatives each")
     structured_outputs: StructuredOutputsParams | None = Field(None, description="constrain the output to a grammar")
 
     @field_validator("stop", mode="before")

@@ -24,6 +24,8 @@ class Response:
     finish_reason: str  # "stop" | "length"
     logprobs: list[TokenLogprob] | None = None
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not computed)
+    # prompt_logprobs=N: per prompt token its log-probability and N top alternatives; None for the first
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     generated_length: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -98,6 +100,7 @@ class Pipeline:
         return Response(
             text="".join(o.new_text for o in outputs), token_ids=token_ids, prompt_length=prompt_length,
             finish_reason=outputs[-1].finish_reason, logprobs=logprobs, num_cached_tokens=outputs[0].num_cached_tokens,
+            prompt_logprobs=outputs[0].prompt_logprobs,
         )
 
     def stream(self, prompt: Prompt, **sampling) -> Generator[str, None, Response]:

@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from splitfuse.bench.clients import OpenAIClient
+from splitfuse.bench.clients import FIXED_LENGTH_GREEDY, OpenAIClient, RequestSettings
 from splitfuse.cli import engine_flags, self_command
 
 
@@ -19,8 +19,9 @@ class LocalServer(OpenAIClient):
     (so the client never competes with it for the GIL), measured over HTTP like any endpoint."""
 
     def __init__(self, model_dir: str, backend: str | None, engine: dict, send_ids: bool,
-                 ready_timeout: float = 600.0, name: str = "splitfuse") -> None:
-        super().__init__("http://127.0.0.1:0/v1", None, name, send_ids)
+                 ready_timeout: float = 600.0, name: str = "splitfuse",
+                 settings: RequestSettings = FIXED_LENGTH_GREEDY) -> None:
+        super().__init__("http://127.0.0.1:0/v1", None, name, send_ids, settings=settings)
         self.model_dir, self.backend, self.engine = model_dir, backend, engine
         self.ready_timeout = ready_timeout
         self.process: asyncio.subprocess.Process | None = None

@@ -13,8 +13,15 @@ from splitfuse.core.batch import build_batch
 from splitfuse.core.constraints import Constraints
 from splitfuse.core.detokenizer import IncrementalDetokenizer
 from splitfuse.core.kv_blocks import BlockManager
+from splitfuse.core.logprobs import (
+    PromptRows,
+    first_output_prompt_logprobs,
+    prompt_rows,
+    record_prompt_logprobs,
+    token_logprobs,
+)
 from splitfuse.core.request import RequestOutput, Sequence, TokenLogprob
-from splitfuse.core.sampler import SamplingBatch, compute_logprobs
+from splitfuse.core.sampler import SamplingBatch
 from splitfuse.core.scheduler import Scheduler, StepPlan
 
 
@@ -164,6 +171,9 @@ class Engine:
     def _check_admissible(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise AdmissionError("prompt is empty: give at least one token")
+        if params.prompt_logprobs is not None and self.parallel is not None:
+            # the worker ranks run lm_head on the sampled rows only
+            raise AdmissionError("prompt_logprobs is not supported with tensor_parallel_size > 1 yet")
         vocab = self.model.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
@@ -270,6 +280,7 @@ class Engine:
                 request_id=seq.request_id, new_token_ids=[result.token], new_text=result.text,
                 finished=result.finish_reason is not None, finish_reason=result.finish_reason,
                 new_logprobs=[logprob] if logprob is not None else [], num_cached_tokens=seq.num_cached_tokens or 0,
+                prompt_logprobs=first_output_prompt_logprobs(seq),
             ))
         return outputs
 
@@ -280,13 +291,23 @@ class Engine:
         meta = self.backend.prepare_batch(host_meta)
         self.constraints.begin(sampled)  # the grammars' CPU work runs beside the forward pass
         hidden = self.backend.forward(self.model, meta, self.kv_cache)
-        logits = self.model.logits(hidden[meta.sample_index]).float()
+        logits = self._logits(hidden, meta.sample_index, prompt_rows(plan))
         batch = self._sampling_batch(sampled)
         tokens = self.backend.sample(self.constraints.mask(logits, batch), batch)
         for seq in sampled:
             seq.num_draws += 1
         logprobs = self._logprobs(logits, tokens, sampled, batch.num_logprobs)
         return tokens.tolist(), logprobs
+
+    def _logits(self, hidden: torch.Tensor, sample_index: torch.Tensor, scored: PromptRows | None) -> torch.Tensor:
+        """Logits [S', V] of the sampled rows; prompt rows that requests score share the lm_head call."""
+        if scored is None:
+            return self.model.logits(hidden[sample_index]).float()
+        rows = torch.cat([sample_index, torch.tensor(scored.rows, dtype=sample_index.dtype).to(sample_index.device)])
+        logits = self.model.logits(hidden[rows]).float()
+        num_sampled = sample_index.numel()
+        record_prompt_logprobs(scored, logits[num_sampled:])
+        return logits[:num_sampled]
 
     def _sampling_batch(self, sampled: list[Sequence]) -> SamplingBatch:
         suppressed = []
@@ -306,16 +327,4 @@ class Engine:
     def _logprobs(self, logits, tokens, sampled, num_top) -> list[TokenLogprob | None]:
         if num_top < 0:
             return [None] * len(sampled)
-        chosen, top_values, top_ids = compute_logprobs(logits, torch.as_tensor(tokens, device=logits.device), num_top)
-        chosen = chosen.tolist()
-        top_values = top_values.tolist() if top_values is not None else None
-        top_ids = top_ids.tolist() if top_ids is not None else None
-        out = []
-        for row, seq in enumerate(sampled):
-            want = seq.params.logprobs
-            if want is None:
-                out.append(None)
-                continue
-            top = dict(zip(top_ids[row][:want], top_values[row][:want])) if want and top_ids else {}
-            out.append(TokenLogprob(token_id=int(tokens[row]), logprob=chosen[row], top=top))
-        return out
+        return token_logprobs(logits, tokens.tolist(), [seq.params.logprobs for seq in sampled])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -24,6 +25,7 @@ from splitfuse.serving.bridge import (
     EngineStopped,
     QueueFull,
     ReplicaLost,
+    Replayed,
     RequestGroup,
 )
 from splitfuse.serving.chat import render_chat
@@ -115,12 +117,13 @@ class _Handlers:
         return max_tokens
 
     def params(self, req: SamplingFields, max_tokens: int, logprobs: int | None, choice: int,
-               constraint=None) -> SamplingParams:
+               prompt_logprobs: int | None = None, constraint=None) -> SamplingParams:
         if req.min_tokens > max_tokens:  # checked here so the 400 names the client's field
             raise APIError(400, f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens})",
                            param="min_tokens")
         request = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_new_tokens=max_tokens,
                        min_new_tokens=req.min_tokens, ignore_eos=req.ignore_eos, stop=req.stop, logprobs=logprobs,
+                       prompt_logprobs=prompt_logprobs,
                        # Each of the n choices gets its own seed, so seeded choices differ yet are reproducible.
                        seed=None if req.seed is None else req.seed + choice, structured_outputs=constraint)
         try:
@@ -161,8 +164,13 @@ class _Handlers:
     async def collect(self, group: RequestGroup, tracker: Tracker, num: int) -> list[list]:
         """All outputs of a group, per choice; an engine failure becomes a 500."""
         outputs: list[list] = [[] for _ in range(num)]
+        group.replayable = True  # nothing reaches the client before the end: a replica's death is survivable
         try:
             async for index, out in group:
+                if out is Replayed:  # the choice starts over on another replica
+                    outputs[index].clear()
+                    tracker.replay(index)
+                    continue
                 tracker.token(index, out)
                 outputs[index].append(out)
         except (ReplicaLost, EngineClosed) as exc:
@@ -188,6 +196,12 @@ class _Handlers:
             offset += len(text)
         return result
 
+    def echo_logprobs(self, prompt_ids: list[int], entries: list[TokenLogprob | None]) -> CompletionLogprobs:
+        """The echoed prompt's tokens as OpenAI gave them: the first one has no log-probability."""
+        first = self.token_text(prompt_ids[0])
+        head = CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None], text_offset=[0])
+        return head.extend(self.completion_logprobs(entries[1:], len(first)))
+
     def chat_logprobs(self, lps: list[TokenLogprob]) -> ChatLogprobs:
         def entry(token_id: int, value: float) -> dict:
             text = self.token_text(token_id)
@@ -207,38 +221,56 @@ class _Handlers:
             prompts = [prompts]
         if not prompts:
             raise APIError(400, "prompt is empty", param="prompt")
+        score_only = req.max_tokens == 0
+        if score_only and not req.echo:
+            raise APIError(400, "max_tokens 0 generates nothing: it is only allowed with echo true, to score the "
+                           "prompt (give logprobs too)", param="max_tokens")
+        # echo with logprobs: the prompt tokens' log-probabilities too (OpenAI's legacy completions)
+        prompt_logprobs = req.logprobs if req.echo else None
         encoded = [self.encode(p) for p in prompts]
         constraint = self.constraint(req)
         requests, echoes = [], []
         for prompt, ids in zip(prompts, encoded):
-            max_tokens = self.budget(ids, req.max_tokens, "prompt")
+            # max_tokens 0: the step that ends the prompt samples a token anyway; it is dropped
+            max_tokens = self.budget(ids, 1 if score_only else req.max_tokens, "prompt")
             echo = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) if req.echo else ""
             for choice in range(req.n):
-                requests.append((ids, self.params(req, max_tokens, req.logprobs, choice, constraint)))
+                requests.append((ids, self.params(req, max_tokens, req.logprobs, choice, prompt_logprobs,
+                                                  constraint)))
                 echoes.append(echo)
         tracker = self.metrics.tracker([len(ids) for ids in encoded], req.n)
         group = await self.submit(requests, "prompt")
+        if score_only:
+            group = _PromptOnly(group)
         if req.stream:
-            return self._stream(self._completion_chunks(group, tracker, req, echoes))
+            return self._stream(self._completion_chunks(group, tracker, req, echoes, [ids for ids, _ in requests]))
         outputs = await self.collect(group, tracker, len(requests))
         choices = []
         for index, outs in enumerate(outputs):
             text = echoes[index] + "".join(o.new_text for o in outs)
-            lps = [lp for o in outs for lp in o.new_logprobs]
-            choices.append(CompletionChoice(
-                index=index, text=text, finish_reason=outs[-1].finish_reason,
-                logprobs=self.completion_logprobs(lps, len(echoes[index])) if req.logprobs is not None else None))
+            lps = None
+            if req.logprobs is not None:
+                lps = self.completion_logprobs([lp for o in outs for lp in o.new_logprobs], len(echoes[index]))
+                if req.echo:
+                    lps = self.echo_logprobs(requests[index][0], outs[0].prompt_logprobs).extend(lps)
+            choices.append(CompletionChoice(index=index, text=text, finish_reason=outs[-1].finish_reason, logprobs=lps))
         return CompletionResponse(model=self.model_name, choices=choices, usage=tracker.usage())
 
-    async def _completion_chunks(self, group, tracker, req, echoes) -> AsyncIterator[str]:
+    async def _completion_chunks(self, group, tracker, req, echoes, prompt_ids) -> AsyncIterator[str]:
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         offsets = [len(e) for e in echoes]
+        # with logprobs, a choice's echo waits for its first output, which brings the prompt's log-probabilities
+        echo_first = req.logprobs is None
         for index, echo in enumerate(echoes):
-            if echo:
+            if echo and echo_first:
                 yield _sse(CompletionChunk(**head, choices=[CompletionChoice(index=index, text=echo)]))
         try:
             async for index, out in group:
                 tracker.token(index, out)
+                if req.echo and not echo_first and out.prompt_logprobs is not None:
+                    yield _sse(CompletionChunk(**head, choices=[CompletionChoice(
+                        index=index, text=echoes[index],
+                        logprobs=self.echo_logprobs(prompt_ids[index], out.prompt_logprobs))]))
                 if not out.new_text and not out.finished and req.logprobs is None:
                     continue  # a token whose text is still held back; with logprobs it is still sent
                 lps = None
@@ -267,7 +299,7 @@ class _Handlers:
             raise APIError(400, str(exc), param="messages") from None
         max_tokens = self.budget(ids, req.max_completion_tokens or req.max_tokens, "messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
-        requests = [(ids, self.params(req, max_tokens, top, choice, constraint)) for choice in range(req.n)]
+        requests = [(ids, self.params(req, max_tokens, top, choice, constraint=constraint)) for choice in range(req.n)]
         tracker = self.metrics.tracker([len(ids)], req.n)
         group = await self.submit(requests, "messages")
         if req.stream:
@@ -324,12 +356,34 @@ class _Handlers:
                 # Headers are already sent: report the failure in the stream, as OpenAI does.
                 code = "unavailable" if isinstance(exc, (ReplicaLost, EngineClosed)) else "engine_error"
                 yield f"data: {json.dumps(error_body(str(exc), 'server_error', None, code))}\n\n"
+                yield "data: [DONE]\n\n"  # the stream still ends as every stream does
             finally:
                 # Runs when the client disconnects too (the task is cancelled): abort and free KV blocks.
                 await chunks.aclose()
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _PromptOnly:
+    """A request group whose one sampled token is dropped: max_tokens 0 scores the prompt only."""
+
+    def __init__(self, group: RequestGroup) -> None:
+        self.group = group
+
+    def __aiter__(self):
+        return self._outputs()
+
+    async def _outputs(self):
+        async for index, out in self.group:
+            yield index, dataclasses.replace(out, new_token_ids=[], new_text="", new_logprobs=[],
+                                             finish_reason="length" if out.finished else None)
+
+    def abort(self) -> None:
+        self.group.abort()
+
+    async def aclose(self) -> None:
+        self.group.abort()
 
 
 def _include_usage(req) -> bool:

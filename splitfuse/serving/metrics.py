@@ -11,6 +11,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 
 from splitfuse.serving.bridge import EngineFront
 from splitfuse.serving.protocol import PromptTokensDetails, Usage
@@ -32,6 +33,7 @@ class Metrics:
             lambda: engine.stats.kv_blocks_used)
         Gauge("splitfuse_kv_blocks_total", "KV cache blocks in all", registry=r).set_function(
             lambda: engine.stats.kv_blocks_total)
+        r.register(_FaultCounters(engine))
         self.ttft = Histogram("splitfuse_time_to_first_token_seconds", "request arrival to first token",
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("splitfuse_inter_token_latency_seconds", "time between a request's tokens",
@@ -53,6 +55,19 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class _FaultCounters:
+    """Replica restarts and resent requests: the engine front counts them, the scrape reads them."""
+
+    def __init__(self, engine: EngineFront) -> None:
+        self.engine = engine
+
+    def collect(self):
+        yield CounterMetricFamily("splitfuse_replica_restarts", "replicas launched again after dying",
+                                  value=self.engine.restarts)
+        yield CounterMetricFamily("splitfuse_requests_retried",
+                                  "requests resent to another replica after theirs died", value=self.engine.retries)
+
+
 class Tracker:
     """Latency and token bookkeeping of one HTTP request: its prompts, each with num_choices
     choices; choice index i belongs to prompt i // num_choices."""
@@ -64,7 +79,7 @@ class Tracker:
         total = len(self.prompt_lens) * num_choices
         self.last: list[float | None] = [None] * total
         self.cached: list[int] = [0] * total  # prompt tokens each choice found in the prefix cache
-        self.completion_tokens = 0
+        self.generated: list[int] = [0] * total  # tokens each choice has received
 
     def token(self, index: int, out) -> None:
         """One RequestOutput of choice `index` arrived."""
@@ -78,10 +93,18 @@ class Tracker:
         else:
             self.metrics.itl.observe(now - previous)
         self.last[index] = now
-        self.completion_tokens += len(out.new_token_ids)
+        self.generated[index] += len(out.new_token_ids)
         self.metrics.generation_tokens.inc(len(out.new_token_ids))
         if out.finish_reason is not None:
             self.metrics.requests.labels(out.finish_reason).inc()
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self.generated)
+
+    def replay(self, index: int) -> None:
+        """Choice `index` starts over on another engine: its tokens so far do not count in usage."""
+        self.generated[index] = 0
 
     def usage(self) -> Usage:
         """OpenAI's usage: each prompt counted once, its cached tokens as its first choice found them."""

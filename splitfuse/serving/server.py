@@ -19,7 +19,8 @@ from splitfuse.serving.bridge import AsyncEngine, EngineFront
 
 log = logging.getLogger("splitfuse.serving")
 
-_SERVER_OPTIONS = ("api_key", "chat_template", "max_waiting", "served_model_name", "max_body_bytes", "replicas")
+_SERVER_OPTIONS = ("api_key", "chat_template", "max_waiting", "served_model_name", "max_body_bytes", "replicas",
+                   "ray_address")
 
 
 def _read_template(chat_template: str | None) -> str | None:
@@ -31,23 +32,32 @@ def _read_template(chat_template: str | None) -> str | None:
 
 def build_app(model: str | os.PathLike | None = None, backend: str | None = "auto", *, api_key: str | None = None,
               chat_template: str | None = None, max_waiting: int = 1024, served_model_name: str | None = None,
-              max_body_bytes: int = 4 * 1024 * 1024, replicas: int = 1, **engine_kwargs):
+              max_body_bytes: int = 4 * 1024 * 1024, replicas: int = 1, ray_address: str | None = None,
+              **engine_kwargs):
     """Load the model and return (FastAPI app, engine front); engine_kwargs are EngineConfig fields.
 
     replicas=1 steps the engine in a thread of this process (AsyncEngine); more start that many
-    engine processes behind a ReplicaPool, with the same interface."""
+    engine processes behind a ReplicaPool, with the same interface. With ray_address the replicas
+    (even one) are Ray actors instead: "local" starts a Ray instance here, "auto" joins the cluster
+    this machine belongs to, anything else is a Ray address."""
     from splitfuse.assembly import build_engine
     from splitfuse.serving.app import create_app
 
     config = EngineConfig(**engine_kwargs)
-    if replicas > 1:
+    if replicas < 1:
+        raise ValueError(f"replicas must be at least 1, got {replicas}")
+    if ray_address is not None:
+        from splitfuse.serving.ray_replicas import ray_engines
+        from splitfuse.serving.replicas import ReplicaPool
+
+        async_engine = ReplicaPool(model, backend, config, replicas, max_waiting=max_waiting,
+                                   engines=ray_engines(model, backend, config, replicas, ray_address))
+    elif replicas > 1:
         from splitfuse.serving.replicas import ReplicaPool
 
         async_engine = ReplicaPool(model, backend, config, replicas, max_waiting=max_waiting)
-    elif replicas == 1:
-        async_engine = AsyncEngine(build_engine(model, backend, config), max_waiting=max_waiting)
     else:
-        raise ValueError(f"replicas must be at least 1, got {replicas}")
+        async_engine = AsyncEngine(build_engine(model, backend, config), max_waiting=max_waiting)
     if served_model_name is None:
         if model is None:
             from splitfuse.data import default_model_dir
