@@ -12,7 +12,8 @@ import torch
 
 from splitfuse.parallel.shard import SINGLE, Shard
 from splitfuse.plugins.manager import get_plugin_manager
-from splitfuse.quant.gptq import GptqConfig, UnsupportedQuantization, load_gptq_weights, read_quantization_config
+from splitfuse.quant.checkpoint import load_quantized_checkpoint, read_checkpoint_quantization
+from splitfuse.quant.gptq import UnsupportedQuantization
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAMPLING_DEFAULT_KEYS = ("temperature", "top_k", "top_p")
@@ -71,7 +72,7 @@ def load_model(path: str | Path, backend, dtype: str = "auto", max_model_len: in
             f"architecture {architectures or '(none given)'} is not supported; supported: "
             + ", ".join(registry.names())
         )
-    gptq = _checkpoint_quantization(hf_config, quantization, shard)
+    checkpoint_quant = _checkpoint_quantization(hf_config, quantization, shard)
     files = _safetensors_files(path)
     limit = getattr(hf_config, "max_position_embeddings", None) or 4096
     if max_model_len and max_model_len > limit:
@@ -82,9 +83,9 @@ def load_model(path: str | Path, backend, dtype: str = "auto", max_model_len: in
     model = registry.get(arch)(hf_config, backend, resolve_dtype(dtype, backend), max_model_len)
     if shard.size > 1:
         _shard_model(model, arch, shard)
-    if gptq is not None:
+    if checkpoint_quant is not None:
         try:
-            load_gptq_weights(model, _stream_tensors(files), gptq, backend)
+            load_quantized_checkpoint(model, _stream_tensors(files), checkpoint_quant, backend)
         except UnsupportedQuantization as exc:
             raise ModelLoadError(str(exc)) from None
     else:
@@ -115,8 +116,8 @@ def _safetensors_files(path: Path) -> list[Path]:
     raise ModelLoadError(f"{str(path)!r} has no *.safetensors weight files")
 
 
-def _checkpoint_quantization(hf_config, quantization: str | None, shard: Shard) -> GptqConfig | None:
-    """The checkpoint's GPTQ settings (None: not quantized), or refuse what cannot be served."""
+def _checkpoint_quantization(hf_config, quantization: str | None, shard: Shard):
+    """The checkpoint's quantization settings (None: not quantized), or refuse what cannot be served."""
     config = getattr(hf_config, "quantization_config", None)
     if config is None:
         return None
@@ -130,7 +131,7 @@ def _checkpoint_quantization(hf_config, quantization: str | None, shard: Shard) 
         raise ModelLoadError(f"tensor_parallel_size={shard.size} with a quantized checkpoint (quant_method="
                              f"{method!r}) is not supported; use tensor_parallel_size=1")
     try:
-        return read_quantization_config(config)
+        return read_checkpoint_quantization(config)
     except UnsupportedQuantization as exc:
         raise ModelLoadError(str(exc)) from None
 
