@@ -4,8 +4,9 @@ float8_e4m3fn and scaled back (quantize-dequantize) before a matmul in the compu
 This is what compressed-tensors itself runs for such a checkpoint when no FP8 kernel is used (the
 route transformers takes on a CPU): x_q = float8(clamp(x / s, -448, 448)) * s, in float32, with
 s = max|x| / 448 over each token's features ("token", dynamic), over each group of `group_size`
-features of a token ("group", dynamic), or the checkpoint's `input_scale` ("tensor", static). An FP8 GEMM with float32 accumulation computes the same products, so outputs
-differ from one only in summation order.
+features of a token ("group", dynamic), or the checkpoint's `input_scale` ("tensor", static).
+An FP8 GEMM with float32 accumulation computes the same products, so outputs differ from one only
+in summation order.
 """
 
 from __future__ import annotations

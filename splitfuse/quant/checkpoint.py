@@ -1,9 +1,9 @@
 """Pre-quantized checkpoints: pick the reader for `quantization_config.quant_method`, and load the
 layers a format stores as several tensors each into QuantizedWeights fused as the model fuses them.
 
-A format module gives `read_config(dict) -> its config` and a config object with
-`is_part(name, tensor)` (does this tensor belong to a quantized layer?) and
-`to_quantized_weight(module, parts, dtype)`; `load_quantized_layers` does the rest.
+A format module gives `read_config(dict) -> its config`, a config object with `name` (for errors),
+`describe()` (for the load log), `is_part(part, tensor)` (does this tensor belong to a quantized
+layer?) and `to_quantized_weight(module, parts, dtype)`; `load_quantized_checkpoint` does the rest.
 """
 
 from __future__ import annotations
@@ -40,17 +40,10 @@ def read_checkpoint_quantization(config: Mapping):
 
 
 def load_quantized_checkpoint(model, named_tensors: Iterable[tuple[str, torch.Tensor]], config, backend) -> None:
-    """Load a pre-quantized checkpoint read by `read_checkpoint_quantization` into `model`."""
-    if isinstance(config, gptq.GptqConfig):
-        gptq.load_gptq_weights(model, named_tensors, config, backend)
-    else:
-        load_quantized_layers(model, named_tensors, config, backend)
-
-
-def load_quantized_layers(model, named_tensors: Iterable[tuple[str, torch.Tensor]], config, backend) -> None:
-    """Quantized layers (the tensors `config.is_part` claims, grouped by module) become
-    QuantizedWeights where the model's tables put `<module>.weight`; the rest loads as usual."""
-    label = config.describe()
+    """Load a checkpoint whose config `read_checkpoint_quantization` read: quantized layers (the
+    tensors `config.is_part` claims, grouped by module) become QuantizedWeights where the model's
+    tables put `<module>.weight`, fused as it fuses them; the rest loads as usual."""
+    label = config.name
     if type(model).load_weights is not CausalLM.load_weights:
         raise UnsupportedQuantization(f"{label} checkpoints of {type(model).__name__} are not supported: its loader "
                                       "rearranges loaded matrices, which quantized ones do not allow yet")
@@ -85,7 +78,7 @@ def load_quantized_layers(model, named_tensors: Iterable[tuple[str, torch.Tensor
         weight = concat_rows(ours, [parts[i] for i in range(counts[ours])])
         model.weights[ours] = backend.prepare_linear_weight(weight.to(backend.device))
     model.load_weights(plain)
-    log.info("%s checkpoint: %d quantized matrices (from %d layers), the rest in %s", label, len(fused),
+    log.info("%s checkpoint: %d quantized matrices (from %d layers), the rest in %s", config.describe(), len(fused),
              len(layers), str(model.dtype).replace("torch.", ""))
 
 

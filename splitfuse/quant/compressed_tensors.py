@@ -69,6 +69,7 @@ class Scheme:
 @dataclass(frozen=True)
 class CompressedTensorsConfig:
     schemes: tuple[Scheme, ...]
+    name = "compressed-tensors"  # in errors
 
     def describe(self) -> str:
         return "compressed-tensors"
@@ -85,7 +86,8 @@ class CompressedTensorsConfig:
                 f"{[s.name for s in matching] or 'no'} config groups' targets; expected exactly one")
         return (by_name or matching)[0]
 
-    def to_quantized_weight(self, module: str, parts: Mapping[str, torch.Tensor], dtype: torch.dtype) -> QuantizedWeight:
+    def to_quantized_weight(self, module: str, parts: Mapping[str, torch.Tensor],
+                            dtype: torch.dtype) -> QuantizedWeight:
         scheme = self.scheme_for(module)
         if "weight_g_idx" in parts:
             raise UnsupportedQuantization(f"compressed-tensors layer {module!r} has a weight_g_idx (activation "
@@ -96,7 +98,8 @@ class CompressedTensorsConfig:
         weight, scale = parts["weight"], parts["weight_scale"]
         N, K = weight.shape
         if scheme.type == "float":
-            return fp8_weight(module, weight, scale, _scale_block(scheme, N, K), dtype, _input_quant(module, parts, scheme, K))
+            return fp8_weight(module, weight, scale, _scale_block(scheme, N, K), dtype,
+                              _input_quant(module, parts, scheme, K))
         if weight.dtype != torch.int8:
             raise UnsupportedQuantization(f"compressed-tensors layer {module!r}: weight is {weight.dtype}, expected "
                                           "int8 for INT8 weights")
@@ -139,7 +142,8 @@ def _read_group(name: str, group: Mapping, default_format: str | None, refuse) -
         raise refuse(f"{prefix}.format", format, f"one of {list(formats)} for {kind[0]}{kind[1]} weights")
     strategy = weights.get("strategy")
     if strategy not in strategies:
-        raise refuse(f"{prefix}.weights.strategy", strategy, f"one of {list(strategies)} for {kind[0]}{kind[1]} weights")
+        raise refuse(f"{prefix}.weights.strategy", strategy,
+                     f"one of {list(strategies)} for {kind[0]}{kind[1]} weights")
     if weights.get("dynamic"):
         raise refuse(f"{prefix}.weights.dynamic", weights["dynamic"], "false")
     if weights.get("actorder") == "group":
@@ -210,9 +214,11 @@ def unpack_int32(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return ((words[:, :, None] >> shifts) & ((1 << bits) - 1)).flatten(1)[:, :count]
 
 
-def _packed_weight(module: str, parts: Mapping[str, torch.Tensor], scheme: Scheme, dtype: torch.dtype) -> QuantizedWeight:
+def _packed_weight(module: str, parts: Mapping[str, torch.Tensor], scheme: Scheme,
+                   dtype: torch.dtype) -> QuantizedWeight:
     """A pack-quantized layer -> "int4" (offset values and zero points) or "int8" QuantizedWeight."""
-    required = ("weight_packed", "weight_shape", "weight_scale") + (() if scheme.symmetric else ("weight_zero_point",))
+    zero_points = () if scheme.symmetric else ("weight_zero_point",)
+    required = ("weight_packed", "weight_shape", "weight_scale") + zero_points
     require_parts(module, parts, required, "compressed-tensors")
     packed, scale, bits = parts["weight_packed"], parts["weight_scale"], scheme.num_bits
     N, K = (int(v) for v in parts["weight_shape"].tolist())

@@ -31,6 +31,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 @dataclass(frozen=True)
 class Fp8Config:
     block: tuple[int, int] | None  # (bn, bk) rows and input features sharing one scale; None: per tensor
+    name = "fp8"  # in errors
 
     def describe(self) -> str:
         return "FP8 " + (f"block {self.block[0]}x{self.block[1]}" if self.block else "per-tensor")
@@ -38,7 +39,8 @@ class Fp8Config:
     def is_part(self, part: str, tensor: torch.Tensor) -> bool:
         return part == "weight_scale_inv" or (part == "weight" and tensor.dtype == FP8_DTYPE)
 
-    def to_quantized_weight(self, module: str, parts: Mapping[str, torch.Tensor], dtype: torch.dtype) -> QuantizedWeight:
+    def to_quantized_weight(self, module: str, parts: Mapping[str, torch.Tensor],
+                            dtype: torch.dtype) -> QuantizedWeight:
         require_parts(module, parts, ("weight", "weight_scale_inv"), "fp8")
         weight = parts["weight"]
         return fp8_weight(module, weight, parts["weight_scale_inv"], self.block or tuple(weight.shape), dtype)

@@ -1,6 +1,7 @@
 """GPTQ 4-bit checkpoints (the AutoGPTQ / GPTQModel "GEMM" layout transformers documents): read
 `quantization_config`, refuse what is not supported, and turn each quantized linear layer into a
-QuantizedWeight placed where the model's weight tables put its `.weight`.
+QuantizedWeight (splitfuse.quant.checkpoint places it where the model's weight tables put its
+`.weight`).
 
 Per linear layer `<module>` (weight [N, K]: N output, K input features, G = K / group_size groups):
 - `qweight` int32 [K/8, N]: input feature k of column n is bits 4*(k%8).. of qweight[k//8, n];
@@ -12,16 +13,12 @@ Per linear layer `<module>` (weight [N, K]: N output, K input features, G = K / 
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from splitfuse.models.base import CausalLM
 from splitfuse.quant.weights import QuantizedWeight, pack_int4
-
-log = logging.getLogger("splitfuse")
 
 SUPPORTED = "GPTQ 4-bit (bits=4, desc_act=false, checkpoint_format gptq or gptq_v2)"
 CHECKPOINT_FORMATS = {"gptq": 1, "gptq_v2": 0}  # format -> what is added to a stored zero point
@@ -37,6 +34,17 @@ class UnsupportedQuantization(ValueError):
 class GptqConfig:
     group_size: int  # -1 in config.json: one group per input row (group_size = K)
     zero_offset: int  # added to a stored zero point: 1 for the classic format, 0 for gptq_v2
+    name = "GPTQ"  # in errors (splitfuse.quant.checkpoint loads the layers)
+
+    def describe(self) -> str:
+        return "GPTQ int4"
+
+    def is_part(self, part: str, tensor: torch.Tensor) -> bool:
+        return part in PARTS
+
+    def to_quantized_weight(self, module: str, parts: Mapping[str, torch.Tensor],
+                            dtype: torch.dtype) -> QuantizedWeight:
+        return to_quantized_weight(module, parts, self, dtype)
 
 
 def read_quantization_config(config: Mapping | None) -> GptqConfig | None:
@@ -102,61 +110,3 @@ def to_quantized_weight(module: str, parts: Mapping[str, torch.Tensor], config: 
     q, zeros, scales = unpack_gptq(qweight, qzeros, scales, config.zero_offset)
     return QuantizedWeight("int4", pack_int4(q), scales.contiguous(), zeros.to(torch.uint8).contiguous(),
                            group_size, (N, K), dtype)
-
-
-def concat_rows(weights: list[QuantizedWeight]) -> QuantizedWeight:
-    """Portable int4 matrices stacked along output features (fused q/k/v, gate/up)."""
-    first = weights[0]
-    if any(w.group_size != first.group_size or w.shape[1] != first.shape[1] for w in weights):
-        raise UnsupportedQuantization("GPTQ parts fused into one matrix differ in group_size or in_features: "
-                                      + ", ".join(f"{w.shape} g={w.group_size}" for w in weights))
-    cat = lambda field: torch.cat([getattr(w, field) for w in weights])  # noqa: E731
-    return QuantizedWeight("int4", cat("data"), cat("scales"), cat("zeros"), first.group_size,
-                           (sum(w.shape[0] for w in weights), first.shape[1]), first.dtype)
-
-
-def split_gptq_layers(named_tensors: Iterable[tuple[str, torch.Tensor]],
-                      layers: dict[str, dict[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Pass plain tensors through; collect `<module>.<qweight|qzeros|scales|g_idx>` into `layers`."""
-    for name, tensor in named_tensors:
-        module, _, part = name.rpartition(".")
-        if part in PARTS:
-            layers.setdefault(module, {})[part] = tensor
-        else:
-            yield name, tensor
-
-
-def load_gptq_weights(model, named_tensors: Iterable[tuple[str, torch.Tensor]], config: GptqConfig,
-                      backend) -> None:
-    """Load a GPTQ checkpoint into `model`: quantized layers become QuantizedWeights (fused as the
-    model's tables fuse `<module>.weight`), the rest loads as usual."""
-    if type(model).load_weights is not CausalLM.load_weights:
-        raise UnsupportedQuantization(f"GPTQ checkpoints of {type(model).__name__} are not supported: its loader "
-                                      "rearranges loaded matrices, which quantized ones do not allow yet")
-    layers: dict[str, dict[str, torch.Tensor]] = {}
-    plain = list(split_gptq_layers(named_tensors, layers))  # small: embeddings, norms, head, biases
-    fused: dict[str, dict[int, QuantizedWeight]] = {}
-    counts: dict[str, int] = {}
-    for module, parts in layers.items():
-        try:
-            ours, part = model.map_weight_name(f"{module}.weight")
-        except KeyError:
-            raise UnsupportedQuantization(f"GPTQ layer {module!r} is not a weight {type(model).__name__} "
-                                          "knows") from None
-        if ours is None:
-            continue
-        if not ours.startswith("layers.") or ".experts." in ours:
-            raise UnsupportedQuantization(f"GPTQ layer {module!r} ({ours}): only the decoder layers' "
-                                          "attention and MLP matrices can be GPTQ-quantized")
-        index, count = part or (0, 1)
-        fused.setdefault(ours, {})[index] = to_quantized_weight(module, parts, config, model.dtype)
-        counts[ours] = count
-    for ours, parts in fused.items():
-        if len(parts) != counts[ours]:
-            raise UnsupportedQuantization(f"GPTQ checkpoint holds {len(parts)} of the {counts[ours]} quantized "
-                                          f"parts of {ours}")
-        weight = concat_rows([parts[i] for i in range(counts[ours])])
-        model.weights[ours] = backend.prepare_linear_weight(weight.to(backend.device))
-    model.load_weights(plain)
-    log.info("GPTQ int4 checkpoint: %d quantized matrices (from %d layers), the rest in %s", len(fused),
-             len(layers), str(model.dtype).replace("torch.", ""))

@@ -140,7 +140,8 @@ REFUSED = [
     ({**BASE, "activation_scheme": "static"}, None,
      "quantization_config.activation_scheme='static' (fp8) is not supported; expected 'dynamic'"),
     ({**BASE, "scale_fmt": "ue8m0"}, None, "quantization_config.scale_fmt='ue8m0' (fp8) is not supported"),
-    ({**BASE, "weight_block_size": [32]}, None, "weight_block_size=[32] (fp8) is not supported; expected two positive"),
+    ({**BASE, "weight_block_size": [32]}, None,
+     "weight_block_size=[32] (fp8) is not supported; expected two positive"),
     ({**BASE, "fmt": "e5m2"}, None, "quantization_config.fmt='e5m2' (fp8) is not supported; expected 'e4m3'"),
     (BASE, lambda t: t.pop(f"{UP}.weight_scale_inv"), f"fp8 layer '{UP}' lacks {UP}.weight_scale_inv"),
     (BASE, lambda t: t.update({f"{UP}.weight_scale_inv": t[f"{UP}.weight_scale_inv"][:2]}),
@@ -155,7 +156,8 @@ def test_unsupported_or_broken_fp8_checkpoints_are_refused_at_load(tiny_model_di
     if edit:
         tensors = load_file(path / "model.safetensors")
         edit(tensors)
-        save_file({n: t.contiguous() for n, t in tensors.items()}, path / "model.safetensors", metadata={"format": "pt"})
+        save_file({n: t.contiguous() for n, t in tensors.items()}, path / "model.safetensors",
+                  metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match=re.escape(message)):
         _pipeline(path)
 
@@ -174,7 +176,8 @@ def test_fp8_round_trip_is_within_half_a_float8_step(N, K):
     assert (q.dequantize()[0, :3] == 0).all()
 
 
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)],
+                         ids=["float32", "bfloat16"])
 def test_cpu_linear_with_fp8_weights_dequantizes_to_the_compute_dtype(dtype, tolerance):
     weight = quantize(torch.randn(48, 96, generator=torch.Generator().manual_seed(1)) * 0.1, "fp8")
     backend = CpuBackend()
