@@ -4,6 +4,7 @@ quantization="fp8" quantizes a float model at load (per channel, weight-only).""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -17,11 +18,12 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import splitfuse
-from splitfuse.backends import Backend, torch_ops
+from splitfuse.backends import Backend, create_backend, torch_ops
 from splitfuse.backends.cpu import CpuBackend
 from splitfuse.cli import main
 from splitfuse.models.loader import ModelLoadError
 from splitfuse.quant import QuantizedWeight, dequantize_model, quantize, quantize_model, weight_bytes
+from splitfuse.quant.activations import InputQuantizer
 from splitfuse.testing.parity import hf_greedy, make_prompts, mismatch
 
 FP8_MAX = 448.0
@@ -186,6 +188,28 @@ def test_cpu_linear_with_fp8_weights_dequantizes_to_the_compute_dtype(dtype, tol
     x, bias = torch.randn(2, 5, 96).to(dtype), torch.randn(48).to(dtype)
     expected = torch_ops.linear(x.float(), weight.dequantize(torch.float32), bias.float())
     torch.testing.assert_close(backend.linear(x, prepared, bias).float(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_cuda_backend_under_the_interpreter_runs_fp8_and_w8a8_weights_as_the_cpu_does():
+    backend, reference = create_backend("cuda"), CpuBackend()  # cuda: the Triton interpreter (tests/conftest.py)
+    x, bias = torch.randn(7, 96, generator=torch.Generator().manual_seed(3)), torch.randn(48)
+    weight = quantize(torch.randn(48, 96, generator=torch.Generator().manual_seed(4)) * 0.1, "fp8")
+    for input_quant in (None, InputQuantizer("token"), InputQuantizer("group", group_size=32),
+                        InputQuantizer("tensor", scale=0.01)):
+        w = dataclasses.replace(weight, input_quant=input_quant)
+        got = backend.linear(x.to(backend.device), backend.prepare_linear_weight(w.to(backend.device)),
+                             bias.to(backend.device))
+        torch.testing.assert_close(got.cpu(), reference.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_input_quantization_rounds_each_token_to_float8_on_its_own_scale():
+    x = torch.tensor([[1.0, -0.5, 0.3, 0.0], [100.0, 3.0, -7.0, 0.01]])
+    got = InputQuantizer("token")(x)
+    scale = x.abs().amax(dim=1, keepdim=True) / FP8_MAX  # the largest |x| of a token maps to 448 exactly
+    assert torch.equal(got, (x / scale).to(torch.float8_e4m3fn).float() * scale)
+    assert got[0, 0] == 1.0 and got[1, 0] == 100.0 and got[0, 3] == 0.0
+    assert torch.equal(InputQuantizer("tensor", scale=1.0)(torch.tensor([1000.0, 0.3])),
+                       torch.tensor([448.0, 0.3]).to(torch.float8_e4m3fn).float())  # clamped to the range
 
 
 def test_tiny_llama_quantized_to_fp8_at_load_matches_its_dequantized_weights(tiny_model_dir):
