@@ -29,20 +29,33 @@ from transformers import AutoModelForCausalLM, CompressedTensorsConfig  # noqa: 
 
 FP8 = dict(num_bits=8, type="float", symmetric=True)
 FP8_TOKEN = QuantizationArgs(**FP8, strategy="token", dynamic=True)
-# name -> (weights, input activations, format forced on the compressor or None to let it infer)
+INT4_GROUP32 = QuantizationArgs(num_bits=4, strategy="group", group_size=32)
+
+
+def _one_group(weights: QuantizationArgs, inputs: QuantizationArgs | None = None) -> dict[str, QuantizationScheme]:
+    return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights, input_activations=inputs)}
+
+
+# name -> (config groups, format forced on the compressor or None to let it infer each layer's)
 SCHEMES = {
-    "fp8-w8a16-channel": (QuantizationArgs(**FP8, strategy="channel"), None, None),
-    "fp8-w8a16-tensor": (QuantizationArgs(**FP8, strategy="tensor"), None, None),
-    "fp8-w8a8-dynamic-token": (QuantizationArgs(**FP8, strategy="channel"), FP8_TOKEN, None),
-    "fp8-w8a8-static-tensor": (QuantizationArgs(**FP8, strategy="tensor"),
-                               QuantizationArgs(**FP8, strategy="tensor", dynamic=False), None),
-    "fp8-block-w8a8-dynamic-group": (QuantizationArgs(**FP8, strategy="block", block_structure=[32, 32]),
-                                     QuantizationArgs(**FP8, strategy="group", group_size=32, dynamic=True), None),
-    "int8-w8a16-channel-naive": (QuantizationArgs(num_bits=8, strategy="channel"), None, "naive-quantized"),
-    "int8-w8a16-channel-packed": (QuantizationArgs(num_bits=8, strategy="channel"), None, "pack-quantized"),
-    "int4-w4a16-group32": (QuantizationArgs(num_bits=4, strategy="group", group_size=32), None, None),
-    "int4-w4a16-group32-asymmetric": (QuantizationArgs(num_bits=4, strategy="group", group_size=32,
-                                                       symmetric=False), None, None),
+    "fp8-w8a16-channel": (_one_group(QuantizationArgs(**FP8, strategy="channel")), None),
+    "fp8-w8a16-tensor": (_one_group(QuantizationArgs(**FP8, strategy="tensor")), None),
+    "fp8-w8a8-dynamic-token": (_one_group(QuantizationArgs(**FP8, strategy="channel"), FP8_TOKEN), None),
+    "fp8-w8a8-static-tensor": (_one_group(QuantizationArgs(**FP8, strategy="tensor"),
+                                          QuantizationArgs(**FP8, strategy="tensor", dynamic=False)), None),
+    "fp8-block-w8a8-dynamic-group": (_one_group(
+        QuantizationArgs(**FP8, strategy="block", block_structure=[32, 32]),
+        QuantizationArgs(**FP8, strategy="group", group_size=32, dynamic=True)), None),
+    "int8-w8a16-channel-naive": (_one_group(QuantizationArgs(num_bits=8, strategy="channel")), "naive-quantized"),
+    "int8-w8a16-channel-packed": (_one_group(QuantizationArgs(num_bits=8, strategy="channel")), "pack-quantized"),
+    "int4-w4a16-group32": (_one_group(INT4_GROUP32), None),
+    "int4-w4a16-group32-asymmetric": (_one_group(QuantizationArgs(num_bits=4, strategy="group", group_size=32,
+                                                                  symmetric=False)), None),
+    # two groups chosen by regex targets, each with its own format ("mixed-precision")
+    "mixed-fp8-w8a8-attention-int4-mlp": ({
+        "attention": QuantizationScheme(targets=["re:.*self_attn.*"], weights=QuantizationArgs(**FP8, strategy="channel"),
+                                        input_activations=FP8_TOKEN),
+        "mlp": QuantizationScheme(targets=["re:.*mlp.*"], weights=INT4_GROUP32)}, None),
 }
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -66,14 +79,14 @@ def _minmax(weight: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def write_compressed_tensors_checkpoint(source: Path, target: Path, weights: QuantizationArgs,
-                                        inputs: QuantizationArgs | None = None, format: str | None = None) -> Path:
+def write_compressed_tensors_checkpoint(source: Path, target: Path, config_groups: dict[str, QuantizationScheme],
+                                        format: str | None = None) -> Path:
     """Quantize the float model at `source` with compressed-tensors (min-max scales; static input
     scales from a calibration pass) and save it compressed, as llm-compressor does, to `target`."""
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=inputs)
-    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
+    apply_quantization_config(model, QuantizationConfig(config_groups=config_groups, ignore=["lm_head"]))
     seen: dict[torch.nn.Module, float] = {}
+
     def record(module, args):
         seen[module] = max(seen.get(module, 0.0), args[0].abs().max().item())
 
@@ -82,8 +95,10 @@ def write_compressed_tensors_checkpoint(source: Path, target: Path, weights: Qua
     for hook in hooks:
         hook.remove()
     for module in model.modules():
-        if getattr(module, "quantization_scheme", None) is None:
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is None:
             continue
+        weights, inputs = scheme.weights, scheme.input_activations
         scale, zero_point = calculate_qparams(*_minmax(module.weight, weights), weights)
         module.weight_scale.copy_(scale.reshape(module.weight_scale.shape))
         if hasattr(module, "weight_zero_point"):
@@ -130,7 +145,7 @@ def checkpoint(tiny_model_dir, tmp_path_factory):
 
 # transformers 5.25 with compressed-tensors 0.20 cannot load asymmetric pack-quantized checkpoints by
 # its default route (the packed zero points' shape mismatches the parameter it makes for them): the
-# oracle for those dequantizes at load.
+# oracle for those dequantizes at load (a route that fails on mixed-precision checkpoints instead).
 HF_DEQUANTIZES_AT_LOAD = {"int4-w4a16-group32-asymmetric"}
 
 
@@ -162,15 +177,14 @@ def test_checkpoint_loads_as_the_library_decompresses_it_and_each_linear_matches
     config = json.loads((path / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["quantization_status"] == "compressed"
     weights = _pipeline(path).engine.model.weights
-    dequantized = _hf(path, dequantize=True)  # compressed-tensors' own decompression, dense float32
-    hf = hf_oracle(name)
+    hf = hf_oracle(name)  # its weights: compressed-tensors' own decompression, dense float32
     backend = CpuBackend()
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
     for layer in range(2):
         for ours, modules in FUSED.items():
             weight = weights[f"layers.{layer}.{ours}.weight"]
             assert isinstance(weight, QuantizedWeight), f"layer {layer} {ours}"
-            expected = torch.cat([_hf_linears(dequantized, layer)[m].weight for m in modules])
+            expected = torch.cat([_hf_linears(hf, layer)[m].weight for m in modules])
             # exact but for the cpu int4 kernel's layout, which dequantizes as (q - 8) * s + (8 - z) * s
             torch.testing.assert_close(weight.dequantize(torch.float32), expected, rtol=1e-6, atol=1e-7)
             inputs = x if ours != "down" else torch.randn(5, 128, generator=torch.Generator().manual_seed(1))
@@ -184,7 +198,8 @@ def test_checkpoint_loads_as_the_library_decompresses_it_and_each_linear_matches
 
 # each weight format and each input quantization once (every scheme's layers are compared above)
 @pytest.mark.parametrize("name", ["fp8-w8a16-channel", "fp8-w8a8-dynamic-token", "fp8-w8a8-static-tensor",
-                                  "fp8-block-w8a8-dynamic-group", "int8-w8a16-channel-naive", "int4-w4a16-group32"])
+                                  "fp8-block-w8a8-dynamic-group", "int8-w8a16-channel-naive", "int4-w4a16-group32",
+                                  "mixed-fp8-w8a8-attention-int4-mlp"])
 def test_greedy_tokens_equal_transformers_on_the_same_checkpoint(checkpoint, hf_oracle, name):
     path = checkpoint(name)
     hf = hf_oracle(name)
@@ -209,6 +224,20 @@ def test_weight_only_greedy_tokens_equal_the_dequantized_float32_model(checkpoin
                 top = r.logprobs[i].top
                 assert a in top and abs(top[a] - top[b]) < 1e-3, f"{name}: prompt of {len(prompt)} diverges at {i}"
                 break
+
+
+def test_each_layer_takes_the_config_group_its_name_matches(checkpoint):
+    path = checkpoint("mixed-fp8-w8a8-attention-int4-mlp")
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "mixed-precision"
+    weights = _pipeline(path).engine.model.weights
+    for layer in range(2):
+        for ours in ("qkv", "o"):
+            weight = weights[f"layers.{layer}.{ours}.weight"]
+            assert weight.format == "fp8" and weight.input_quant.strategy == "token"
+        for ours in ("gate_up", "down"):
+            weight = weights[f"layers.{layer}.{ours}.weight"]
+            assert weight.format == "int4" and weight.group_size == 32 and weight.input_quant is None
 
 
 def test_w8a8_quantizes_the_activations(checkpoint):
