@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,22 +100,28 @@ class Pipeline:
             finish_reason=outputs[-1].finish_reason, logprobs=logprobs, num_cached_tokens=outputs[0].num_cached_tokens,
         )
 
-    def stream(self, prompt: Prompt, **sampling) -> Iterator[str]:
-        """Yield text as it is generated; leaving the loop early aborts the request."""
+    def stream(self, prompt: Prompt, **sampling) -> Generator[str, None, Response]:
+        """Yield text as it is generated; leaving the loop early aborts the request. The generator's
+        return value (`yield from`, or StopIteration.value) is the finished Response."""
         engine = self._live_engine()
-        request_id = engine.add_request(self.encode(prompt), self.sampling_params(**sampling))
+        prompt_ids = self.encode(prompt)
+        params = self.sampling_params(**sampling)
+        request_id = engine.add_request(prompt_ids, params)
+        outputs = []
         finished = False
         try:
             while not finished:
                 for out in engine.step():
                     if out.request_id != request_id:
                         continue
+                    outputs.append(out)
                     finished = out.finished
                     if out.new_text:
                         yield out.new_text
         finally:
             if not finished:
                 engine.abort(request_id)
+        return self._response(engine, outputs, len(prompt_ids), params)
 
     def close(self) -> None:
         """Free the KV cache and the model and stop tensor-parallel workers; the pipeline cannot be

@@ -16,6 +16,7 @@ from splitfuse.backends.cpu import CpuBackend, quantized
 from splitfuse.cli import main
 from splitfuse.config import EngineConfig
 from splitfuse.quant import QuantizedWeight, dequantize_model, quantize, quantize_model, weight_bytes
+from splitfuse.quant.experts import ExpertWeights
 from splitfuse.quant.weights import int4_group_size, unpack_int4
 from splitfuse.testing.parity import make_prompts
 from splitfuse.testing.tiny_model import make_tiny_model
@@ -225,7 +226,7 @@ def test_weight_bytes_shrink_with_fewer_bits(tiny_model_dir):
 
 
 # Every other built-in layout: each passes its matrices through `linear`, so quantization reaches them
-# (MoE: the shared expert; the routed experts stay in float, see splitfuse/quant/model.py).
+# (MoE: the shared expert, and each routed expert, see splitfuse/quant/model.py).
 OTHER_ARCHS = ["opt", "phi", "falcon", "gemma2", "qwen2_moe"]
 
 
@@ -236,7 +237,7 @@ def test_other_architectures_quantized_at_load_match_their_dequantized_weights(t
     weights = pipe.engine.model.weights
     assert any(isinstance(w, QuantizedWeight) for w in weights.values())
     if arch == "qwen2_moe":
-        assert isinstance(weights["layers.0.experts.gate_up"], torch.Tensor)
+        assert isinstance(weights["layers.0.experts.gate_up"], ExpertWeights)
         assert isinstance(weights["layers.0.shared.down.weight"], QuantizedWeight)
 
 

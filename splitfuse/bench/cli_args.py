@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
                         help="model directory (omitted: the embedded default); with --endpoint, used for the "
                              "tokenizer and the HF baseline only")
-    parser.add_argument("--out", required=True, metavar="DIR", help="where results.json and the plots go")
+    parser.add_argument("--out", default="bench-results", metavar="DIR",
+                        help="where results.json and the plots go (bench-results/ is git-ignored)")
     parser.add_argument("--backend", default=None, help="backend of splitfuse's engine (auto, cpu, cuda, ...)")
     parser.add_argument("--endpoint", action="append", default=[], metavar="URL",
                         help="benchmark an OpenAI-compatible server (http://host:port/v1) instead of starting "

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 
 import httpx
 
 from splitfuse.bench.clients import OpenAIClient
-from splitfuse.cli import engine_flags
+from splitfuse.cli import engine_flags, self_command
 
 
 class LocalServer(OpenAIClient):
@@ -27,7 +26,7 @@ class LocalServer(OpenAIClient):
         self.process: asyncio.subprocess.Process | None = None
 
     def command(self, port: int) -> list[str]:
-        cmd = [sys.executable, "-m", "splitfuse", "serve", self.model_dir, "--host", "127.0.0.1", "--port", str(port),
+        cmd = [*self_command(), "serve", self.model_dir, "--host", "127.0.0.1", "--port", str(port),
                "--backend", self.backend or "auto", "--max-waiting", "100000"]
         return cmd + engine_flags(self.engine)
 

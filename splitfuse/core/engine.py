@@ -47,6 +47,7 @@ class EngineSettings:
     max_model_len: int
     dtype: str  # "float32", "bfloat16", ...
     backend: str  # the backend's own description (name, device)
+    quantization: str | None = None  # the weights' quantization in effect ("int4", "gptq int4 (group 128)", ...)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ class Engine:
         backend.warm_up(model, self.kv_cache, config, max_model_len, block_size)
         self.scheduler = Scheduler(config.token_budget, config.max_seqs, self.blocks, recompute_at)
         self.settings = EngineSettings(block_size, num_kv_blocks, max_model_len,
-                                       str(model.dtype).removeprefix("torch."), backend.describe())
+                                       str(model.dtype).removeprefix("torch."), backend.describe(),
+                                       getattr(model, "quantization", None))
         self.requests: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self._ids = itertools.count()
@@ -162,10 +164,8 @@ class Engine:
         if bad:
             raise AdmissionError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         if len(prompt_ids) >= self.max_model_len:
-            raise AdmissionError(
-                f"prompt has {len(prompt_ids)} tokens but max_model_len is {self.max_model_len}: "
-                f"shorten the prompt to at most {self.max_model_len - 1} tokens or raise max_model_len"
-            )
+            raise AdmissionError(f"prompt has {len(prompt_ids)} tokens but max_model_len is {self.max_model_len}: "
+                                 + self._too_long_advice())
         longest = min(self.max_model_len, len(prompt_ids) + params.max_new_tokens)
         capacity = self.blocks.num_blocks * self.blocks.block_size
         if longest > capacity:
@@ -173,6 +173,15 @@ class Engine:
                 f"prompt + max_new_tokens needs {longest} tokens of KV cache but it holds {capacity}: "
                 "lower max_new_tokens or give the cache more blocks (num_kv_blocks / kv_cache_gib)"
             )
+
+    def _too_long_advice(self) -> str:
+        """What can be done about a prompt that does not fit: raising max_model_len only helps below
+        the model's own position limit."""
+        limit = getattr(self.model, "position_limit", self.max_model_len)
+        shorten = f"shorten the prompt to at most {self.max_model_len - 1} tokens (keep its end, say)"
+        if self.max_model_len < limit:
+            return f"{shorten}, or raise max_model_len (up to the model's limit of {limit})"
+        return f"{shorten}; this model reads at most {limit} positions, so a longer max_model_len cannot help"
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its KV blocks; False if it is unknown or already done."""

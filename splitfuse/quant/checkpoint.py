@@ -1,60 +1,99 @@
-"""Pre-quantized checkpoints: pick the reader for `quantization_config.quant_method`, and load the
-layers a format stores as several tensors each into QuantizedWeights fused as the model fuses them.
-
-A format module gives `read_config(dict) -> its config`, a config object with `name` (for errors),
-`describe()` (for the load log), `is_part(part, tensor)` (does this tensor belong to a quantized
-layer?) and `to_quantized_weight(module, parts, dtype)`; `load_quantized_checkpoint` does the rest.
+"""Load a quantized checkpoint: pick its format from config.json's `quantization_config`
+(quant_method), then turn each quantized linear layer into a QuantizedWeight placed where the
+model's weight tables put its `.weight`: fused as they fuse it (q/k/v, gate/up), and one per
+expert for a mixture-of-experts layer's routed experts (ExpertWeights). The rest loads as usual.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 
 from splitfuse.models.base import CausalLM
-from splitfuse.quant import compressed_tensors, fp8, gptq
-from splitfuse.quant.gptq import UnsupportedQuantization
+from splitfuse.quant.awq import SUPPORTED as AWQ_SUPPORTED
+from splitfuse.quant.awq import read_awq_config
+from splitfuse.quant.compressed_tensors import SUPPORTED as COMPRESSED_TENSORS_SUPPORTED
+from splitfuse.quant.compressed_tensors import read_compressed_tensors_config
+from splitfuse.quant.experts import ExpertWeights
+from splitfuse.quant.fp8 import SUPPORTED as FP8_SUPPORTED
+from splitfuse.quant.fp8 import read_fp8_config
+from splitfuse.quant.gptq import SUPPORTED as GPTQ_SUPPORTED
+from splitfuse.quant.gptq import ActOrderWeight, read_gptq_config
+from splitfuse.quant.packed import Int4Checkpoint, UnsupportedQuantization
 from splitfuse.quant.weights import QuantizedWeight
 
 log = logging.getLogger("splitfuse")
 
-# quant_method -> (reader of its quantization_config, what is supported, in words)
-READERS: dict[str, tuple[Callable[[Mapping], object], str]] = {
-    "gptq": (gptq.read_quantization_config, gptq.SUPPORTED),
-    "compressed-tensors": (compressed_tensors.read_config, compressed_tensors.SUPPORTED),
-    "fp8": (fp8.read_config, fp8.SUPPORTED),
+# quant_method -> reader of its quantization_config
+READERS: dict[str, Callable[[Mapping], Int4Checkpoint]] = {
+    "gptq": read_gptq_config,
+    "awq": read_awq_config,
+    "compressed-tensors": read_compressed_tensors_config,
+    "fp8": read_fp8_config,
 }
+SUPPORTED = f"{GPTQ_SUPPORTED}; {AWQ_SUPPORTED}; compressed-tensors: {COMPRESSED_TENSORS_SUPPORTED}; {FP8_SUPPORTED}"
+
+__all__ = ["READERS", "UnsupportedQuantization", "load_quantized_weights", "read_quantization_config"]
 
 
-def read_checkpoint_quantization(config: Mapping):
-    """The checkpoint's quantization_config -> its format's config object, or refuse by name."""
+def read_quantization_config(config: Mapping | None) -> Int4Checkpoint | None:
+    """The checkpoint's `quantization_config` (None: not quantized) -> its format, or refuse by name."""
+    if config is None:
+        return None
+    config = dict(config)
     method = config.get("quant_method")
     if method not in READERS:
-        supported = "; ".join(f"{name!r}: {words}" if name != "gptq" else words
-                              for name, (_, words) in READERS.items())
         raise UnsupportedQuantization(f"quantization_config.quant_method={method!r} is not supported; "
-                                      f"supported: {supported}")
-    return READERS[method][0](config)
+                                      f"supported: {SUPPORTED}")
+    return READERS[method](config)
 
 
-def load_quantized_checkpoint(model, named_tensors: Iterable[tuple[str, torch.Tensor]], config, backend) -> None:
-    """Load a checkpoint whose config `read_checkpoint_quantization` read: quantized layers (the
-    tensors `config.is_part` claims, grouped by module) become QuantizedWeights where the model's
-    tables put `<module>.weight`, fused as it fuses them; the rest loads as usual."""
-    label = config.name
-    if type(model).load_weights is not CausalLM.load_weights:
+def concat_rows(weights: list[QuantizedWeight]) -> QuantizedWeight:
+    """Quantized matrices of one format stacked along output features (fused q/k/v, gate/up)."""
+    first = weights[0]
+    if len(weights) == 1:
+        return first
+    key = lambda w: (w.format, w.group_size, w.shape[1], w.input_quant)  # noqa: E731
+    if any(key(w) != key(first) for w in weights):
+        raise UnsupportedQuantization("quantized parts fused into one matrix differ in format, group_size, "
+                                      "in_features or input quantization: "
+                                      + ", ".join(f"{w.format} {w.shape} g={w.group_size} input {w.input_quant}"
+                                                  for w in weights))
+    orders = [getattr(w, "input_order", None) for w in weights]
+    if any(o is None for o in orders) != all(o is None for o in orders) or (
+            orders[0] is not None and any(not torch.equal(o, orders[0]) for o in orders)):
+        raise UnsupportedQuantization("act-order parts fused into one matrix (q/k/v or gate/up) order their input "
+                                      "features differently (g_idx); only a shared order is supported")
+    cat = lambda field: None if getattr(first, field) is None else torch.cat(  # noqa: E731
+        [getattr(w, field) for w in weights])
+    fields = (first.format, cat("data"), cat("scales"), cat("zeros"), first.group_size,
+              (sum(w.shape[0] for w in weights), first.shape[1]), first.dtype, first.layout, first.input_quant)
+    return QuantizedWeight(*fields) if orders[0] is None else ActOrderWeight(*fields, input_order=orders[0])
+
+
+def split_quantized_layers(named_tensors: Iterable[tuple[str, torch.Tensor]],
+                           claims: Callable[[str, torch.Tensor], bool], layers: dict[str, dict[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass plain tensors through; collect `<module>.<part>` the format claims into `layers`."""
+    for name, tensor in named_tensors:
+        module, _, part = name.rpartition(".")
+        if claims(part, tensor):
+            layers.setdefault(module, {})[part] = tensor
+        else:
+            yield name, tensor
+
+
+def load_quantized_weights(model, named_tensors: Iterable[tuple[str, torch.Tensor]], fmt: Int4Checkpoint,
+                           backend) -> None:
+    """Load a quantized checkpoint into `model`: quantized layers become QuantizedWeights (fused as
+    the model's tables fuse `<module>.weight`, one per expert for routed experts), the rest loads as usual."""
+    label = fmt.label
+    if type(model).load_weights is not CausalLM.load_weights and not getattr(model, "loads_quantized_weights", False):
         raise UnsupportedQuantization(f"{label} checkpoints of {type(model).__name__} are not supported: its loader "
                                       "rearranges loaded matrices, which quantized ones do not allow yet")
     layers: dict[str, dict[str, torch.Tensor]] = {}
-    plain = []  # small: embeddings, norms, head, biases, layers kept in float
-    for name, tensor in named_tensors:
-        module, _, part = name.rpartition(".")
-        if config.is_part(part, tensor):
-            layers.setdefault(module, {})[part] = tensor
-        else:
-            plain.append((name, tensor))
+    plain = list(split_quantized_layers(named_tensors, fmt.claims, layers))  # small: embeddings, norms, head
     fused: dict[str, dict[int, QuantizedWeight]] = {}
     counts: dict[str, int] = {}
     for module, parts in layers.items():
@@ -65,37 +104,27 @@ def load_quantized_checkpoint(model, named_tensors: Iterable[tuple[str, torch.Te
                                           "knows") from None
         if ours is None:
             continue
-        if not ours.startswith("layers.") or ".experts." in ours:
+        if not ours.startswith("layers."):
             raise UnsupportedQuantization(f"{label} layer {module!r} ({ours}): only the decoder layers' "
-                                          "attention and MLP matrices can be quantized")
+                                          "matrices can be quantized")
         index, count = part or (0, 1)
-        fused.setdefault(ours, {})[index] = config.to_quantized_weight(module, parts, model.dtype)
+        fused.setdefault(ours, {})[index] = fmt.layer_weight(module, parts, model.dtype)
         counts[ours] = count
     for ours, parts in fused.items():
         if len(parts) != counts[ours]:
             raise UnsupportedQuantization(f"{label} checkpoint holds {len(parts)} of the {counts[ours]} quantized "
                                           f"parts of {ours}")
-        weight = concat_rows(ours, [parts[i] for i in range(counts[ours])])
-        model.weights[ours] = backend.prepare_linear_weight(weight.to(backend.device))
+        prepare = lambda w: backend.prepare_linear_weight(w.to(backend.device))  # noqa: E731
+        ordered = [parts[i] for i in range(counts[ours])]
+        if ".experts." in ours:  # per expert e: its parts e * slots .. (e + 1) * slots
+            slots = counts[ours] // model.num_experts
+            experts = ExpertWeights(tuple(concat_rows(ordered[e * slots:(e + 1) * slots])
+                                          for e in range(model.num_experts)))
+            model.weights[ours] = experts.map(prepare)
+        else:
+            model.weights[ours] = prepare(concat_rows(ordered))
     model.load_weights(plain)
-    log.info("%s checkpoint: %d quantized matrices (from %d layers), the rest in %s", config.describe(), len(fused),
+    model.quantization = fmt.describe()
+    kind = f"{label} int4" if isinstance(fmt, Int4Checkpoint) else label
+    log.info("%s checkpoint: %d quantized matrices (from %d layers), the rest in %s", kind, len(fused),
              len(layers), str(model.dtype).replace("torch.", ""))
-
-
-def concat_rows(name: str, weights: list[QuantizedWeight]) -> QuantizedWeight:
-    """Quantized matrices of one format (portable layout) stacked along output features: fused
-    q/k/v or gate/up. Their group sizes, input widths and input quantization must agree."""
-    first = weights[0]
-    if len(weights) == 1:
-        return first
-    key = lambda w: (w.format, w.group_size, w.shape[1], w.input_quant)  # noqa: E731
-    if any(key(w) != key(first) for w in weights):
-        raise UnsupportedQuantization(f"the quantized parts fused into {name} differ in format, group size, "
-                                      "in_features or input quantization: "
-                                      + ", ".join(f"{w.format} {w.shape} group {w.group_size} input {w.input_quant}"
-                                                  for w in weights))
-    cat = lambda field: None if getattr(first, field) is None else torch.cat(  # noqa: E731
-        [getattr(w, field) for w in weights])
-    return QuantizedWeight(first.format, cat("data"), cat("scales"), cat("zeros"), first.group_size,
-                           (sum(w.shape[0] for w in weights), first.shape[1]), first.dtype,
-                           input_quant=first.input_quant)

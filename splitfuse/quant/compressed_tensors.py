@@ -20,13 +20,14 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from splitfuse.quant.activations import InputQuantizer
 from splitfuse.quant.fp8 import FP8_DTYPE, fp8_weight, require_parts
-from splitfuse.quant.gptq import UnsupportedQuantization
-from splitfuse.quant.weights import QuantizedWeight, pack_int4
+from splitfuse.quant.packed import UnsupportedQuantization, int4_weight, unpack_nibbles
+from splitfuse.quant.weights import QuantizedWeight
 
 SUPPORTED = ("formats float-quantized and naive-quantized (FP8 weights per tensor, channel or block; "
              "activations none, FP8 dynamic per token or group, or FP8 static per tensor), int-quantized and "
@@ -60,6 +61,14 @@ class Scheme:
     input_strategy: str | None  # None: weight-only; "token" | "group" (dynamic) | "tensor" (static)
     input_group_size: int | None
 
+    def describe(self) -> str:
+        kind = "fp8" if self.type == "float" else f"int{self.num_bits}"
+        detail = {"group": f"group {self.group_size}", "block": f"block {self.block and 'x'.join(map(str, self.block))}"}
+        words = f"{kind} {detail.get(self.strategy, self.strategy)}" + ("" if self.symmetric else " asymmetric")
+        if self.input_strategy:
+            words += f", input fp8 {self.input_strategy}"
+        return words
+
     def matches(self, module: str) -> bool:
         # "Linear" (a class name) targets every linear layer, and only linear layers hold quantized tensors
         return any(t == "Linear" or t == module or (t.startswith("re:") and re.match(t[3:], module))
@@ -69,12 +78,15 @@ class Scheme:
 @dataclass(frozen=True)
 class CompressedTensorsConfig:
     schemes: tuple[Scheme, ...]
-    name = "compressed-tensors"  # in errors
+
+    label: ClassVar[str] = "compressed-tensors"  # how messages name the format
 
     def describe(self) -> str:
-        return "compressed-tensors"
+        """The quantization in effect, as engine.settings reports it, one entry per config group
+        ("compressed-tensors (fp8 channel, input fp8 token)")."""
+        return f"{self.label} ({'; '.join(s.describe() for s in self.schemes)})"
 
-    def is_part(self, part: str, tensor: torch.Tensor) -> bool:
+    def claims(self, part: str, tensor: torch.Tensor) -> bool:
         return part in PARTS or (part == "weight" and tensor.dtype in QUANTIZED_WEIGHT_DTYPES)
 
     def scheme_for(self, module: str) -> Scheme:
@@ -86,8 +98,7 @@ class CompressedTensorsConfig:
                 f"{[s.name for s in matching] or 'no'} config groups' targets; expected exactly one")
         return (by_name or matching)[0]
 
-    def to_quantized_weight(self, module: str, parts: Mapping[str, torch.Tensor],
-                            dtype: torch.dtype) -> QuantizedWeight:
+    def layer_weight(self, module: str, parts: Mapping[str, torch.Tensor], dtype: torch.dtype) -> QuantizedWeight:
         scheme = self.scheme_for(module)
         if "weight_g_idx" in parts:
             raise UnsupportedQuantization(f"compressed-tensors layer {module!r} has a weight_g_idx (activation "
@@ -106,7 +117,7 @@ class CompressedTensorsConfig:
         return QuantizedWeight("int8", weight, _row_scales(module, scale, scheme, N), None, K, (N, K), dtype)
 
 
-def read_config(config: Mapping) -> CompressedTensorsConfig:
+def read_compressed_tensors_config(config: Mapping) -> CompressedTensorsConfig:
     """config.json's quantization_config -> CompressedTensorsConfig, or refuse what is not supported."""
     def refuse(field: str, value, expected: str) -> UnsupportedQuantization:
         return UnsupportedQuantization(f"quantization_config.{field}={value!r} (compressed-tensors) is not "
@@ -207,11 +218,10 @@ def _input_quant(module: str, parts: Mapping[str, torch.Tensor], scheme: Scheme,
     return InputQuantizer(scheme.input_strategy, group_size=scheme.input_group_size)
 
 
-def unpack_int32(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """int32 [R, W] holding 32/bits unsigned values each, lowest bits first -> int64 [R, count]."""
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
-    words = packed.to(torch.int64) & 0xFFFFFFFF
-    return ((words[:, :, None] >> shifts) & ((1 << bits) - 1)).flatten(1)[:, :count]
+def unpack_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [R, W] holding four 8-bit values each, lowest bits first -> int64 [R, 4 W] (0..255)."""
+    shifts = torch.arange(0, 32, 8, dtype=torch.int64)
+    return ((packed.to(torch.int64)[:, :, None] >> shifts) & 255).flatten(1)
 
 
 def _packed_weight(module: str, parts: Mapping[str, torch.Tensor], scheme: Scheme,
@@ -228,7 +238,8 @@ def _packed_weight(module: str, parts: Mapping[str, torch.Tensor], scheme: Schem
                                       f"{tuple(packed.shape)}, expected int32 {(N, words)} for weight_shape {[N, K]} "
                                       f"at {bits} bits")
     offset = 1 << (bits - 1)
-    q = unpack_int32(packed, bits, K)  # stored values q + offset, 0 .. 2^bits - 1
+    # stored values q + offset, 0 .. 2^bits - 1
+    q = (unpack_bytes(packed) if bits == 8 else unpack_nibbles(packed, dim=1))[:, :K]
     if bits == 8:
         return QuantizedWeight("int8", (q - offset).to(torch.int8), _row_scales(module, scale, scheme, N), None,
                                K, (N, K), dtype)
@@ -248,6 +259,5 @@ def _packed_weight(module: str, parts: Mapping[str, torch.Tensor], scheme: Schem
         if tuple(zero_points.shape) != (-(-N * bits // 32), groups):
             raise UnsupportedQuantization(f"compressed-tensors layer {module!r}: weight_zero_point has shape "
                                           f"{tuple(zero_points.shape)}, expected {(-(-N * bits // 32), groups)}")
-        zeros = unpack_int32(zero_points.t(), bits, N).t()  # packed along N, stored offset like q
-    return QuantizedWeight("int4", pack_int4(q), scale.float().contiguous(), zeros.to(torch.uint8).contiguous(),
-                           group_size, (N, K), dtype)
+        zeros = unpack_nibbles(zero_points, dim=0)[:N]  # packed along N, stored offset like q
+    return int4_weight(q, zeros, scale, group_size, dtype)

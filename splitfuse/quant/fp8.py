@@ -16,14 +16,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from splitfuse.quant.activations import InputQuantizer
-from splitfuse.quant.gptq import UnsupportedQuantization
+from splitfuse.quant.packed import UnsupportedQuantization
 from splitfuse.quant.weights import QuantizedWeight
 
-SUPPORTED = ("fine-grained FP8 (float8_e4m3fn weights, float32 scales per [bn, bk] block or per tensor, "
+SUPPORTED = ("fp8: fine-grained FP8 (float8_e4m3fn weights, float32 scales per [bn, bk] block or per tensor, "
              "activation_scheme dynamic)")
 FP8_DTYPE = torch.float8_e4m3fn
 
@@ -31,22 +32,23 @@ FP8_DTYPE = torch.float8_e4m3fn
 @dataclass(frozen=True)
 class Fp8Config:
     block: tuple[int, int] | None  # (bn, bk) rows and input features sharing one scale; None: per tensor
-    name = "fp8"  # in errors
+
+    label: ClassVar[str] = "fp8"  # how messages name the format
 
     def describe(self) -> str:
-        return "FP8 " + (f"block {self.block[0]}x{self.block[1]}" if self.block else "per-tensor")
+        """The quantization in effect, as engine.settings reports it ("fp8 (block 128x128)")."""
+        return "fp8 (" + (f"block {self.block[0]}x{self.block[1]}" if self.block else "per tensor") + ")"
 
-    def is_part(self, part: str, tensor: torch.Tensor) -> bool:
+    def claims(self, part: str, tensor: torch.Tensor) -> bool:
         return part == "weight_scale_inv" or (part == "weight" and tensor.dtype == FP8_DTYPE)
 
-    def to_quantized_weight(self, module: str, parts: Mapping[str, torch.Tensor],
-                            dtype: torch.dtype) -> QuantizedWeight:
+    def layer_weight(self, module: str, parts: Mapping[str, torch.Tensor], dtype: torch.dtype) -> QuantizedWeight:
         require_parts(module, parts, ("weight", "weight_scale_inv"), "fp8")
         weight = parts["weight"]
         return fp8_weight(module, weight, parts["weight_scale_inv"], self.block or tuple(weight.shape), dtype)
 
 
-def read_config(config: Mapping) -> Fp8Config:
+def read_fp8_config(config: Mapping) -> Fp8Config:
     """transformers' FineGrainedFP8Config as config.json holds it -> Fp8Config, or refuse by name."""
     refuse = lambda field, expected: UnsupportedQuantization(  # noqa: E731
         f"quantization_config.{field}={config.get(field)!r} (fp8) is not supported; expected {expected}")

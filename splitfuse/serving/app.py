@@ -349,7 +349,10 @@ def create_app(engine: EngineFront, model_name: str, tokenizer, api_key: str | N
     async def models():
         return {"object": "list", "data": [{
             "id": model_name, "object": "model", "created": handlers.created, "owned_by": "splitfuse",
-            "max_model_len": engine.max_model_len}]}
+            "max_model_len": engine.max_model_len,
+            # what an unset temperature/top_p/top_k becomes: the model's generation_config.json
+            "sampling_defaults": {k: v for k, v in engine.sampling_defaults.items()
+                                  if k in ("temperature", "top_p", "top_k")}}]}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):

@@ -59,6 +59,21 @@ def build_app(model: str | os.PathLike | None = None, backend: str | None = "aut
     return app, async_engine
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (listening starts when uvicorn serves it); a port in use is an
+    error that says so in one line."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (another server there? "
+                      "pick another --port)") from None
+    return sock
+
+
 @dataclass
 class ServerHandle:
     """A server running in this process; `terminate()` drains it and stops it."""
@@ -87,13 +102,15 @@ def serve(model: str | os.PathLike | None = None, host: str = "127.0.0.1", port:
     """Serve `model` from a background thread; port 0 picks a free port; returns once /health answers."""
     import uvicorn
 
-    app, engine = build_app(model, backend, **kwargs)
-    # Bind here so port 0 resolves to a real port before uvicorn starts.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    # Bind first: a busy port fails before the model loads, and port 0 resolves to a real port.
+    sock = bind_socket(host, port)
+    try:
+        app, engine = build_app(model, backend, **kwargs)
+    except BaseException:
+        sock.close()
+        raise
     bound_port = sock.getsockname()[1]
+    family = sock.family
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",
                                            timeout_graceful_shutdown=30))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="splitfuse-http", daemon=True)
@@ -141,12 +158,20 @@ def run(model: str | None, host: str = "127.0.0.1", port: int = 8000, backend: s
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
-    app, engine = build_app(model, backend, **kwargs)
-    url = browser_url(host, port)
-    log.warning("serving %s on %s; playground: %s/", app.state.handlers.model_name, url, url)
-    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="info", lifespan="off",
-                                           timeout_graceful_shutdown=60))
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:  # said once it listens, never before a failure
+                log.warning("serving %s on %s; playground: %s/", app.state.handlers.model_name, url, url)
+
+    sock = bind_socket(host, port)
     try:
-        server.run()
+        app, engine = build_app(model, backend, **kwargs)
+    except BaseException:
+        sock.close()
+        raise
+    url = browser_url(host, sock.getsockname()[1])
+    server = DrainingServer(uvicorn.Config(app, log_level="info", lifespan="off", timeout_graceful_shutdown=60))
+    try:
+        server.run(sockets=[sock])
     finally:
         engine.close(drain=True)

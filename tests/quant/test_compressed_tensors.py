@@ -325,8 +325,8 @@ def test_unsupported_or_broken_checkpoints_are_refused_at_load_naming_what(check
 
 
 def test_the_refusal_of_an_unknown_method_lists_every_supported_one(checkpoint, tmp_path):
-    path = _edit_config(checkpoint("fp8-w8a16-channel"), tmp_path / "model", lambda c: c.update(quant_method="awq"))
+    path = _edit_config(checkpoint("fp8-w8a16-channel"), tmp_path / "model", lambda c: c.update(quant_method="hqq"))
     with pytest.raises(ModelLoadError) as error:
         _pipeline(path)
-    words = ("GPTQ 4-bit", "'compressed-tensors': formats", "'fp8': fine-grained")
+    words = ("GPTQ 4-bit", "AWQ 4-bit", "compressed-tensors: formats", "fp8: fine-grained")
     assert all(word in str(error.value) for word in words)
