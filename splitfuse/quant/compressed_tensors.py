@@ -62,9 +62,11 @@ class Scheme:
     input_group_size: int | None
 
     def describe(self) -> str:
+        """"fp8 channel", "int4 group 128 asymmetric", "fp8 block 128x128, input fp8 group"."""
         kind = "fp8" if self.type == "float" else f"int{self.num_bits}"
-        detail = {"group": f"group {self.group_size}", "block": f"block {self.block and 'x'.join(map(str, self.block))}"}
-        words = f"{kind} {detail.get(self.strategy, self.strategy)}" + ("" if self.symmetric else " asymmetric")
+        strategy = {"group": f"group {self.group_size}",
+                    "block": "block " + "x".join(map(str, self.block or ()))}.get(self.strategy, self.strategy)
+        words = f"{kind} {strategy}" + ("" if self.symmetric else " asymmetric")
         if self.input_strategy:
             words += f", input fp8 {self.input_strategy}"
         return words

@@ -230,7 +230,10 @@ def test_each_layer_takes_the_config_group_its_name_matches(checkpoint):
     path = checkpoint("mixed-fp8-w8a8-attention-int4-mlp")
     config = json.loads((path / "config.json").read_text())["quantization_config"]
     assert config["format"] == "mixed-precision"
-    weights = _pipeline(path).engine.model.weights
+    pipe = _pipeline(path)
+    assert pipe.engine.settings.quantization == ("compressed-tensors (fp8 channel, input fp8 token; "
+                                                 "int4 group 32)")
+    weights = pipe.engine.model.weights
     for layer in range(2):
         for ours in ("qkv", "o"):
             weight = weights[f"layers.{layer}.{ours}.weight"]

@@ -104,7 +104,9 @@ def test_fp8_checkpoint_loads_as_transformers_dequantizes_it_and_generates_its_t
     path = fp8_checkpoint(block)
     with caplog.at_level(logging.INFO, logger="splitfuse"):
         pipe = _pipeline(path)
-    assert "checkpoint: 8 quantized matrices (from 14 layers)" in caplog.text
+    assert "fp8 checkpoint: 8 quantized matrices (from 14 layers)" in caplog.text
+    assert pipe.engine.settings.quantization == ("fp8 (per tensor)" if block is None else
+                                                 f"fp8 (block {block[0]}x{block[1]})")
     hf = _hf_fp8(path, monkeypatch)
     weights = pipe.engine.model.weights
     for layer in range(2):
@@ -219,6 +221,7 @@ def test_tiny_llama_quantized_to_fp8_at_load_matches_its_dequantized_weights(tin
     assert sorted(n for n, w in weights.items() if isinstance(w, QuantizedWeight)) == sorted(
         f"layers.{i}.{m}.weight" for i in range(2) for m in ("qkv", "o", "gate_up", "down"))
     assert all(w.format == "fp8" for w in weights.values() if isinstance(w, QuantizedWeight))
+    assert pipe.engine.settings.quantization == "fp8"
     reference = _pipeline(path)
     assert weight_bytes(weights) < weight_bytes(reference.engine.model.weights)
     quantize_model(reference.engine.model, Backend(), "fp8")
