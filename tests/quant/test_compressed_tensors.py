@@ -19,6 +19,7 @@ from splitfuse.backends.cpu import CpuBackend
 from splitfuse.models.loader import ModelLoadError
 from splitfuse.quant import QuantizedWeight, dequantize_model
 from splitfuse.testing.parity import hf_greedy, make_prompts, mismatch
+from splitfuse.testing.tiny_model import make_tiny_model
 
 pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors import ModelCompressor  # noqa: E402
@@ -241,6 +242,22 @@ def test_each_layer_takes_the_config_group_its_name_matches(checkpoint):
         for ours in ("gate_up", "down"):
             weight = weights[f"layers.{layer}.{ours}.weight"]
             assert weight.format == "int4" and weight.group_size == 32 and weight.input_quant is None
+
+
+def test_a_mixture_of_experts_checkpoint_generates_as_transformers(tmp_path):
+    """transformers' Qwen2-MoE keeps its routed experts as fused 3-D tensors, not Linear layers, so
+    compressed-tensors quantizes attention and the shared expert; the routed experts stay float."""
+    source = make_tiny_model(tmp_path / "float", "qwen2_moe")
+    path = write_compressed_tensors_checkpoint(source, tmp_path / "fp8", *SCHEMES["fp8-w8a8-dynamic-token"])
+    pipe = _pipeline(path)
+    weights = pipe.engine.model.weights
+    assert isinstance(weights["layers.0.shared.gate_up.weight"], QuantizedWeight)
+    assert isinstance(weights["layers.0.experts.gate_up"], torch.Tensor)
+    hf = _hf(path, dequantize=False)
+    prompts = PROMPTS[:3]
+    responses = pipe(prompts, max_new_tokens=NEW_TOKENS, temperature=0.0)
+    problems = [mismatch(hf, p, r.token_ids, hf_greedy(hf, p, NEW_TOKENS)) for p, r in zip(prompts, responses)]
+    assert not [p for p in problems if p], problems
 
 
 def test_w8a8_quantizes_the_activations(checkpoint):
