@@ -25,6 +25,7 @@ from splitfuse.models.loader import ModelLoadError
 from splitfuse.quant import QuantizedWeight, dequantize_model, quantize, quantize_model, weight_bytes
 from splitfuse.quant.activations import InputQuantizer
 from splitfuse.testing.parity import hf_greedy, make_prompts, mismatch
+from splitfuse.testing.tiny_model import make_tiny_model
 
 FP8_MAX = 448.0
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -65,14 +66,17 @@ def write_fp8_checkpoint(source: Path, target: Path, block: list[int] | None, co
 
 @pytest.fixture(scope="module")
 def fp8_checkpoint(tiny_model_dir, tmp_path_factory):
-    """Returns a function block -> the tiny llama as an `fp8` checkpoint with that weight_block_size."""
-    written: dict[str, Path] = {}
+    """Returns a function (block, arch) -> a tiny model as an `fp8` checkpoint with that
+    weight_block_size (arch: "llama", or "qwen3" as Qwen3-FP8 with its per-head q/k norms)."""
+    written: dict[tuple, Path] = {}
 
-    def get(block: list[int] | None) -> Path:
-        if str(block) not in written:
-            written[str(block)] = write_fp8_checkpoint(Path(tiny_model_dir("llama")),
-                                                        tmp_path_factory.mktemp("fp8") / "model", block)
-        return written[str(block)]
+    def get(block: list[int] | None, arch: str = "llama") -> Path:
+        key = (str(block), arch)
+        if key not in written:
+            source = (tiny_model_dir("llama") if arch == "llama"
+                      else make_tiny_model(tmp_path_factory.mktemp(arch) / "float", arch))
+            written[key] = write_fp8_checkpoint(Path(source), tmp_path_factory.mktemp("fp8") / "model", block)
+        return written[key]
 
     return get
 
@@ -84,7 +88,7 @@ def _pipeline(path, **settings):
 # [32, 32]: several whole blocks per matrix; [128, 128]: as Qwen3-FP8, larger than the tiny
 # matrices; None: one scale per tensor. (Blocks that split a matrix unevenly, below, transformers
 # 5.25 fails to dequantize.)
-BLOCKS = [[32, 32], [128, 128], None]
+BLOCKS = [([32, 32], "llama"), ([128, 128], "llama"), (None, "llama"), ([32, 32], "qwen3")]
 
 
 def _hf_fp8(path: Path, monkeypatch):
@@ -97,11 +101,11 @@ def _hf_fp8(path: Path, monkeypatch):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=str)
+@pytest.mark.parametrize("block,arch", BLOCKS, ids=[f"{a}-{b}" for b, a in BLOCKS])
 @torch.no_grad()
-def test_fp8_checkpoint_loads_as_transformers_dequantizes_it_and_generates_its_tokens(fp8_checkpoint, block, caplog,
-                                                                                     monkeypatch):
-    path = fp8_checkpoint(block)
+def test_fp8_checkpoint_loads_as_transformers_dequantizes_it_and_generates_its_tokens(fp8_checkpoint, block, arch,
+                                                                                     caplog, monkeypatch):
+    path = fp8_checkpoint(block, arch)
     with caplog.at_level(logging.INFO, logger="splitfuse"):
         pipe = _pipeline(path)
     assert "fp8 checkpoint: 8 quantized matrices (from 14 layers)" in caplog.text
