@@ -32,7 +32,7 @@ from splitfuse.quant.weights import QuantizedWeight
 SUPPORTED = ("formats float-quantized and naive-quantized (FP8 weights per tensor, channel or block; "
              "activations none, FP8 dynamic per token or group, or FP8 static per tensor), int-quantized and "
              "naive-quantized (INT8 weights per tensor or channel, weight-only), pack-quantized (INT4 weights per "
-             "group or channel, INT8 per tensor or channel, symmetric or asymmetric, weight-only)")
+             "group or channel, symmetric or asymmetric; INT8 per tensor or channel, symmetric; weight-only)")
 PARTS = ("weight_packed", "weight_shape", "weight_scale", "weight_zero_point", "input_scale", "input_zero_point",
          "weight_g_idx", "weight_global_scale", "input_global_scale")
 QUANTIZED_WEIGHT_DTYPES = (FP8_DTYPE, torch.int8)
@@ -162,8 +162,8 @@ def _read_group(name: str, group: Mapping, default_format: str | None, refuse) -
     if weights.get("actorder") == "group":
         raise refuse(f"{prefix}.weights.actorder", "group", "none, 'static' or 'weight'")
     symmetric = weights.get("symmetric", True)
-    if not symmetric and format != "pack-quantized":
-        raise refuse(f"{prefix}.weights.symmetric", symmetric, f"true for format {format!r}")
+    if not symmetric and kind != ("int", 4):  # zero points are read for packed INT4 only
+        raise refuse(f"{prefix}.weights.symmetric", symmetric, f"true for {kind[0]}{kind[1]} weights")
     group_size = weights.get("group_size") if strategy == "group" else None
     if strategy == "group" and not (isinstance(group_size, int) and group_size > 0):
         raise refuse(f"{prefix}.weights.group_size", group_size, "a positive integer")

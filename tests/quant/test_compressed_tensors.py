@@ -314,6 +314,8 @@ REFUSED = [
      "INT8 activations are not supported"),
     ("fp8-w8a16-channel", ("config", lambda c: c.update(kv_cache_scheme={"num_bits": 8, "type": "float"})),
      "kv_cache_scheme={'num_bits': 8, 'type': 'float'} (compressed-tensors) is not supported; expected none"),
+    ("int8-w8a16-channel-packed", ("config", lambda c: _group(c)["weights"].update(symmetric=False)),
+     "weights.symmetric=False (compressed-tensors) is not supported; expected true for int8 weights"),
     ("int4-w4a16-group32", ("config", lambda c: _group(c)["weights"].update(actorder="group")),
      "weights.actorder='group' (compressed-tensors) is not supported"),
     ("fp8-w8a16-channel", ("tensors", lambda t: t.pop(f"{Q}.weight_scale")),
