@@ -297,6 +297,7 @@ def _group(config: dict) -> dict:
 
 
 Q = "model.layers.1.mlp.up_proj"
+K = "model.layers.0.self_attn.k_proj"
 REFUSED = [
     # (scheme written, what is changed, message)
     ("fp8-w8a16-channel", ("config", lambda c: c.update(quantization_status="frozen")),
@@ -324,6 +325,8 @@ REFUSED = [
      f"compressed-tensors layer '{Q}' lacks {Q}.weight_shape"),
     ("fp8-w8a8-static-tensor", ("tensors", lambda t: t.pop(f"{Q}.input_scale")),
      f"compressed-tensors layer '{Q}' lacks {Q}.input_scale"),
+    ("fp8-w8a8-static-tensor", ("tensors", lambda t: t[f"{K}.input_scale"].mul_(2)),  # fused q/k/v: one input
+     "differ in format, group_size, in_features or input quantization"),
     ("fp8-w8a16-channel", ("tensors", lambda t: t.update({f"{Q}.weight_scale": t[f"{Q}.weight_scale"][:100]})),
      f"FP8 layer '{Q}': scale has shape (100, 1), expected (128, 1) for weight (128, 64)"),
     ("int4-w4a16-group32", ("tensors", lambda t: t.update({f"{Q}.weight_scale": t[f"{Q}.weight_scale"][:, :1]})),
