@@ -259,7 +259,7 @@ def test_quantization_from_the_command_line(tiny_model_dir, capsys):
                  "--temperature", "0", "--ignore-eos", "--quantization", "int4"]) == 0
     assert "3 tokens, finish_reason=length" in capsys.readouterr().err
     assert main(["generate", tiny_model_dir("llama"), "Hello", "--quantization", "nf4"]) == 1
-    assert "quantization='nf4' is not supported" in capsys.readouterr().err
+    assert "--quantization 'nf4' is not supported" in capsys.readouterr().err
 
 
 # ---- fp8 on the cuda backend: _scaled_mm where the GPU multiplies float8 ------------------------------
