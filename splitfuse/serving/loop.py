@@ -124,8 +124,8 @@ class EngineLoop:
     def step(self) -> None:
         try:
             outputs: Outputs = [(out.request_id, out) for out in self.engine.step()]
-        except StepError as exc:  # the engine has aborted the requests of the failed step
+        except StepError as exc:  # the engine has aborted the requests it failed on; the others went on
             log.exception("engine step failed")
             error = EngineError(f"the engine failed on this request: {exc}")
-            outputs = [(rid, error) for rid in exc.request_ids]
+            outputs = [(out.request_id, out) for out in exc.outputs] + [(rid, error) for rid in exc.request_ids]
         self.sink.outputs(outputs, self.engine.stats())
