@@ -26,9 +26,9 @@ from splitfuse.serving.bridge import (
     ReplicaLost,
     RequestGroup,
 )
-from splitfuse.serving.chat import render_chat
 from splitfuse.serving.guard import Guard
 from splitfuse.serving.metrics import Metrics, Tracker
+from splitfuse.serving.tokenize_async import PromptTooLong, Tokenizing
 from splitfuse.serving.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -83,6 +83,7 @@ class _Handlers:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.metrics = Metrics(engine)
+        self.tokenizing = Tokenizing(tokenizer, engine.max_model_len)
         self.created = int(time.time())
 
     # ---- request to engine -----------------------------------------------------------------
@@ -91,11 +92,14 @@ class _Handlers:
             raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
                            "invalid_request_error", "model", "model_not_found")
 
-    def encode(self, prompt: str | list[int]) -> list[int]:
+    async def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise APIError(400, "this model has no tokenizer: send prompts as token ids", param="prompt")
-            return self.tokenizer(prompt)["input_ids"]
+            try:
+                return await self.tokenizing.encode(prompt)
+            except PromptTooLong as exc:
+                raise APIError(400, str(exc), param="prompt", code="context_length_exceeded") from None
         return list(prompt)
 
     def budget(self, prompt_ids: list[int], max_tokens: int | None, param: str) -> int:
@@ -189,11 +193,11 @@ class _Handlers:
             prompts = [prompts]
         if not prompts:
             raise APIError(400, "prompt is empty", param="prompt")
-        encoded = [self.encode(p) for p in prompts]
+        encoded = [await self.encode(p) for p in prompts]
         requests, echoes = [], []
         for prompt, ids in zip(prompts, encoded):
             max_tokens = self.budget(ids, req.max_tokens, "prompt")
-            echo = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) if req.echo else ""
+            echo = (prompt if isinstance(prompt, str) else await self.tokenizing.decode(ids)) if req.echo else ""
             for choice in range(req.n):
                 requests.append((ids, self.params(req, max_tokens, req.logprobs, choice)))
                 echoes.append(echo)
@@ -238,7 +242,9 @@ class _Handlers:
         self.check_model(req.model)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            ids = render_chat(self.tokenizer, messages, self.chat_template)
+            ids = await self.tokenizing.encode_chat(messages, self.chat_template)
+        except PromptTooLong as exc:
+            raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
         max_tokens = self.budget(ids, req.max_completion_tokens or req.max_tokens, "messages")
