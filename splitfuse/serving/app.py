@@ -26,6 +26,7 @@ from splitfuse.serving.bridge import (
     ReplicaLost,
     RequestGroup,
 )
+from splitfuse.serving.errors import GroupTooLarge
 from splitfuse.serving.guard import Guard
 from splitfuse.serving.metrics import Metrics, Tracker
 from splitfuse.serving.tokenize_async import PromptTooLong, Tokenizing
@@ -52,6 +53,9 @@ from splitfuse.serving.protocol import (
 # The browser playground's page, script and styles (package data).
 _STATIC = Path(__file__).parent / "static"
 
+# Seconds a client told 429 waits before retrying: about how long a few requests take to finish.
+RETRY_AFTER_S = "1"
+
 # SamplingParams names back to the OpenAI names a client sent, for 400s that name the field.
 _OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 
@@ -60,13 +64,15 @@ class APIError(Exception):
     """An error to answer with OpenAI's error JSON."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
 
 def _error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
+    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
+                        headers=exc.headers)
 
 
 def _sse(payload) -> str:
@@ -136,7 +142,10 @@ class _Handlers:
         try:
             group = await self.engine.submit(requests)
         except QueueFull as exc:
-            raise APIError(429, str(exc), "rate_limit_error", None, "queue_full") from None
+            raise APIError(429, str(exc), "rate_limit_error", None, "queue_full",
+                           headers={"Retry-After": RETRY_AFTER_S}) from None
+        except GroupTooLarge as exc:
+            raise APIError(400, str(exc), param="n", code="too_many_choices") from None
         except EngineStopped as exc:
             raise APIError(503, str(exc), "server_error", None, "unavailable") from None
         except ValueError as exc:
