@@ -28,6 +28,7 @@ from splitfuse.serving.bridge import (
 )
 from splitfuse.serving.errors import GroupTooLarge
 from splitfuse.serving.guard import Guard
+from splitfuse.serving.internal_errors import InternalErrors
 from splitfuse.serving.metrics import Metrics, Tracker
 from splitfuse.serving.tokenize_async import PromptTooLong, Tokenizing
 from splitfuse.serving.protocol import (
@@ -113,6 +114,10 @@ class _Handlers:
         limit = self.engine.max_model_len
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", param=param)
+        if len(prompt_ids) >= limit:  # no room for even one completion token
+            raise APIError(400, f"this model's maximum context length is {limit} tokens, but the prompt alone has "
+                           f"{len(prompt_ids)}; shorten the prompt to at most {limit - 1} tokens",
+                           param=param, code="context_length_exceeded")
         if max_tokens is None:
             max_tokens = limit - len(prompt_ids)
         if len(prompt_ids) + max_tokens > limit or max_tokens < 1:
@@ -311,6 +316,16 @@ class _Handlers:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def _unparsable_body(cause: BaseException | None) -> tuple[str, str] | None:
+    """(message, code) saying why FastAPI could not parse a body as JSON, where it says only that it could not."""
+    if isinstance(cause, UnicodeDecodeError):
+        return (f"the request body is not valid UTF-8: byte 0x{cause.object[cause.start]:02x} at offset "
+                f"{cause.start}; send JSON encoded as UTF-8", "invalid_encoding")
+    if isinstance(cause, RecursionError):
+        return "the request body's JSON is nested too deeply to parse; flatten it", "invalid_json"
+    return None
+
+
 def _include_usage(req) -> bool:
     return bool((req.stream_options or {}).get("include_usage"))
 
@@ -332,20 +347,22 @@ def create_app(engine: EngineFront, model_name: str, tokenizer, api_key: str | N
         # OpenAI answers 400 naming the field where FastAPI would answer 422.
         err = exc.errors()[0]
         if err.get("type") == "json_invalid":
-            return _error_response(APIError(400, f"malformed JSON body: {err.get('msg')}", code="invalid_json"))
+            where = err.get("loc", ("body", "?"))[-1]
+            why = (err.get("ctx") or {}).get("error", err.get("msg"))
+            return _error_response(APIError(400, f"malformed JSON body at character {where}: {why}",
+                                            code="invalid_json"))
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         param = loc[0] if loc else None
         where = ".".join(loc) or "body"
-        return _error_response(APIError(400, f"{where}: {err.get('msg')}", param=param))
+        message = str(err.get("msg")).removeprefix("Value error, ")  # pydantic's prefix for our own checks
+        return _error_response(APIError(400, f"{where}: {message}", param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error_response(APIError(exc.status_code, str(exc.detail), kind))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        return _error_response(APIError(500, f"internal error: {exc}", "server_error"))
+        message, code = _unparsable_body(exc.__cause__) or (str(exc.detail), None)
+        # 405's Allow header (and any other the exception carries) goes to the client.
+        return _error_response(APIError(exc.status_code, message, kind, code=code, headers=exc.headers))
 
     @app.get("/health")
     async def health():
@@ -382,5 +399,6 @@ def create_app(engine: EngineFront, model_name: str, tokenizer, api_key: str | N
     app.mount("/static", StaticFiles(directory=_STATIC), name="static")
 
     # Outermost, so oversized or unauthenticated requests are turned away before parsing.
+    app.add_middleware(InternalErrors)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     return app

@@ -20,16 +20,18 @@ class Guard:
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.expected is not None and scope["path"].startswith("/v1"):
-            # compare_digest: the time taken must not reveal how much of a guessed key was right.
-            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+        if self.api_key is not None and scope["path"].startswith("/v1"):
+            # The scheme is case-insensitive (RFC 7235); compare_digest: the time taken must not
+            # reveal how much of a guessed key was right.
+            scheme, _, key = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(key.strip(), self.api_key):
                 return await _reply(send, 401, error_body(
                     "missing or invalid API key: send 'Authorization: Bearer KEY'",
                     "authentication_error", None, "invalid_api_key"))
