@@ -26,6 +26,7 @@ from splitfuse.serving.bridge import (
     ReplicaLost,
     RequestGroup,
 )
+from splitfuse.serving.disconnect import unless_disconnected
 from splitfuse.serving.errors import GroupTooLarge
 from splitfuse.serving.guard import Guard
 from splitfuse.serving.internal_errors import InternalErrors
@@ -53,6 +54,9 @@ from splitfuse.serving.protocol import (
 
 # The browser playground's page, script and styles (package data).
 _STATIC = Path(__file__).parent / "static"
+
+# nginx's status for a client that closed its connection first; nobody reads the reply.
+CLIENT_CLOSED = 499
 
 # Seconds a client told 429 waits before retrying: about how long a few requests take to finish.
 RETRY_AFTER_S = "1"
@@ -219,7 +223,9 @@ class _Handlers:
         group = await self.submit(requests, "prompt")
         if req.stream:
             return self._stream(self._completion_chunks(group, tracker, req, echoes))
-        outputs = await self.collect(group, tracker, len(requests))
+        outputs = await unless_disconnected(raw, self.collect(group, tracker, len(requests)))
+        if outputs is None:
+            return Response(status_code=CLIENT_CLOSED)
         choices = []
         for index, outs in enumerate(outputs):
             text = echoes[index] + "".join(o.new_text for o in outs)
@@ -268,7 +274,9 @@ class _Handlers:
         group = await self.submit(requests, "messages")
         if req.stream:
             return self._stream(self._chat_chunks(group, tracker, req))
-        outputs = await self.collect(group, tracker, len(requests))
+        outputs = await unless_disconnected(raw, self.collect(group, tracker, len(requests)))
+        if outputs is None:
+            return Response(status_code=CLIENT_CLOSED)
         choices = []
         for index, outs in enumerate(outputs):
             lps = [lp for o in outs for lp in o.new_logprobs]

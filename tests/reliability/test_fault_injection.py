@@ -7,7 +7,7 @@ import asyncio
 
 import httpx
 import pytest
-from faulty_backend import MARKER, registered
+from fault_backends import MARKER, registered
 
 import splitfuse
 from splitfuse.assembly import build_engine

@@ -1,4 +1,5 @@
-"""A cpu backend that fails any forward pass holding a request marked for failure.
+"""cpu backends for fault tests: one fails any forward pass holding a request marked for failure,
+one is slow (so a request lasts long enough for a client to leave or a server to drain).
 
 A request is marked when MARKER is its second prompt token (position 1); generated tokens and other
 prompts never put MARKER there, so exactly the marked requests fail, wherever they are batched."""
@@ -6,12 +7,15 @@ prompts never put MARKER there, so exactly the marked requests fail, wherever th
 from __future__ import annotations
 
 import contextlib
+import time
 
 from splitfuse.backends.cpu import CpuBackend
 from splitfuse.plugins import hookimpl
 from splitfuse.plugins.manager import get_plugin_manager
 
 NAME = "faulty-cpu"
+SLOW = "slow-cpu"
+SLOW_STEP_S = 0.02
 MARKER = 7
 
 
@@ -30,18 +34,28 @@ class FaultyCpuBackend(CpuBackend):
         return super().forward(model, meta, kv_cache)
 
 
+class SlowCpuBackend(CpuBackend):
+    name = SLOW
+    priority = -100
+
+    def forward(self, model, meta, kv_cache):
+        time.sleep(SLOW_STEP_S)
+        return super().forward(model, meta, kv_cache)
+
+
 class _Plugin:
     @hookimpl
     def splitfuse_register_backends(self, registry):
         registry.add(FaultyCpuBackend)
+        registry.add(SlowCpuBackend)
 
 
 @contextlib.contextmanager
 def registered():
-    """The faulty backend is selectable as NAME inside the block."""
+    """The backends are selectable as NAME and SLOW inside the block."""
     plugin = _Plugin()
     manager = get_plugin_manager()
-    manager.register(plugin, name="reliability-faulty-backend")
+    manager.register(plugin, name="reliability-fault-backends")
     try:
         yield NAME
     finally:
