@@ -104,7 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             template = f.read()
     run(args.model, host=args.host, port=args.port, backend=args.backend, api_key=args.api_key,
         chat_template=template, max_waiting=args.max_waiting, served_model_name=args.served_model_name,
-        replicas=args.replicas, **_picked(args, EngineConfig))
+        replicas=args.replicas, drain_timeout=args.drain_timeout, **_picked(args, EngineConfig))
     return 0
 
 
@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--replicas", type=int, default=1,
                      help="engine processes; each request goes to the one with the fewest outstanding tokens")
     srv.add_argument("--served-model-name", default=None, help="model name in the API (default: directory name)")
+    srv.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                     help="on SIGTERM/SIGINT, seconds running requests have to finish before they get 503")
     _add_model_fields(srv, EngineConfig, "engine")
     srv.set_defaults(func=cmd_serve)
 

@@ -316,6 +316,7 @@ class _Handlers:
                 # Headers are already sent: report the failure in the stream, as OpenAI does.
                 code = "unavailable" if isinstance(exc, (ReplicaLost, EngineClosed)) else "engine_error"
                 yield f"data: {json.dumps(error_body(str(exc), 'server_error', None, code))}\n\n"
+                yield "data: [DONE]\n\n"  # the stream still ends as every stream does
             finally:
                 # Runs when the client disconnects too (the task is cancelled): abort and free KV blocks.
                 await chunks.aclose()

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -70,8 +68,11 @@ class ServerHandle:
     _thread: threading.Thread
 
     def terminate(self, timeout: float = 30.0) -> None:
-        """Stop taking requests, let running ones finish, then stop uvicorn and the engine thread."""
-        self.engine.close(drain=True, timeout=timeout)
+        """Stop taking requests, let running ones finish within timeout (the rest get 503), then stop
+        uvicorn and the engine thread."""
+        from splitfuse.serving.drain import drain
+
+        drain(self.engine, timeout)
         self._server.should_exit = True
         self._thread.join(timeout)
 
@@ -121,31 +122,18 @@ def browser_url(host: str, port: int) -> str:
 
 
 def run(model: str | None, host: str = "127.0.0.1", port: int = 8000, backend: str | None = "auto",
-        **kwargs) -> None:
-    """Serve in the foreground until SIGINT/SIGTERM: uvicorn finishes open requests, then the engine drains."""
+        drain_timeout: float = 30.0, **kwargs) -> None:
+    """Serve in the foreground until SIGINT/SIGTERM; then running requests have drain_timeout
+    seconds to finish, the rest are answered 503, and run() returns."""
     import uvicorn
 
-    class DrainingServer(uvicorn.Server):
-        """uvicorn re-raises a caught SIGTERM after its shutdown, killing the process before the engine
-        drains; here the signal only asks for shutdown, and run() returns normally."""
-
-        @contextlib.contextmanager
-        def capture_signals(self):
-            if threading.current_thread() is not threading.main_thread():
-                yield
-                return
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
+    from splitfuse.serving.drain import DrainingServer
 
     app, engine = build_app(model, backend, **kwargs)
     url = browser_url(host, port)
     log.warning("serving %s on %s; playground: %s/", app.state.handlers.model_name, url, url)
-    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="info", lifespan="off",
-                                           timeout_graceful_shutdown=60))
+    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="info", lifespan="off"),
+                            engine, drain_timeout)
     try:
         server.run()
     finally:
