@@ -340,8 +340,10 @@ def _include_usage(req) -> bool:
 
 
 def create_app(engine: EngineFront, model_name: str, tokenizer, api_key: str | None = None,
-               chat_template: str | None = None, max_body_bytes: int = 4 * 1024 * 1024) -> FastAPI:
-    """The OpenAI-compatible app over `engine`; /v1/* needs `api_key` when one is set."""
+               chat_template: str | None = None, max_body_bytes: int = 4 * 1024 * 1024,
+               allowed_hosts: frozenset[str] | None = None, client_timeout_s: float = 30.0) -> FastAPI:
+    """The OpenAI-compatible app over `engine`; /v1/* needs `api_key` when one is set; a Host outside
+    `allowed_hosts` (None: any) is refused."""
     handlers = _Handlers(engine, model_name, tokenizer, chat_template)
     app = FastAPI(title="splitfuse", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.handlers = handlers
@@ -409,5 +411,6 @@ def create_app(engine: EngineFront, model_name: str, tokenizer, api_key: str | N
 
     # Outermost, so oversized or unauthenticated requests are turned away before parsing.
     app.add_middleware(InternalErrors)
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts,
+                       client_timeout_s=client_timeout_s)
     return app

@@ -29,6 +29,8 @@ class InternalErrors:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ConnectionError as exc:  # the client left or stopped reading: nobody to answer
+            log.warning("dropped %s %s: %s", scope.get("method"), scope.get("path"), exc)
         except Exception as exc:  # noqa: BLE001 - the last line of defence: a reply, not a dropped connection
             log.exception("unexpected error serving %s %s", scope.get("method"), scope.get("path"))
             if started:

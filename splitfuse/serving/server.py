@@ -14,10 +14,15 @@ from pathlib import Path
 
 from splitfuse.config import EngineConfig
 from splitfuse.serving.bridge import AsyncEngine, EngineFront
+from splitfuse.serving.guard import default_allowed_hosts
 
 log = logging.getLogger("splitfuse.serving")
 
-_SERVER_OPTIONS = ("api_key", "chat_template", "max_waiting", "served_model_name", "max_body_bytes", "replicas")
+_SERVER_OPTIONS = ("api_key", "chat_template", "max_waiting", "served_model_name", "max_body_bytes", "replicas",
+                   "allowed_hosts", "client_timeout_s")
+
+# uvicorn's limits on a client: idle keep-alive seconds, bytes of headers (h11's incomplete event).
+_UVICORN_LIMITS = {"timeout_keep_alive": 5, "h11_max_incomplete_event_size": 16 * 1024}
 
 
 def _read_template(chat_template: str | None) -> str | None:
@@ -29,7 +34,8 @@ def _read_template(chat_template: str | None) -> str | None:
 
 def build_app(model: str | os.PathLike | None = None, backend: str | None = "auto", *, api_key: str | None = None,
               chat_template: str | None = None, max_waiting: int = 1024, served_model_name: str | None = None,
-              max_body_bytes: int = 4 * 1024 * 1024, replicas: int = 1, **engine_kwargs):
+              max_body_bytes: int = 4 * 1024 * 1024, replicas: int = 1, allowed_hosts: frozenset[str] | None = None,
+              client_timeout_s: float = 30.0, **engine_kwargs):
     """Load the model and return (FastAPI app, engine front); engine_kwargs are EngineConfig fields.
 
     replicas=1 steps the engine in a thread of this process (AsyncEngine); more start that many
@@ -53,7 +59,8 @@ def build_app(model: str | os.PathLike | None = None, backend: str | None = "aut
             model = default_model_dir()
         served_model_name = Path(model).resolve().name
     app = create_app(async_engine, served_model_name, async_engine.tokenizer, api_key=api_key,
-                     chat_template=_read_template(chat_template), max_body_bytes=max_body_bytes)
+                     chat_template=_read_template(chat_template), max_body_bytes=max_body_bytes,
+                     allowed_hosts=allowed_hosts, client_timeout_s=client_timeout_s)
     return app, async_engine
 
 
@@ -88,6 +95,7 @@ def serve(model: str | os.PathLike | None = None, host: str = "127.0.0.1", port:
     """Serve `model` from a background thread; port 0 picks a free port; returns once /health answers."""
     import uvicorn
 
+    kwargs.setdefault("allowed_hosts", default_allowed_hosts(host))
     app, engine = build_app(model, backend, **kwargs)
     # Bind here so port 0 resolves to a real port before uvicorn starts.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -96,7 +104,7 @@ def serve(model: str | os.PathLike | None = None, host: str = "127.0.0.1", port:
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",
-                                           timeout_graceful_shutdown=30))
+                                           timeout_graceful_shutdown=30, **_UVICORN_LIMITS))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="splitfuse-http", daemon=True)
     thread.start()
     url = f"http://{'[' + host + ']' if family == socket.AF_INET6 else host}:{bound_port}"
@@ -129,10 +137,12 @@ def run(model: str | None, host: str = "127.0.0.1", port: int = 8000, backend: s
 
     from splitfuse.serving.drain import DrainingServer
 
+    kwargs.setdefault("allowed_hosts", default_allowed_hosts(host))
     app, engine = build_app(model, backend, **kwargs)
     url = browser_url(host, port)
     log.warning("serving %s on %s; playground: %s/", app.state.handlers.model_name, url, url)
-    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="info", lifespan="off"),
+    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="info", lifespan="off",
+                                           **_UVICORN_LIMITS),
                             engine, drain_timeout)
     try:
         server.run()
