@@ -11,6 +11,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 
 from splitfuse.serving.bridge import EngineFront
 from splitfuse.serving.protocol import PromptTokensDetails, Usage
@@ -32,6 +33,8 @@ class Metrics:
             lambda: engine.stats.kv_blocks_used)
         Gauge("splitfuse_kv_blocks_total", "KV cache blocks in all", registry=r).set_function(
             lambda: engine.stats.kv_blocks_total)
+        r.register(_EngineCounter("splitfuse_preemptions", "sequences preempted (KV full) and recomputed",
+                                  lambda: engine.stats.preemptions))
         self.ttft = Histogram("splitfuse_time_to_first_token_seconds", "request arrival to first token",
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("splitfuse_inter_token_latency_seconds", "time between a request's tokens",
@@ -51,6 +54,16 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EngineCounter:
+    """A counter the engine keeps (its published stats), read at scrape time."""
+
+    def __init__(self, name: str, documentation: str, read) -> None:
+        self.name, self.documentation, self.read = name, documentation, read
+
+    def collect(self):
+        yield CounterMetricFamily(self.name, self.documentation, value=self.read())
 
 
 class Tracker:
