@@ -21,8 +21,10 @@ log = logging.getLogger("splitfuse.serving")
 _SERVER_OPTIONS = ("api_key", "chat_template", "max_waiting", "served_model_name", "max_body_bytes", "replicas",
                    "allowed_hosts", "client_timeout_s")
 
-# uvicorn's limits on a client: idle keep-alive seconds, bytes of headers (h11's incomplete event).
-_UVICORN_LIMITS = {"timeout_keep_alive": 5, "h11_max_incomplete_event_size": 16 * 1024}
+# uvicorn's limits on a client: idle keep-alive seconds, bytes of headers (h11's incomplete event),
+# and h11 with a deadline for the request head.
+_UVICORN_LIMITS = {"timeout_keep_alive": 5, "h11_max_incomplete_event_size": 16 * 1024,
+                   "http": "splitfuse.serving.http_protocol:HeaderTimeoutH11Protocol"}
 
 
 def _read_template(chat_template: str | None) -> str | None:

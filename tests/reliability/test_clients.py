@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from splitfuse.serving.guard import Guard
+from splitfuse.serving.http_protocol import HeaderTimeoutH11Protocol
 from splitfuse.testing.server import wait_idle
 
 CLIENT_TIMEOUT_S = 0.5
@@ -47,6 +48,15 @@ def test_a_body_that_stops_arriving_is_408(server):
             reply += chunk
         reply = reply.decode()
     assert reply.startswith("HTTP/1.1 408") and "request_timeout" in reply
+    assert time.monotonic() - start < CLIENT_TIMEOUT_S + 5
+
+
+def test_headers_that_never_finish_arriving_close_the_connection(server, monkeypatch):
+    monkeypatch.setattr(HeaderTimeoutH11Protocol, "header_timeout_s", CLIENT_TIMEOUT_S)
+    with _raw(server) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty")  # and no more
+        start = time.monotonic()
+        assert sock.recv(4096) == b""  # closed by the server
     assert time.monotonic() - start < CLIENT_TIMEOUT_S + 5
 
 
