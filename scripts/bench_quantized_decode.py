@@ -2,6 +2,7 @@
 """cpu batch-1 decode tokens/s and weight memory of one random-weight Llama in float32, bfloat16,
 and bfloat16 with its linear layers quantized at load to int8 and int4 (weight-only), side by side.
 
+All engines are built first, then take decode steps in turn (see interleaved_tokens_per_s).
 The model is 0.5B-shaped (Qwen2.5-0.5B's layers: hidden 896, 24 layers, 14 heads / 2 KV heads,
 intermediate 4864) with a 32000-token vocabulary and an untied LM head, which stays in the model
 dtype like the embeddings (only the layers' matrices are quantized). Weights are random tensors
@@ -29,8 +30,8 @@ from splitfuse.models.llama import LlamaForCausalLM
 from splitfuse.models.loader import resolve_dtype
 from splitfuse.quant import weight_bytes
 
-# (dtype, quantization) per column
-VARIANTS = (("float32", None), ("bfloat16", None), ("bfloat16", "int8"), ("bfloat16", "int4"))
+# (dtype, quantization) per row; quantized rows run bfloat16 activations
+VARIANTS = (("bfloat16", None), ("float32", None), ("bfloat16", "int8"), ("bfloat16", "int4"))
 MAX_MODEL_LEN = 512
 
 
@@ -45,10 +46,10 @@ def llama_config(tiny: bool):
                        tie_word_embeddings=False, architectures=["LlamaForCausalLM"], **size)
 
 
-def decode_tokens_per_s(hf_config, dtype_name: str, quantization: str | None, prompt_len: int,
-                        new_tokens: int) -> dict:
-    """Build the engine, prefill one prompt, then time `new_tokens` batch-1 decode steps: tokens/s
-    of the median step."""
+def build_engine(hf_config, dtype_name: str, quantization: str | None, prompt_len: int, new_tokens: int,
+                 extra_steps: int = 0):
+    """An engine holding the model and one prompt, already prefilled, with new_tokens + extra_steps
+    decode steps to go; returns (engine, weight MiB)."""
     backend = create_backend("cpu")
     config = EngineConfig(dtype=dtype_name, quantization=quantization, max_model_len=MAX_MODEL_LEN,
                           kv_cache_gib=0.05)
@@ -57,15 +58,73 @@ def decode_tokens_per_s(hf_config, dtype_name: str, quantization: str | None, pr
     model.load_weights(random_weights(hf_config, backend.device, dtype))
     engine = assemble_engine(model, backend, config)
     prompt = [random.Random(0).randrange(hf_config.vocab_size) for _ in range(prompt_len)]
-    engine.add_request(prompt, SamplingParams(max_new_tokens=new_tokens + 1, temperature=0.0, ignore_eos=True))
+    engine.add_request(prompt, SamplingParams(max_new_tokens=new_tokens + extra_steps + 1, temperature=0.0,
+                                              ignore_eos=True))
     engine.step()  # the prompt and the first token
-    step_s = []
-    while engine.has_unfinished():
+    return engine, weight_bytes(model.weights) / (1 << 20)
+
+
+def interleaved_tokens_per_s(engines: list, new_tokens: int) -> list[float]:
+    """Batch-1 decode tokens/s of each engine from the median of `new_tokens` steps, the engines
+    taking turns step by step, so that a shared machine's slow spells fall on all of them alike."""
+    step_s = [[] for _ in engines]
+    for _ in range(new_tokens):
+        for engine, times in zip(engines, step_s):
+            start = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - start)
+    return [1 / statistics.median(times) for times in step_s]
+
+
+# torch ops by what a decode step spends its time on
+WEIGHT_ONLY_KERNELS = ("aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu")
+DENSE_MATMULS = ("aten::mm", "aten::addmm")
+
+
+def profile_step_ms(engine, steps: int) -> dict[str, float]:
+    """Milliseconds per decode step in torch's weight-only kernels, in dense matmuls (float layers
+    and the LM head), and in everything else (attention, norms, rotary, sampling, Python): the
+    step's wall time less the first two (torch.profiler self times)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
-        engine.step()
-        step_s.append(time.perf_counter() - start)
-    # the median step: a shared machine's stalls move the mean, not the median
-    return dict(weights_mib=weight_bytes(model.weights) / (1 << 20), tokens_per_s=1 / statistics.median(step_s))
+        for _ in range(steps):
+            engine.step()
+        wall_ms = (time.perf_counter() - start) * 1000 / steps
+    events = prof.key_averages()
+    weight_only = sum(e.self_cpu_time_total for e in events if e.key in WEIGHT_ONLY_KERNELS) / 1000 / steps
+    dense = sum(e.self_cpu_time_total for e in events if e.key in DENSE_MATMULS) / 1000 / steps
+    return {"weight-only kernels": weight_only, "dense matmuls": dense, "other": wall_ms - weight_only - dense}
+
+
+def layer_matmul_ms(hf_config, copies: int = 8) -> dict[str, dict[str, float]]:
+    """One batch-1 matmul of each layer matrix shape (fused qkv, o, fused gate/up, down) through
+    the cpu backend's linear, bf16 dense vs int8 vs int4, ms from the median of passes over
+    `copies` different matrices (more bytes than the CPU caches, as in a decode step)."""
+    from splitfuse.quant import quantize
+
+    backend = create_backend("cpu")
+    c = hf_config
+    qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+    shapes = {"qkv": (qkv, c.hidden_size), "o": (c.hidden_size, c.num_attention_heads * c.head_dim),
+              "gate_up": (2 * c.intermediate_size, c.hidden_size), "down": (c.hidden_size, c.intermediate_size)}
+    results = {}
+    for name, (N, K) in shapes.items():
+        dense = [torch.randn(N, K).mul_(0.02).bfloat16() for _ in range(copies)]
+        weights = {"bfloat16": dense, **{f: [backend.prepare_linear_weight(quantize(w, f)) for w in dense]
+                                         for f in ("int8", "int4")}}
+        x = torch.randn(1, K).bfloat16()
+        results[name] = {}
+        for label, ws in weights.items():
+            passes = []
+            for _ in range(5):
+                start = time.perf_counter()
+                for w in ws:
+                    backend.linear(x, w)
+                passes.append((time.perf_counter() - start) * 1000 / copies)
+            results[name][label] = statistics.median(passes)
+    return results
 
 
 def main(argv=None) -> int:
@@ -73,16 +132,49 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per variant")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model: checks the script runs")
+    parser.add_argument("--variants", default=",".join(_label(*v) for v in VARIANTS),
+                        help="comma-separated subset of the rows to run; bfloat16 always runs (the ratios' base)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also time one matmul per layer shape: bf16 dense vs int8 vs int4 kernels")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="then profile this many more decode steps per row: where a step's time goes")
     args = parser.parse_args(argv)
+    variants = _selected_variants(args.variants)
     hf_config = llama_config(args.tiny)
     print(f"cpu, {torch.get_num_threads()} threads, torch {torch.__version__}; batch 1, prompt {args.prompt_len}, "
-          f"{args.new_tokens} decode steps")
-    print(f"{'weights':<18}{'weight MiB':>12}{'tokens/s (median step)':>24}")
-    for dtype_name, quantization in VARIANTS:
-        result = decode_tokens_per_s(hf_config, dtype_name, quantization, args.prompt_len, args.new_tokens)
-        label = dtype_name if quantization is None else f"{quantization} ({dtype_name})"
-        print(f"{label:<18}{result['weights_mib']:>12.1f}{result['tokens_per_s']:>24.2f}", flush=True)
+          f"{args.new_tokens} decode steps; int8/int4 rows: weight-only, bfloat16 activations")
+    print(f"{'weights':<18}{'weight MiB':>12}{'tokens/s (median step)':>24}{'vs bfloat16':>13}")
+    built = [build_engine(hf_config, d, q, args.prompt_len, args.new_tokens, args.profile) for d, q in variants]
+    tokens_per_s = interleaved_tokens_per_s([engine for engine, _ in built], args.new_tokens)
+    for (dtype_name, quantization), (_, weights_mib), rate in zip(variants, built, tokens_per_s):
+        print(f"{_label(dtype_name, quantization):<18}{weights_mib:>12.1f}{rate:>24.2f}{rate / tokens_per_s[0]:>12.2f}x")
+    if args.kernels:
+        print("\nms per batch-1 matmul (cold weights), and speed-up over bfloat16")
+        for name, times in layer_matmul_ms(hf_config).items():
+            print(f"{name:<10}" + "".join(f"  {label} {ms:.3f} ({times['bfloat16'] / ms:.2f}x)"
+                                          for label, ms in times.items()))
+    if args.profile:
+        print(f"\nms per decode step (torch.profiler, {args.profile} steps each; the profiler adds to 'other')")
+        for (dtype_name, quantization), (engine, _) in zip(variants, built):
+            parts = profile_step_ms(engine, args.profile)
+            total = sum(parts.values())
+            print(f"{_label(dtype_name, quantization):<18}" + "".join(
+                f"  {name} {ms:.1f} ({ms / total:.0%})" for name, ms in parts.items()) + f"  total {total:.1f}")
     return 0
+
+
+def _label(dtype_name: str, quantization: str | None) -> str:
+    return dtype_name if quantization is None else f"{quantization}"
+
+
+def _selected_variants(names: str) -> list[tuple[str, str | None]]:
+    """The VARIANTS named in `names`, bfloat16 (the ratios' base) first."""
+    by_label = {_label(*v): v for v in VARIANTS}
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in by_label]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; expected names from {list(by_label)}")
+    return [by_label["bfloat16"]] + [by_label[n] for n in wanted if n != "bfloat16"]
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ needs them):
              thousand tokens) against the time of their matmuls alone.
   offline    the FastGen-like workload: 32 requests, prompts ~ N(2600, 30%) clamped to [512, 4096],
              60 new tokens each; requests/s.
+  quantized  (only when named in --only; it releases the main engine) batch-1 decode with the
+             layers' matrices in 16 bits vs quantized at load to int8 (W8A16) and int4 (W4A16),
+             one engine at a time: tokens/s, speed-up and weight MiB of each.
   summary    the GPU performance targets (docs/benchmarks.md) as ratios, with $OUT/hf.json when the HF run wrote one.
 
 Each section is timed with warm-up (CUDA events, or wall clock around whole engine steps, which
@@ -35,6 +38,7 @@ and the JSON is rewritten after every section, so a run killed by its timeout ke
 
     python scripts/gpu_bench.py                          # the H100 run (~1 minute)
     python scripts/gpu_bench.py --only decode,mixed
+    python scripts/gpu_bench.py --only quantized         # W8A16 / W4A16 decode vs bf16
     TRITON_INTERPRET=1 python scripts/gpu_bench.py --tiny --backend cuda   # CPU dry run (kernels
     python scripts/gpu_bench.py --tiny --backend cpu                       #  in the interpreter)
 """
@@ -60,8 +64,10 @@ import torch.nn.functional as F
 
 GB = 1e9
 GIB = 1 << 30
-SECTIONS = ("hardware", "startup", "matmuls", "attention", "decode", "generate", "mixed", "offline", "summary")
+SECTIONS = ("hardware", "startup", "matmuls", "attention", "decode", "generate", "mixed", "offline", "quantized",
+            "summary")
 NEEDS_ENGINE = {"startup", "matmuls", "decode", "generate", "mixed", "offline"}
+OPT_IN = {"quantized"}  # run only when --only names them
 
 
 # ---- the model shape and the workloads (gpu_bench_hf.py imports these, so both run the same) ----
@@ -249,9 +255,11 @@ def matmul_weight_bytes(hf_config, element_size: int) -> int:
     return (c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size) * element_size
 
 
-def build_random_engine(hf_config, backend_name: str, scale: Scale, dtype_name: str, gpu_mem: float):
+def build_random_engine(hf_config, backend_name: str, scale: Scale, dtype_name: str, gpu_mem: float,
+                        **settings):
     """The engine splitfuse.assembly.build_engine would make, with random weights instead of a
-    directory; returns it and the time the model was built (before the KV cache)."""
+    directory (settings: more EngineConfig fields); returns it and the time the model was built
+    (before the KV cache)."""
     from splitfuse.assembly import assemble_engine
     from splitfuse.backends.selection import create_backend
     from splitfuse.config import EngineConfig
@@ -259,7 +267,7 @@ def build_random_engine(hf_config, backend_name: str, scale: Scale, dtype_name: 
     from splitfuse.models.loader import resolve_dtype
 
     config = EngineConfig(token_budget=scale.token_budget, max_model_len=scale.max_model_len, dtype=dtype_name,
-                          gpu_memory_utilization=gpu_mem, kv_cache_gib=scale.kv_cache_gib)
+                          gpu_memory_utilization=gpu_mem, kv_cache_gib=scale.kv_cache_gib, **settings)
     backend = create_backend(backend_name)
     dtype = resolve_dtype(dtype_name, backend)
     model = LlamaForCausalLM(hf_config, backend, dtype, scale.max_model_len)
@@ -667,6 +675,55 @@ class Bench:
                     seconds=round(r["seconds"], 3), steps=r["steps"], requests_per_s=round(r["requests_per_s"], 3),
                     generated_tokens_per_s=round(r["generated_tokens_per_s"], 1))
 
+    # -- weight-only quantized decode: W8A16 and W4A16 against the same model in 16 bits --
+    def run_quantized(self) -> dict:
+        """Batch-1 decode tokens/s of the model with its layers' matrices as they load (bf16 on a
+        GPU), quantized at load to int8 (W8A16) and to int4 in groups of 128 (W4A16), one engine at
+        a time: the main engine is released first (three 8B models with caches do not fit beside it).
+        The LM head and embeddings stay in 16 bits, as in the quantized checkpoints."""
+        self.release_engine()
+        variants = {}
+        for quantization in (None, "int8", "int4"):
+            engine, _ = build_random_engine(self.hf_config, self.args.backend, self.scale, self.args.dtype,
+                                            self.args.gpu_mem, quantization=quantization, max_seqs=1)
+            try:
+                variants[quantization or "unquantized"] = self._quantized_decode(engine)
+            finally:
+                del engine
+                self.free_device_memory()
+        base = variants["unquantized"]["tokens_per_s"]
+        for name in ("int8", "int4"):
+            variants[name]["speedup_vs_unquantized"] = round(variants[name]["tokens_per_s"] / base, 3)
+        return dict(batch=1, prompt=self.scale.decode_prompt, steps=self.scale.decode_steps, **variants)
+
+    def _quantized_decode(self, engine) -> dict:
+        from splitfuse.quant import weight_bytes
+
+        s = self.scale
+        engine.add_request(random_prompts([s.decode_prompt], self.hf_config.vocab_size, 1)[0],
+                           greedy(s.decode_warmup + s.decode_steps + 2))
+        engine.step()  # the prompt and the first token
+        for _ in range(s.decode_warmup):
+            engine.step()
+        times = self._decode_steps(engine, 1)
+        drain(engine)
+        step_ms = statistics.median(times) * 1e3
+        return dict(weights_MiB=round(weight_bytes(engine.model.weights) / (1 << 20), 1), step_ms_median=round(step_ms, 3),
+                    tokens_per_s=round(1e3 / step_ms, 1), backend=engine.backend.describe())
+
+    def release_engine(self) -> None:
+        """Drop the main engine (its weights, KV cache and graphs) and give its memory back."""
+        self.engine = None
+        self.plans = None
+        self.free_device_memory()
+
+    def free_device_memory(self) -> None:
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     # -- the GPU performance targets (docs/benchmarks.md) --
     def run_summary(self) -> dict:
         sec = self.results["sections"]
@@ -835,7 +892,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def selected_sections(only: str) -> list[str]:
     if not only:
-        return list(SECTIONS)
+        return [s for s in SECTIONS if s not in OPT_IN]
     wanted = [s.strip() for s in only.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in SECTIONS]
     if unknown:

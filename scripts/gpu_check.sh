@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# One prepared GPU run (about 4 minutes on an H100): the cuda kernel tests at real shapes, the HF
+# One prepared GPU run (about 6 minutes on an H100): the cuda kernel tests at real shapes, the HF
 # transformers baseline, then splitfuse's benchmarks against the hardware limits measured in the
 # same run. Results go to $OUT (default ./gpu_out) as JSON:
 #   kernels.json     pytest exit code and counts (+ failures) of tests/cuda
 #   hf.json          scripts/gpu_bench_hf.py  (transformers generate / continuous batching)
 #   splitfuse.json   scripts/gpu_bench.py     (limits, matmuls, attention, decode, mixed, offline,
-#                                              and a summary of the GPU performance targets as ratios)
+#                                              and a summary of the GPU performance targets as ratios;
+#                                              the quant part adds its W8A16/W4A16 decode section)
 #   check.json       each part's exit code and seconds
 #   logs/*.log       the full output of each part
 #
-# Usage: scripts/gpu_check.sh [--part kernels|bench|hf|all] [--quick]
+# Usage: scripts/gpu_check.sh [--part kernels|bench|hf|quant|all] [--quick]
+#   --part quant: batch-1 decode with int8 (W8A16) and int4 (W4A16) weights vs bf16, in its own process.
 #   --part bench runs gpu_bench.py only (it still reads an hf.json left in $OUT by an earlier run).
 #   --quick: fewer sizes and steps; only the real-shape kernel tests.
 # Without a CUDA device it dry-runs everything tiny on the CPU (Triton interpreter).
-# Per-part limits in seconds (env): T_KERNELS (50), T_HF (110), T_BENCH (80).
+# Per-part limits in seconds (env): T_KERNELS (50), T_HF (110), T_BENCH (80), T_QUANT (90).
 # Exit status: 0 when every part that ran passed, else 1 (the other parts still run).
 # On the GPU machine: source .whl/setup.sh; bash scripts/gpu_check.sh
 set -o pipefail
@@ -30,15 +32,16 @@ while [ $# -gt 0 ]; do
     --part) PART=${2:-}; shift 2 || { echo "--part needs a value" >&2; exit 2; } ;;
     --part=*) PART=${1#*=}; shift ;;
     --quick) QUICK=1; shift ;;
-    -h|--help) sed -n '2,18p' "$0" | cut -c3-; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0" | cut -c3-; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-case "$PART" in kernels|bench|hf|all) ;; *) echo "--part must be kernels, bench, hf or all" >&2; exit 2 ;; esac
+case "$PART" in kernels|bench|hf|quant|all) ;; *) echo "--part must be kernels, bench, hf, quant or all" >&2; exit 2 ;; esac
 
 T_KERNELS=${T_KERNELS:-50}
 T_HF=${T_HF:-110}
 T_BENCH=${T_BENCH:-80}
+T_QUANT=${T_QUANT:-90}
 
 echo "== device"
 if command -v nvidia-smi >/dev/null 2>&1; then
@@ -131,6 +134,11 @@ if [ "$PART" = bench ] || [ "$PART" = all ]; then
   run_part bench "$T_BENCH" python scripts/gpu_bench.py --backend cuda "${SIZE_ARGS[@]}" --budget-s $((T_BENCH - 20))
 fi
 
+# Quantized decode last, in its own process: three 8B engines one after another, none beside the
+# bench's engine; its section is merged into splitfuse.json.
+if [ "$PART" = quant ] || [ "$PART" = all ]; then
+  run_part quant "$T_QUANT" python scripts/gpu_bench.py --backend cuda "${SIZE_ARGS[@]}" --only quantized
+fi
 echo "== results in $OUT: $(cd "$OUT" && ls -d ./*.json logs/*.log 2>/dev/null | tr '\n' ' ')"
 python - "$OUT" <<'EOF'
 import json, pathlib, sys
@@ -157,6 +165,9 @@ print("matmuls alone ms by M:", {m: r.get("ms") for m, r in (get(sf, "matmuls", 
 print("decode tokens/s by batch:", {b: r.get("tokens_per_s") for b, r in (get(sf, "decode") or {}).items() if isinstance(r, dict)})
 print("generate tokens/s by batch: splitfuse", {b: r.get("tokens_per_s") for b, r in (get(sf, "generate", "by_batch") or {}).items()},
       "| HF", {b: r.get("tokens_per_s") for b, r in (get(hf, "generate", "by_batch") or {}).items()})
+quant = get(sf, "quantized") or {}
+print("batch-1 decode tokens/s (quant part):", {v: (quant.get(v) or {}).get("tokens_per_s") for v in ("unquantized", "int8", "int4")},
+      "| speed-up int8", (quant.get("int8") or {}).get("speedup_vs_unquantized"), "int4", (quant.get("int4") or {}).get("speedup_vs_unquantized"))
 print("offline requests/s: splitfuse", get(sf, "offline", "requests_per_s"), "| HF static", get(hf, "offline_static", "requests_per_s"),
       "| HF continuous batching", get(hf, "offline_cb", "requests_per_s"))
 errors = {f"{src}:{name}": s.get("error") or s.get("skipped") for src, tree in (("splitfuse", sf), ("hf", hf))

@@ -61,8 +61,9 @@ def prepare_weights(model, backend, config: EngineConfig) -> None:
     config.quantization says so, and log what the weights take."""
     if config.quantization:
         quantize_model(model, backend, config.quantization)
-    log.info("weights: %.1f MiB (%s)", weight_bytes(model.weights) / (1 << 20),
-             config.quantization or str(model.dtype).replace("torch.", ""))
+    num_bytes = weight_bytes(model.weights)
+    log.info("weights: %d bytes, %.1f MiB (%s)", num_bytes, num_bytes / (1 << 20),
+             getattr(model, "quantization", None) or str(model.dtype).replace("torch.", ""))
 
 
 def kv_cache_size(model, backend, config: EngineConfig) -> tuple[int, int]:

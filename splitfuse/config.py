@@ -68,6 +68,8 @@ class SamplingParams(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = Field(None, ge=0, le=20, description="top alternatives to return per token")
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=20, description="log-probabilities of the prompt's tokens, with this many top alternatives each")
 
     @field_validator("stop", mode="before")
     @classmethod

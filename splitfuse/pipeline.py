@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,8 @@ class Response:
     finish_reason: str  # "stop" | "length"
     logprobs: list[TokenLogprob] | None = None
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not computed)
+    # prompt_logprobs=N: per prompt token its log-probability and N top alternatives; None for the first
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     generated_length: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -98,24 +100,31 @@ class Pipeline:
         return Response(
             text="".join(o.new_text for o in outputs), token_ids=token_ids, prompt_length=prompt_length,
             finish_reason=outputs[-1].finish_reason, logprobs=logprobs, num_cached_tokens=outputs[0].num_cached_tokens,
+            prompt_logprobs=outputs[0].prompt_logprobs,
         )
 
-    def stream(self, prompt: Prompt, **sampling) -> Iterator[str]:
-        """Yield text as it is generated; leaving the loop early aborts the request."""
+    def stream(self, prompt: Prompt, **sampling) -> Generator[str, None, Response]:
+        """Yield text as it is generated; leaving the loop early aborts the request. The generator's
+        return value (`yield from`, or StopIteration.value) is the finished Response."""
         engine = self._live_engine()
-        request_id = engine.add_request(self.encode(prompt), self.sampling_params(**sampling))
+        prompt_ids = self.encode(prompt)
+        params = self.sampling_params(**sampling)
+        request_id = engine.add_request(prompt_ids, params)
+        outputs = []
         finished = False
         try:
             while not finished:
                 for out in engine.step():
                     if out.request_id != request_id:
                         continue
+                    outputs.append(out)
                     finished = out.finished
                     if out.new_text:
                         yield out.new_text
         finally:
             if not finished:
                 engine.abort(request_id)
+        return self._response(engine, outputs, len(prompt_ids), params)
 
     def close(self) -> None:
         """Free the KV cache and the model and stop tensor-parallel workers; the pipeline cannot be

@@ -31,7 +31,7 @@ def test_generate_streams(tiny_model_dir, capsys):
 
 def test_generate_bad_value_is_a_clear_error(tiny_model_dir, capsys):
     assert main(["generate", tiny_model_dir("llama"), "Hi", "--top-p", "2"]) == 1
-    assert "top_p" in capsys.readouterr().err
+    assert "--top-p must be <= 1" in capsys.readouterr().err
 
 
 def test_generate_missing_model_dir(capsys):

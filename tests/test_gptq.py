@@ -36,45 +36,73 @@ def _pack_along_rows(values: torch.Tensor) -> torch.Tensor:
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)  # two's complement
 
 
-def gptq_pack(weight: torch.Tensor, group_size: int, checkpoint_format: str = "gptq"
-              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Quantize a float [N, K] matrix the GPTQ way (zero points stored minus one in the classic
-    "gptq" format, as they are in "gptq_v2"); returns ({qweight, qzeros, scales, g_idx}, the
-    dequantized float32 weight they stand for)."""
+def quantize_groups(weight: torch.Tensor, group_size: int, sym: bool = False, min_zero: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest 4-bit in contiguous groups along K of a float [N, K]: (q [N, K], zero points
+    and fp16 scales [N, G], the dequantized float32 [N, K]). sym: GPTQ's symmetric grid (zero 8)."""
     N, K = weight.shape
     groups = weight.float().view(N, K // group_size, group_size)
     low, high = groups.amin(2).clamp_max(0), groups.amax(2).clamp_min(0)
+    if sym:
+        high = torch.maximum(high, -low)
+        low = -high
     scales = ((high - low) / 15).clamp_min(1e-4).half()  # fp16 as stored; the float32 math uses it exactly
-    zeros = torch.round(-low / scales.float()).clamp(1, 15).to(torch.int64)  # stored minus one: >= 1
+    zeros = torch.full_like(low, 8, dtype=torch.int64) if sym else \
+        torch.round(-low / scales.float()).clamp(min_zero, 15).to(torch.int64)
     q = (torch.round(groups / scales.float()[..., None]) + zeros[..., None]).clamp(0, 15).to(torch.int64)
     dequantized = ((q - zeros[..., None]).float() * scales.float()[..., None]).view(N, K)
+    return q.view(N, K), zeros, scales, dequantized
+
+
+def gptq_pack(weight: torch.Tensor, group_size: int, checkpoint_format: str = "gptq", sym: bool = False,
+              input_order: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Quantize a float [N, K] matrix the GPTQ way (zero points stored minus one in the classic
+    "gptq" format, as they are in "gptq_v2"); `input_order`: act-order, group g quantizes input
+    features input_order[g * group_size: (g + 1) * group_size]. Returns ({qweight, qzeros,
+    scales, g_idx}, the dequantized float32 weight they stand for)."""
+    N, K = weight.shape
+    order = torch.arange(K) if input_order is None else input_order
+    q_sorted, zeros, scales, dequantized_sorted = quantize_groups(weight[:, order], group_size, sym,
+                                                                  min_zero=STORED_ZERO_OFFSET[checkpoint_format])
+    q, dequantized, g_idx = torch.empty_like(q_sorted), torch.empty_like(dequantized_sorted), torch.empty(K).int()
+    q[:, order], dequantized[:, order] = q_sorted, dequantized_sorted  # back to the checkpoint's input order
+    g_idx[order] = (torch.arange(K) // group_size).int()
     tensors = {
-        "qweight": _pack_along_rows(q.view(N, K).t()),  # [K/8, N]
+        "qweight": _pack_along_rows(q.t()),  # [K/8, N]
         "qzeros": _pack_along_rows(zeros - STORED_ZERO_OFFSET[checkpoint_format]).t().contiguous(),  # [N/8, G] -> [G, N/8]
         "scales": scales.t().contiguous(),  # [G, N]
-        "g_idx": torch.arange(K, dtype=torch.int32) // group_size,
+        "g_idx": g_idx,
     }
     return tensors, dequantized
+
+
+def write_quantized_checkpoint(source: Path, target: Path, pack, quantization_config: dict,
+                               modules=LINEAR_MODULES) -> dict[str, torch.Tensor]:
+    """Copy the model directory `source` to `target` with every linear layer named by `modules`
+    replaced by `pack(module, weight) -> (tensors by part, dequantized weight)`; returns {HF module
+    name: its dequantized float32 weight}."""
+    shutil.copytree(source, target)
+    tensors = load_file(target / "model.safetensors")
+    dequantized = {}
+    for name in [n for n in tensors if n.endswith(".weight") and n.removesuffix(".weight").endswith(modules)]:
+        module = name.removesuffix(".weight")
+        packed, dequantized[module] = pack(module, tensors.pop(name))
+        tensors.update({f"{module}.{part}": t for part, t in packed.items()})
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((target / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (target / "config.json").write_text(json.dumps(config))
+    return dequantized
 
 
 def write_gptq_checkpoint(source: Path, target: Path, group_size: int, quantization_config: dict | None = None,
                           checkpoint_format: str = "gptq", modules=LINEAR_MODULES) -> dict[str, torch.Tensor]:
     """Copy the model directory `source` to `target` with every decoder linear layer GPTQ-packed;
     returns {HF module name: its dequantized float32 weight}."""
-    shutil.copytree(source, target)
-    tensors = load_file(target / "model.safetensors")
-    dequantized = {}
-    for name in [n for n in tensors if n.endswith(".weight") and n.removesuffix(".weight").endswith(modules)]:
-        module = name.removesuffix(".weight")
-        packed, dequantized[module] = gptq_pack(tensors.pop(name), group_size, checkpoint_format)
-        tensors.update({f"{module}.{part}": t for part, t in packed.items()})
-    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((target / "config.json").read_text())
-    config["quantization_config"] = quantization_config or {
-        "quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": False, "sym": False,
-        "checkpoint_format": checkpoint_format}
-    (target / "config.json").write_text(json.dumps(config))
-    return dequantized
+    return write_quantized_checkpoint(
+        source, target, lambda module, w: gptq_pack(w, group_size, checkpoint_format),
+        quantization_config or {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": False,
+                                "sym": False, "checkpoint_format": checkpoint_format}, modules)
 
 
 def write_float_checkpoint(source: Path, target: Path, weights: dict[str, torch.Tensor]) -> None:
@@ -101,20 +129,54 @@ def test_gptq_checkpoint_loads_exactly_and_generates_as_its_dequantized_weights(
         pipe = _pipeline(tmp_path / "gptq")
     assert "GPTQ int4 checkpoint: 8 quantized matrices (from 14 layers)" in caplog.text
     weights = pipe.engine.model.weights
-    fused = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-             "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "o": ("self_attn.o_proj",), "down": ("mlp.down_proj",)}
-    for layer in range(2):
-        for ours, modules in fused.items():
-            weight = weights[f"layers.{layer}.{ours}.weight"]
-            assert isinstance(weight, QuantizedWeight) and weight.group_size == group_size
-            expected = torch.cat([dequantized[f"model.layers.{layer}.{m}"] for m in modules])
-            assert torch.equal(weight.dequantize(torch.float32), expected), f"layer {layer} {ours}"
+    for name, weight, expected in fused_layers(weights, dequantized):
+        assert isinstance(weight, QuantizedWeight) and weight.group_size == group_size
+        assert torch.equal(weight.dequantize(torch.float32), expected), name
     assert all(isinstance(weights[n], torch.Tensor) for n in ("embed_tokens.weight", "lm_head.weight"))
 
-    prompts = make_prompts()
+    assert_generates_as(pipe, tmp_path / "float")
+
+
+# our fused matrix -> the checkpoint modules whose rows it concatenates
+FUSED = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "o": ("self_attn.o_proj",), "down": ("mlp.down_proj",)}
+
+
+def fused_layers(weights: dict, dequantized: dict[str, torch.Tensor], num_layers: int = 2):
+    """(our name, the loaded weight, the packer's dequantized float32 rows it stands for) of every
+    fused linear layer of a tiny llama-layout model."""
+    for layer in range(num_layers):
+        for ours, modules in FUSED.items():
+            expected = torch.cat([dequantized[f"model.layers.{layer}.{m}"] for m in modules])
+            yield f"layers.{layer}.{ours}.weight", weights[f"layers.{layer}.{ours}.weight"], expected
+
+
+def drop(name: str):
+    """A damage: checkpoint tensor `name` removed."""
+    return lambda tensors: tensors.pop(name)
+
+
+def replace(name: str, make):
+    """A damage: checkpoint tensor `name` replaced by make(it)."""
+    return lambda tensors: tensors.__setitem__(name, make(tensors[name]))
+
+
+def assert_refused_at_load(path: Path, damage, message: str) -> None:
+    """After `damage(tensors)` (None: none) to the checkpoint at `path`, loading it fails with `message`."""
+    if damage:
+        tensors = load_file(path / "model.safetensors")
+        damage(tensors)
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=re.escape(message)):
+        _pipeline(path)
+
+
+def assert_generates_as(pipe, reference_path: Path, prompts=None) -> None:
+    """Greedy tokens of `pipe` equal those of the model at `reference_path` (near-ties accepted)."""
+    prompts = prompts or make_prompts()
     ours = _greedy(pipe, prompts)
     assert all(len(o.token_ids) == 8 for o in ours)
-    references = _greedy(_pipeline(tmp_path / "float"), prompts, logprobs=2)
+    references = _greedy(_pipeline(reference_path), prompts, logprobs=2)
     problems = [p for p in (_divergence(len(q), o.token_ids, r) for q, o, r in zip(prompts, ours, references)) if p]
     assert not problems, "\n".join(problems)
 
@@ -123,9 +185,9 @@ GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False}
 
 
 @pytest.mark.parametrize("config,message", [
-    ({"quant_method": "awq", "bits": 4, "group_size": 32}, "quant_method='awq' is not supported; supported: GPTQ 4-bit"),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True},
+     "quant_method='bitsandbytes' is not supported; supported: GPTQ 4-bit"),
     ({**GPTQ, "bits": 8}, "bits=8 (gptq) is not supported; supported: GPTQ 4-bit"),
-    ({**GPTQ, "desc_act": True}, "desc_act=true (act-order g_idx) is not supported"),
     ({**GPTQ, "checkpoint_format": "marlin"}, "checkpoint_format='marlin' is not supported"),
     ({**GPTQ, "is_marlin_format": True}, "is_marlin_format=true (Marlin-repacked GPTQ) is not supported"),
 ])

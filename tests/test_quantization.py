@@ -4,6 +4,7 @@ dequantized matrices as plain float32 tensors."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pydantic
@@ -11,11 +12,12 @@ import pytest
 import torch
 
 import splitfuse
-from splitfuse.backends import Backend, create_backend, torch_ops
+from splitfuse.backends import Backend, create_backend, fp8_linear, torch_ops
 from splitfuse.backends.cpu import CpuBackend, quantized
 from splitfuse.cli import main
 from splitfuse.config import EngineConfig
 from splitfuse.quant import QuantizedWeight, dequantize_model, quantize, quantize_model, weight_bytes
+from splitfuse.quant.experts import ExpertWeights
 from splitfuse.quant.weights import int4_group_size, unpack_int4
 from splitfuse.testing.parity import make_prompts
 from splitfuse.testing.tiny_model import make_tiny_model
@@ -150,14 +152,14 @@ def test_cpu_int4_layout_dequantizes_to_the_same_matrix():
     torch.testing.assert_close(prepared.dequantize(), weight.dequantize(), rtol=1e-6, atol=1e-6)
 
 
-def test_cuda_backend_under_the_interpreter_dequantizes_and_matches():
+def test_cuda_backend_under_the_interpreter_runs_the_triton_kernels_and_matches():
     backend = create_backend("cuda")  # the Triton interpreter on the cpu (tests/conftest.py)
     reference = CpuBackend()
     x, bias = torch.randn(7, 96), torch.randn(48)
     for fmt in ("int8", "int4"):
         weight = quantize(_weight(48, 96) * 0.1, fmt)
         prepared = backend.prepare_linear_weight(weight.to(backend.device))
-        assert prepared.layout == "rows"
+        assert prepared.layout == f"triton_{fmt}"
         got = backend.linear(x.to(backend.device), prepared, bias.to(backend.device))
         torch.testing.assert_close(got.cpu(), reference.linear(x, reference.prepare_linear_weight(weight), bias),
                                    rtol=1e-5, atol=1e-5)
@@ -225,7 +227,7 @@ def test_weight_bytes_shrink_with_fewer_bits(tiny_model_dir):
 
 
 # Every other built-in layout: each passes its matrices through `linear`, so quantization reaches them
-# (MoE: the shared expert; the routed experts stay in float, see splitfuse/quant/model.py).
+# (MoE: the shared expert, and each routed expert, see splitfuse/quant/model.py).
 OTHER_ARCHS = ["opt", "phi", "falcon", "gemma2", "qwen2_moe"]
 
 
@@ -236,7 +238,7 @@ def test_other_architectures_quantized_at_load_match_their_dequantized_weights(t
     weights = pipe.engine.model.weights
     assert any(isinstance(w, QuantizedWeight) for w in weights.values())
     if arch == "qwen2_moe":
-        assert isinstance(weights["layers.0.experts.gate_up"], torch.Tensor)
+        assert isinstance(weights["layers.0.experts.gate_up"], ExpertWeights)
         assert isinstance(weights["layers.0.shared.down.weight"], QuantizedWeight)
 
 
@@ -258,3 +260,106 @@ def test_quantization_from_the_command_line(tiny_model_dir, capsys):
     assert "3 tokens, finish_reason=length" in capsys.readouterr().err
     assert main(["generate", tiny_model_dir("llama"), "Hello", "--quantization", "fp8"]) == 1
     assert "quantization='fp8' is not supported" in capsys.readouterr().err
+
+
+# ---- fp8 on the cuda backend: _scaled_mm where the GPU multiplies float8 ------------------------------
+def _fp8_weight(N: int, K: int, dtype=torch.bfloat16, per_row: bool = True) -> QuantizedWeight:
+    """An "fp8" weight as checkpoints give it: float8_e4m3fn data, float32 scales per row (or per block)."""
+    w = _weight(N, K) * K ** -0.5
+    scales = w.abs().amax(dim=1, keepdim=True) / 448 if per_row else torch.full((N, K // 16), 1e-3)
+    group = K if per_row else 16
+    data = (w / scales.repeat_interleave(group, dim=1)).to(torch.float8_e4m3fn)
+    return QuantizedWeight("fp8", data, scales, None, group, (N, K), dtype)
+
+
+@pytest.mark.parametrize("weight,capability,expected", [
+    pytest.param(_fp8_weight(32, 64), (9, 0), True, id="hopper"),
+    pytest.param(_fp8_weight(32, 64), (8, 9), True, id="ada"),
+    pytest.param(_fp8_weight(32, 64), (8, 6), False, id="ampere-dequantizes"),
+    pytest.param(_fp8_weight(32, 64), None, False, id="not-a-cuda-gpu"),
+    pytest.param(_fp8_weight(32, 64, per_row=False), (9, 0), False, id="block-scales-dequantize"),
+    pytest.param(_fp8_weight(32, 40), (9, 0), False, id="K-not-a-multiple-of-16"),
+    pytest.param(_fp8_weight(32, 64, dtype=torch.float32), (9, 0), False, id="float32-model"),
+    pytest.param(quantize(_weight(32, 64), "int8"), (9, 0), False, id="int8-is-not-fp8"),
+])
+def test_fp8_runs_scaled_mm_only_where_the_gpu_multiplies_float8(weight, capability, expected):
+    assert fp8_linear.use_scaled_mm(weight, capability) is expected
+
+
+def test_cuda_backend_prepares_fp8_for_scaled_mm_by_compute_capability(monkeypatch):
+    backend = create_backend("cuda")  # the Triton interpreter on the cpu: no capability of its own
+    weight = _fp8_weight(32, 64)
+    assert backend.prepare_linear_weight(weight) is weight  # dequantized by Backend.linear
+    monkeypatch.setattr(backend, "compute_capability", lambda: (9, 0))
+    prepared = backend.prepare_linear_weight(weight)
+    assert prepared.layout == fp8_linear.LAYOUT
+    # _scaled_mm also runs on the cpu. Activations are rounded to float8 per token: up to 2**-4
+    # relative each (uniform), so an output of scale ~1 (weights scaled by K^-0.5) moves by about
+    # 2**-4 / sqrt(3) = 0.036 (one sigma); 0.15 is four sigma, far below the outputs themselves
+    gen = torch.Generator().manual_seed(5)
+    x, bias = torch.randn(3, 64, generator=gen).bfloat16(), torch.randn(32, generator=gen).bfloat16()
+    expected = x.float() @ (weight.data.float() * weight.scales).T + bias.float()
+    got = backend.linear(x, prepared, bias)
+    assert got.dtype == torch.bfloat16 and got.shape == (3, 32)
+    torch.testing.assert_close(got.float(), expected, rtol=0, atol=0.15)
+    assert (got.float() - expected).abs().mean() < 0.05
+
+
+# ---- the conformance kit checks the quantized formats a backend claims ---------------------------------
+CLAIMING_BACKENDS = '''
+import torch
+
+from splitfuse.backends.base import Backend
+from splitfuse.plugins import hookimpl
+from splitfuse.quant import QuantizedWeight
+
+SPLITFUSE_API_VERSION = 2
+
+
+class Int8Only(Backend):
+    """Claims int8 and runs it right; would fail int4, which it does not claim."""
+    name, dtypes, quantized_formats = "int8only", (torch.float32,), ("int8",)
+
+    def linear(self, x, weight, bias=None):
+        if isinstance(weight, QuantizedWeight) and weight.format == "int4":
+            raise NotImplementedError("int4")
+        return super().linear(x, weight, bias)
+
+
+@hookimpl
+def splitfuse_register_backends(registry):
+    registry.add(Int8Only)
+'''
+
+
+@pytest.fixture(scope="module")
+def claiming_site(tmp_path_factory):
+    from test_backend_contract import install_plugin_module
+
+    return install_plugin_module(tmp_path_factory.mktemp("claims"), "splitfuse_claims", "splitfuse_claims",
+                                 CLAIMING_BACKENDS)
+
+
+def test_conformance_checks_only_the_quantized_formats_a_backend_claims(claiming_site, tmp_path):
+    from test_backend_contract import assert_conformance_passed, run_conformance
+
+    result = run_conformance("int8only", claiming_site, tmp_path, "-k", "quantized or prepare_linear", "-vv")
+    assert_conformance_passed(result)
+    assert "int8-9x41x33" in result.stdout and "int4-" not in result.stdout
+
+
+class ZerolessInt4(Backend):
+    """Claims int4 but drops the zero points."""
+    name, dtypes, quantized_formats = "zeroless", (torch.float32,), ("int4",)
+
+    def linear(self, x, weight, bias=None):
+        if isinstance(weight, QuantizedWeight):
+            weight = dataclasses.replace(weight, zeros=torch.zeros_like(weight.zeros))
+        return super().linear(x, weight, bias)
+
+
+def test_conformance_fails_a_wrong_claimed_format():
+    from splitfuse.testing.conformance.test_backend_ops import test_quantized_linear
+
+    with pytest.raises(AssertionError, match=r"linear \(int4 weight\)"):
+        test_quantized_linear(ZerolessInt4(), torch.float32, "int4", 9, 96, 48, False)

@@ -36,6 +36,9 @@ class Backend:
     name: ClassVar[str] = "base"
     priority: ClassVar[int] = 0  # `auto` picks the highest-priority available backend
     dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.bfloat16, torch.float16)
+    # QuantizedWeight formats ("int8", "int4") this backend claims `linear` runs correctly: the
+    # conformance kit checks each claimed one (the default linear dequantizes any of them)
+    quantized_formats: ClassVar[tuple[str, ...]] = ()
     contract_version: ClassVar[int] = CONTRACT_VERSION
 
     # ---- discovery -------------------------------------------------------------------------

@@ -22,8 +22,10 @@ from typing import ClassVar
 
 import torch
 
+from splitfuse.backends import fp8_linear
 from splitfuse.backends.base import Backend
 from splitfuse.core.batch import BatchMeta
+from splitfuse.quant.weights import QuantizedWeight
 
 log = logging.getLogger("splitfuse")
 
@@ -60,10 +62,11 @@ def activation_reserve(token_budget: int, hidden_size: int) -> int:
 def triton_ops() -> types.SimpleNamespace:
     """The Triton op modules, imported on first use: triton may be absent where this module loads,
     and it reads TRITON_INTERPRET when the kernels are defined."""
-    from splitfuse.backends.triton import activation, layer_norm, moe, paged_attention, rms_norm, rotary_kv
+    from splitfuse.backends.triton import activation, layer_norm, moe, paged_attention, quant_linear, rms_norm, rotary_kv
 
     return types.SimpleNamespace(activation=activation, layer_norm=layer_norm, moe=moe,
-                                 paged_attention=paged_attention, rms_norm=rms_norm, rotary_kv=rotary_kv)
+                                 paged_attention=paged_attention, quant_linear=quant_linear, rms_norm=rms_norm,
+                                 rotary_kv=rotary_kv)
 
 
 class DeviceBackend(Backend):
@@ -73,6 +76,7 @@ class DeviceBackend(Backend):
     memory_name: ClassVar[str] = ""  # how errors name the device's memory: "GPU", "XPU"
     cpu_mode_env: ClassVar[str] = ""  # the environment flag of the CPU test mode
     cpu_mode_label: ClassVar[str] = "test mode on cpu"  # describe() in that mode
+    quantized_formats: ClassVar[tuple[str, ...]] = ("int8", "int4")  # the Triton kernels (fp8: see fp8_linear)
 
     # ---- discovery -------------------------------------------------------------------------
     @classmethod
@@ -286,6 +290,29 @@ class DeviceBackend(Backend):
         if ops is None:
             return super().moe_experts(x, topk_weights, topk_ids, w_gate_up, w_down, activation)
         return ops.moe.moe_experts(x, topk_weights, topk_ids, w_gate_up, w_down, activation)
+
+    # ---- quantized linear ------------------------------------------------------------------
+    def compute_capability(self) -> tuple[int, int] | None:
+        """The CUDA compute capability of the device; None elsewhere (the CPU test mode, xpu)."""
+        if self.device.type != "cuda":
+            return None
+        return tuple(self.device_module.get_device_capability(self.device))
+
+    def prepare_linear_weight(self, weight: QuantizedWeight) -> QuantizedWeight:
+        """fp8 -> _scaled_mm's layout on float8 GPUs; int8/int4 -> the Triton kernels' layout."""
+        if fp8_linear.use_scaled_mm(weight, self.compute_capability()):
+            return fp8_linear.prepare(weight)
+        ops = self._triton
+        return weight if ops is None else ops.quant_linear.prepare(weight)
+
+    def linear(self, x, weight, bias=None):
+        if isinstance(weight, QuantizedWeight):
+            if weight.layout == fp8_linear.LAYOUT and x.dtype == fp8_linear.ACTIVATION_DTYPE:
+                return fp8_linear.scaled_mm_linear(x, weight, bias)
+            ops = self._triton
+            if ops is not None and weight.layout in ops.quant_linear.LAYOUTS:
+                return ops.quant_linear.quant_linear(x, weight, bias)
+        return super().linear(x, weight, bias)
 
     # ---- description -----------------------------------------------------------------------
     def describe_ops(self) -> str:

@@ -21,12 +21,23 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"top_k\": 5}}', got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The bench subcommand's own flags (engine flags are added by the CLI from EngineConfig)."""
     parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
                         help="model directory (omitted: the embedded default); with --endpoint, used for the "
                              "tokenizer and the HF baseline only")
-    parser.add_argument("--out", required=True, metavar="DIR", help="where results.json and the plots go")
+    parser.add_argument("--out", default="bench-results", metavar="DIR",
+                        help="where results.json and the plots go (bench-results/ is git-ignored)")
     parser.add_argument("--backend", default=None, help="backend of splitfuse's engine (auto, cpu, cuda, ...)")
     parser.add_argument("--endpoint", action="append", default=[], metavar="URL",
                         help="benchmark an OpenAI-compatible server (http://host:port/v1) instead of starting "
@@ -62,6 +73,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ids.add_argument("--send-text", dest="send_ids", action="store_false",
                      help="send prompts as text decoded from the ids (default for --endpoint)")
     work.add_argument("--seed", type=int, default=0, help="seed of lengths, prompt ids and arrivals")
+    sent = parser.add_argument_group(
+        "requests", "what each request asks besides its prompt and max_tokens; none given: nothing else is sent to "
+        "--endpoint servers (their defaults apply), splitfuse's own server decodes greedily to fixed lengths")
+    sent.add_argument("--temperature", type=float, default=None, help="temperature to send")
+    sent.add_argument("--top-p", type=float, default=None, help="top_p to send")
+    sent.add_argument("--ignore-eos", action="store_true", default=None,
+                      help="send ignore_eos (vLLM's and splitfuse's extension): every request generates max_tokens")
+    sent.add_argument("--min-tokens", action="store_true", default=None,
+                      help="send min_tokens = max_tokens (vLLM's and splitfuse's extension)")
+    sent.add_argument("--extra-body", type=_json_object, default=None, metavar="JSON",
+                      help="more fields to send, as a JSON object, e.g. '{\"top_k\": 5}'")
     sla = parser.add_argument_group("metrics")
     sla.add_argument("--sla-rates", type=_float_list, default=[2.0, 4.0, 6.0],
                      help="tokens/s of FastGen's SLA for effective throughput (default 2,4,6)")
@@ -95,6 +117,7 @@ def run_from_args(args: argparse.Namespace, engine: dict) -> int:
         max_len=args.max_len, send_ids=args.send_ids, seed=args.seed, sla_rates=args.sla_rates,
         goodput=metrics.parse_goodput(args.goodput), hf_device=args.hf_device, hf_dtype=args.hf_dtype,
         hf_batch_size=args.hf_batch_size, plots=args.plots, progress=args.progress,
+        request_settings=_request_settings(args),
     )
     results = run(options)
     summary = {name: [{k: p.get(k) for k in ("mode", "clients", "rate", "request_throughput", "output_throughput")
@@ -106,3 +129,14 @@ def run_from_args(args: argparse.Namespace, engine: dict) -> int:
     for name in failed:
         print(f"error: {name}: {results['systems'][name]['error']}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _request_settings(args: argparse.Namespace):
+    """RequestSettings from the request flags; None when none was given (each system's default)."""
+    from splitfuse.bench.clients import RequestSettings
+
+    given = (args.temperature, args.top_p, args.ignore_eos, args.min_tokens, args.extra_body)
+    if all(value is None for value in given):
+        return None
+    return RequestSettings(temperature=args.temperature, top_p=args.top_p, ignore_eos=bool(args.ignore_eos),
+                           min_tokens=bool(args.min_tokens), extra_body=args.extra_body or {})

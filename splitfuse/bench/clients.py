@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -22,12 +23,40 @@ def _chunk_tokens(choice: dict) -> int:
     return 1 if choice.get("text") else 0
 
 
+@dataclass(frozen=True)
+class RequestSettings:
+    """What each request asks of the server besides prompt, max_tokens and streaming; a field left
+    None or False is not sent, so the server's own default applies."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    ignore_eos: bool = False
+    min_tokens: bool = False  # send min_tokens = max_tokens, so every request generates its full length
+    extra_body: dict = field(default_factory=dict)  # any other fields, sent as given (they win)
+
+    def fields(self, gen_len: int) -> dict:
+        sent = {"temperature": self.temperature, "top_p": self.top_p}
+        sent = {k: v for k, v in sent.items() if v is not None}
+        if self.ignore_eos:
+            sent["ignore_eos"] = True
+        if self.min_tokens:
+            sent["min_tokens"] = gen_len
+        return {**sent, **self.extra_body}
+
+
+# FastGen's setting: every request greedy and exactly its length (splitfuse's own server, the HF baselines)
+FIXED_LENGTH_GREEDY = RequestSettings(temperature=0.0, ignore_eos=True, min_tokens=True)
+
+
 class OpenAIClient:
-    """Streams `/v1/completions` (max_tokens = min_tokens = the request's length, ignore_eos); each token
-    is timed at its chunk's arrival, and tokens only the final usage reports at the last chunk's."""
+    """Streams `/v1/completions` with `settings` (default: greedy, max_tokens = min_tokens = the
+    request's length, ignore_eos); each token is timed at its chunk's arrival, and tokens only the
+    final usage reports at the last chunk's."""
 
     def __init__(self, base_url: str, model: str | None, name: str, send_ids: bool, api_key: str | None = None,
-                 timeout_s: float = 600.0, transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 timeout_s: float = 600.0, transport: httpx.AsyncBaseTransport | None = None,
+                 settings: RequestSettings = FIXED_LENGTH_GREEDY) -> None:
+        self.settings = settings
         self.base_url = base_url.rstrip("/")
         if not self.base_url.endswith("/v1"):
             self.base_url += "/v1"
@@ -68,8 +97,8 @@ class OpenAIClient:
 
     def body(self, request: BenchRequest, prompt: str | list[int]) -> dict:
         return {
-            "model": self.model, "prompt": prompt, "max_tokens": request.gen_len, "min_tokens": request.gen_len,
-            "ignore_eos": True, "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True},
+            "model": self.model, "prompt": prompt, "max_tokens": request.gen_len, "stream": True,
+            "stream_options": {"include_usage": True}, **self.settings.fields(request.gen_len),
         }
 
     async def send(self, request: BenchRequest) -> RequestRecord:
@@ -84,6 +113,7 @@ class OpenAIClient:
                 if reply.status_code != 200:
                     text = (await reply.aread()).decode(errors="replace")[:300]
                     record.error = f"HTTP {reply.status_code}: {text}"
+                    record.status = reply.status_code
                     return record
                 async for line in reply.aiter_lines():
                     if not line.startswith("data:"):

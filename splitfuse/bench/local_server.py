@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 
 import httpx
 
-from splitfuse.bench.clients import OpenAIClient
-from splitfuse.cli import engine_flags
+from splitfuse.bench.clients import FIXED_LENGTH_GREEDY, OpenAIClient, RequestSettings
+from splitfuse.cli import engine_flags, self_command
 
 
 class LocalServer(OpenAIClient):
@@ -20,14 +19,15 @@ class LocalServer(OpenAIClient):
     (so the client never competes with it for the GIL), measured over HTTP like any endpoint."""
 
     def __init__(self, model_dir: str, backend: str | None, engine: dict, send_ids: bool,
-                 ready_timeout: float = 600.0, name: str = "splitfuse") -> None:
-        super().__init__("http://127.0.0.1:0/v1", None, name, send_ids)
+                 ready_timeout: float = 600.0, name: str = "splitfuse",
+                 settings: RequestSettings = FIXED_LENGTH_GREEDY) -> None:
+        super().__init__("http://127.0.0.1:0/v1", None, name, send_ids, settings=settings)
         self.model_dir, self.backend, self.engine = model_dir, backend, engine
         self.ready_timeout = ready_timeout
         self.process: asyncio.subprocess.Process | None = None
 
     def command(self, port: int) -> list[str]:
-        cmd = [sys.executable, "-m", "splitfuse", "serve", self.model_dir, "--host", "127.0.0.1", "--port", str(port),
+        cmd = [*self_command(), "serve", self.model_dir, "--host", "127.0.0.1", "--port", str(port),
                "--backend", self.backend or "auto", "--max-waiting", "100000"]
         return cmd + engine_flags(self.engine)
 

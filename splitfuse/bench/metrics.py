@@ -10,7 +10,8 @@ Definitions (FastGen's and vLLM's):
 - FastGen SLA at R tokens/s: ttft <= prompt_tokens / 512 and the exponential moving average
   (span 16, pandas' `ewm(span=16).mean()` with adjust=True) of the request's itl series stays
   strictly below 1 / R at every token. A request with one output token has no itl and meets the
-  token part. Effective throughput = request throughput x fraction of requests meeting the SLA.
+  token part. Effective throughput = requests meeting the SLA / duration (a failed request
+  never meets it); sla_fraction = requests meeting it / all requests sent.
 - Cumulative variant: the same ttft test, and every token i (0-based, i >= 1) arrives at most
   i / R seconds after the first token.
 - Goodput (vLLM): completed requests meeting every given limit (ttft, tpot, e2e; each <=) per second.
@@ -37,6 +38,13 @@ class RequestRecord:
     token_times: list[float] = field(default_factory=list)
     error: str | None = None
     tokens_from_usage: int = 0  # tokens the stream did not carry one by one, counted from its usage
+    status: int | None = None  # the HTTP status of a request the server answered with an error
+
+    @property
+    def rejected(self) -> bool:
+        """The server refused the request itself (4xx other than 429, which is load): a setting it
+        does not take, not a measurement."""
+        return self.status is not None and 400 <= self.status < 500 and self.status != 429
 
     @property
     def ok(self) -> bool:
@@ -146,9 +154,9 @@ def point_metrics(records: list[RequestRecord], duration: float, rates: tuple[fl
     }
     n = len(records)
     for key, test in (("effective_throughput", meets_sla), ("effective_throughput_cumulative", meets_cumulative_sla)):
-        fractions = {_rate_key(rate): (sum(test(r, rate) for r in records) / n if n else 0.0) for rate in rates}
-        result[key] = {k: req_tput * f for k, f in fractions.items()}
-        result[key.replace("effective_throughput", "sla_fraction")] = fractions
+        met = {_rate_key(rate): sum(test(r, rate) for r in records) for rate in rates}
+        result[key] = {k: m / duration for k, m in met.items()}
+        result[key.replace("effective_throughput", "sla_fraction")] = {k: m / n if n else 0.0 for k, m in met.items()}
     if goodput_slo:
         result["goodput"] = sum(meets_goodput(r, goodput_slo) for r in records) / duration
         result["goodput_slo"] = dict(goodput_slo)

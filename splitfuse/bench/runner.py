@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from splitfuse.bench import metrics, workloads
-from splitfuse.bench.clients import OpenAIClient
+from splitfuse.bench.clients import FIXED_LENGTH_GREEDY, OpenAIClient, RequestSettings
 from splitfuse.bench.load import System, closed_loop, open_loop
 from splitfuse.bench.local_server import LocalServer
 
@@ -53,6 +53,13 @@ class BenchOptions:
     hf_batch_size: int = 32
     plots: bool = True
     progress: bool = True
+    # what requests ask the servers; None: nothing for --endpoint servers (their defaults), greedy
+    # and fixed lengths for splitfuse's own (as the HF baselines run)
+    request_settings: RequestSettings | None = None
+
+
+class RequestRejected(RuntimeError):
+    """The server refused requests outright (a field it does not take): the run measures nothing."""
 
 
 def _model_dir(options: BenchOptions) -> str:
@@ -100,12 +107,15 @@ def _systems(options: BenchOptions, model_dir: str, workload: list[workloads.Ben
              notes: dict) -> list[System]:
     systems: list[System] = []
     if options.endpoints:
-        systems += [OpenAIClient(url, options.served_model, url, send_ids, options.api_key) for url in options.endpoints]
+        settings = options.request_settings or RequestSettings()
+        systems += [OpenAIClient(url, options.served_model, url, send_ids, options.api_key, settings=settings)
+                    for url in options.endpoints]
     else:
-        systems.append(LocalServer(model_dir, options.backend, options.engine, send_ids))
+        settings = options.request_settings or FIXED_LENGTH_GREEDY
+        systems.append(LocalServer(model_dir, options.backend, options.engine, send_ids, settings=settings))
         if "no-prefix-cache" in options.baselines:  # the same server with prefix caching off
             systems.append(LocalServer(model_dir, options.backend, {**options.engine, "enable_prefix_caching": False},
-                                       send_ids, name="splitfuse-no-prefix-cache"))
+                                       send_ids, name="splitfuse-no-prefix-cache", settings=settings))
     from splitfuse.bench import hf_baseline
 
     device, dtype = hf_settings(options)
@@ -133,7 +143,8 @@ async def _run_system(system: System, options: BenchOptions, workload, warm, bar
     try:
         await system.start()
         if warm:
-            await closed_loop(system, warm, max(1, min(len(warm), max(options.clients or [1]))))
+            records, _ = await closed_loop(system, warm, max(1, min(len(warm), max(options.clients or [1]))))
+            check_served(records, "warmup")
         points = []
         for point in _points(options):
             label = f"clients={point['clients']}" if point["mode"] == "closed" else f"rate={point['rate']:g}/s"
@@ -142,11 +153,24 @@ async def _run_system(system: System, options: BenchOptions, workload, warm, bar
                 records, duration = await closed_loop(system, workload, point["clients"], bar)
             else:
                 records, duration = await open_loop(system, workload, point["rate"], options.seed, bar)
+            check_served(records, label)
             points.append({**point, **metrics.point_metrics(records, duration, tuple(options.sla_rates),
                                                             options.goodput)})
-        return {"points": points}
+        settings = getattr(system, "settings", None)  # the HF baselines are always greedy, fixed lengths
+        return {"points": points, **({"request_settings": asdict(settings)} if settings is not None else {})}
     finally:
         await system.close()
+
+
+def check_served(records: list[metrics.RequestRecord], label: str) -> None:
+    """Raise when the server rejected a request or none completed: such a point measures nothing."""
+    rejected = [r for r in records if r.rejected]
+    if rejected:
+        raise RequestRejected(f"{label}: the server rejected {len(rejected)} of {len(records)} requests; the "
+                              f"first: {rejected[0].error} (see --temperature, --top-p, --ignore-eos, --min-tokens, "
+                              "--extra-body for what is sent)")
+    if not any(r.ok for r in records):
+        raise RuntimeError(f"{label}: no request completed; the first error: {records[0].error}")
 
 
 def _cpu_name() -> str:

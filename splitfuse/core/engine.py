@@ -12,8 +12,15 @@ from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.core.batch import build_batch
 from splitfuse.core.detokenizer import IncrementalDetokenizer
 from splitfuse.core.kv_blocks import BlockManager
+from splitfuse.core.logprobs import (
+    PromptRows,
+    first_output_prompt_logprobs,
+    prompt_rows,
+    record_prompt_logprobs,
+    token_logprobs,
+)
 from splitfuse.core.request import RequestOutput, Sequence, TokenLogprob
-from splitfuse.core.sampler import SamplingBatch, compute_logprobs
+from splitfuse.core.sampler import SamplingBatch
 from splitfuse.core.scheduler import Scheduler, StepPlan
 
 
@@ -50,6 +57,7 @@ class EngineSettings:
     max_model_len: int
     dtype: str  # "float32", "bfloat16", ...
     backend: str  # the backend's own description (name, device)
+    quantization: str | None = None  # the weights' quantization in effect ("int4", "gptq int4 (group 128)", ...)
 
 
 @dataclass(frozen=True)
@@ -99,7 +107,8 @@ class Engine:
         backend.warm_up(model, self.kv_cache, config, max_model_len, block_size)
         self.scheduler = Scheduler(config.token_budget, config.max_seqs, self.blocks, recompute_at)
         self.settings = EngineSettings(block_size, num_kv_blocks, max_model_len,
-                                       str(model.dtype).removeprefix("torch."), backend.describe())
+                                       str(model.dtype).removeprefix("torch."), backend.describe(),
+                                       getattr(model, "quantization", None))
         self.requests: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self._ids = itertools.count()
@@ -160,15 +169,16 @@ class Engine:
     def _check_admissible(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise AdmissionError("prompt is empty: give at least one token")
+        if params.prompt_logprobs is not None and self.parallel is not None:
+            # the worker ranks run lm_head on the sampled rows only
+            raise AdmissionError("prompt_logprobs is not supported with tensor_parallel_size > 1 yet")
         vocab = self.model.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise AdmissionError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         if len(prompt_ids) >= self.max_model_len:
-            raise AdmissionError(
-                f"prompt has {len(prompt_ids)} tokens but max_model_len is {self.max_model_len}: "
-                f"shorten the prompt to at most {self.max_model_len - 1} tokens or raise max_model_len"
-            )
+            raise AdmissionError(f"prompt has {len(prompt_ids)} tokens but max_model_len is {self.max_model_len}: "
+                                 + self._too_long_advice())
         longest = min(self.max_model_len, len(prompt_ids) + params.max_new_tokens)
         capacity = self.blocks.num_blocks * self.blocks.block_size
         if longest > capacity:
@@ -176,6 +186,15 @@ class Engine:
                 f"prompt + max_new_tokens needs {longest} tokens of KV cache but it holds {capacity}: "
                 "lower max_new_tokens or give the cache more blocks (num_kv_blocks / kv_cache_gib)"
             )
+
+    def _too_long_advice(self) -> str:
+        """What can be done about a prompt that does not fit: raising max_model_len only helps below
+        the model's own position limit."""
+        limit = getattr(self.model, "position_limit", self.max_model_len)
+        shorten = f"shorten the prompt to at most {self.max_model_len - 1} tokens (keep its end, say)"
+        if self.max_model_len < limit:
+            return f"{shorten}, or raise max_model_len (up to the model's limit of {limit})"
+        return f"{shorten}; this model reads at most {limit} positions, so a longer max_model_len cannot help"
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its KV blocks; False if it is unknown or already done."""
@@ -254,15 +273,17 @@ class Engine:
         """([(part, tokens, logprobs)], [(sequence, error)]): when the forward raises, halves of the
         batch run again until each failing sequence is alone (bisection), so one bad request fails
         alone. A rerun writes the same K/V at the same positions, so the others' tokens do not change."""
-        draws = [item.sequence.num_draws for item in plan.items]
+        # What a forward pass advances on a sequence before it can fail: restored for the rerun.
+        saved = [(item.sequence.num_draws, len(item.sequence.prompt_logprobs)) for item in plan.items]
         try:
             tokens, logprobs = self._forward(plan, [item.sequence for item in plan.items if item.samples])
             return [(plan, tokens, logprobs)], []
         except Exception as exc:
             if self.parallel is not None:
                 raise  # the ranks may be out of step: no rerun is safe
-            for item, num in zip(plan.items, draws):  # a rerun samples with the same counters
-                item.sequence.num_draws = num
+            for item, (num_draws, num_scored) in zip(plan.items, saved):  # a rerun samples with the same counters
+                item.sequence.num_draws = num_draws
+                del item.sequence.prompt_logprobs[num_scored:]
             if len(plan.items) == 1:
                 return [], [(plan.items[0].sequence, exc)]
         half = len(plan.items) // 2
@@ -285,6 +306,7 @@ class Engine:
                 request_id=seq.request_id, new_token_ids=[result.token], new_text=result.text,
                 finished=result.finish_reason is not None, finish_reason=result.finish_reason,
                 new_logprobs=[logprob] if logprob is not None else [], num_cached_tokens=seq.num_cached_tokens or 0,
+                prompt_logprobs=first_output_prompt_logprobs(seq),
             ))
         return outputs
 
@@ -294,13 +316,23 @@ class Engine:
             self.parallel.broadcast_step(host_meta)
         meta = self.backend.prepare_batch(host_meta)
         hidden = self.backend.forward(self.model, meta, self.kv_cache)
-        logits = self.model.logits(hidden[meta.sample_index]).float()
+        logits = self._logits(hidden, meta.sample_index, prompt_rows(plan))
         batch = self._sampling_batch(sampled)
         tokens = self.backend.sample(logits, batch)
         for seq in sampled:
             seq.num_draws += 1
         logprobs = self._logprobs(logits, tokens, sampled, batch.num_logprobs)
         return tokens.tolist(), logprobs
+
+    def _logits(self, hidden: torch.Tensor, sample_index: torch.Tensor, scored: PromptRows | None) -> torch.Tensor:
+        """Logits [S', V] of the sampled rows; prompt rows that requests score share the lm_head call."""
+        if scored is None:
+            return self.model.logits(hidden[sample_index]).float()
+        rows = torch.cat([sample_index, torch.tensor(scored.rows, dtype=sample_index.dtype).to(sample_index.device)])
+        logits = self.model.logits(hidden[rows]).float()
+        num_sampled = sample_index.numel()
+        record_prompt_logprobs(scored, logits[num_sampled:])
+        return logits[:num_sampled]
 
     def _sampling_batch(self, sampled: list[Sequence]) -> SamplingBatch:
         suppressed = []
@@ -320,16 +352,4 @@ class Engine:
     def _logprobs(self, logits, tokens, sampled, num_top) -> list[TokenLogprob | None]:
         if num_top < 0:
             return [None] * len(sampled)
-        chosen, top_values, top_ids = compute_logprobs(logits, torch.as_tensor(tokens, device=logits.device), num_top)
-        chosen = chosen.tolist()
-        top_values = top_values.tolist() if top_values is not None else None
-        top_ids = top_ids.tolist() if top_ids is not None else None
-        out = []
-        for row, seq in enumerate(sampled):
-            want = seq.params.logprobs
-            if want is None:
-                out.append(None)
-                continue
-            top = dict(zip(top_ids[row][:want], top_values[row][:want])) if want and top_ids else {}
-            out.append(TokenLogprob(token_id=int(tokens[row]), logprob=chosen[row], top=top))
-        return out
+        return token_logprobs(logits, tokens.tolist(), [seq.params.logprobs for seq in sampled])

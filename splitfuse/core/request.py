@@ -36,6 +36,9 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens the request found in the prefix cache
+    # With SamplingParams.prompt_logprobs, on the request's first output: one entry per prompt
+    # token, None for the first (nothing precedes it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass(eq=False)
@@ -56,6 +59,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # of prompt tokens 1, 2, ... scored so far
     last_scheduled_step: int = -1
     seed: int | None = None  # sampled requests: the request's seed, else a random one; greedy: None
     num_draws: int = 0  # tokens sampled so far: the counter of the next draw from seed's stream

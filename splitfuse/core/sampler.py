@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from splitfuse.config import is_greedy
-from splitfuse.core.philox import exponential, noise_offsets, philox
+from splitfuse.core.philox import exponential, philox, seed_to_int64
 
 # the kernel clamps a kept token's key here, so a kept token always beats a dropped one (-inf)
 _LOWEST_KEY = -3.4e38
@@ -91,33 +91,76 @@ def apply_suppression(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tenso
     return logits
 
 
+# noise values made at once: small enough that the Philox rounds' int64 temporaries stay in cache
+_NOISE_ELEMENTS = 1 << 15
+
+
 def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """logits [S', V] float32 -> next token ids [S'] int64."""
+    """logits [S', V] float32 -> next token ids [S'] int64; every sampled row in one pass."""
     logits = apply_suppression(logits, batch)
     greedy = logits.argmax(dim=-1)
     if batch.all_greedy:
         return greedy
-    tokens = greedy.clone()
-    for row in range(logits.shape[0]):
-        if batch.is_greedy_row(row):
-            continue
-        tokens[row] = _draw(logits[row], batch.temperatures[row], batch.top_ks[row], batch.top_ps[row],
-                            batch.seed_of(row), batch.counters[row])
-    return tokens
+    rows = [row for row in range(logits.shape[0]) if not batch.is_greedy_row(row)]
+    index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+    drawn = _draw(logits.index_select(0, index), [batch.temperatures[r] for r in rows],
+                  [batch.top_ks[r] for r in rows], [batch.top_ps[r] for r in rows],
+                  [batch.seed_of(r) for r in rows], [batch.counters[r] for r in rows])
+    return greedy.index_copy(0, index, drawn)
 
 
-def _draw(row_logits: torch.Tensor, temperature: float, top_k: int, top_p: float, seed: int,
-          counter: int) -> torch.Tensor:
-    """One token of the kept set (a 0-d tensor on the logits' device, no host sync) by the
-    exponential race, key for key as the Triton kernel.
+def _draw(logits: torch.Tensor, temperatures: list[float], top_ks: list[int], top_ps: list[float],
+          seeds: list[int], counters: list[int]) -> torch.Tensor:
+    """One token per row of logits [R, V] from its kept set (int64 [R]), by the exponential race,
+    key for key as the Triton kernel.
 
     argmax over kept tokens of logit / T - log(E), E ~ Exp(1): picks token i with probability
-    softmax(logit / T) over the kept set, with no cumsum; ties go to the lowest token id."""
-    kept = _filtered_logits(row_logits, temperature, top_k, top_p) > float("-inf")
-    inv_t = float(1.0 / torch.tensor(temperature, dtype=torch.float32))  # the kernel's float32 1 / T
-    noise = exponential(seed, noise_offsets(counter, row_logits.shape[-1])).to(row_logits.device)
-    keys = (row_logits * inv_t - torch.log(noise)).clamp_min(_LOWEST_KEY)
-    return torch.where(kept, keys, float("-inf")).argmax()
+    softmax(logit / T) over the kept set, with no cumsum; ties go to the lowest token id. Noise is
+    made for kept tokens only (a pure function of seed, counter and token id), so top-k and top-p
+    rows cost what they keep."""
+    device, (num_rows, vocab) = logits.device, logits.shape
+    temps = torch.tensor(temperatures, dtype=torch.float32, device=device)
+    row, token = (filter_logits(logits, temps, top_ks, top_ps) > float("-inf")).nonzero(as_tuple=True)
+    keys = logits[row, token] * (1.0 / temps)[row]  # the kernel's float32 1 / T
+    row_cpu, token_cpu = row.cpu(), token.cpu()
+    seed = torch.tensor([seed_to_int64(s) for s in seeds], dtype=torch.int64)[row_cpu]
+    offset = torch.tensor(counters, dtype=torch.int64)[row_cpu] * vocab + token_cpu  # noise_offsets' layout
+    log_noise = torch.empty(row.numel(), dtype=torch.float32)
+    for lo in range(0, row.numel(), _NOISE_ELEMENTS):
+        part = slice(lo, lo + _NOISE_ELEMENTS)
+        log_noise[part] = torch.log(exponential(seed[part], offset[part]))
+    keys = (keys - log_noise.to(device)).clamp_min(_LOWEST_KEY)
+    best = torch.full((num_rows,), float("-inf"), device=device).scatter_reduce(0, row, keys, "amax")
+    at_best = keys == best[row]
+    return torch.full((num_rows,), vocab, dtype=torch.int64, device=device).scatter_reduce(
+        0, row[at_best], token[at_best], "amin")
+
+
+def filter_logits(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: list[int],
+                  top_ps: list[float]) -> torch.Tensor:
+    """Logits [R, V] / each row's temperature, with -inf at the tokens its top-k and top-p drop
+    (HF's rules); rows with different settings in one pass."""
+    scaled = logits / temperatures[:, None]
+    vocab = scaled.shape[-1]
+    k_rows = [row for row, k in enumerate(top_ks) if 0 < k < vocab]
+    if k_rows:
+        index = torch.tensor(k_rows, dtype=torch.int64, device=scaled.device)
+        ks = torch.tensor([top_ks[r] for r in k_rows], dtype=torch.int64, device=scaled.device)
+        part = scaled.index_select(0, index)
+        kth = torch.topk(part, max(top_ks[r] for r in k_rows), dim=-1).values.gather(1, (ks - 1)[:, None])
+        scaled.index_copy_(0, index, part.masked_fill(part < kth, float("-inf")))  # ties at the kth stay
+    p_rows = [row for row, p in enumerate(top_ps) if p < 1.0]
+    if p_rows:
+        # Keep the smallest set of most likely tokens whose mass reaches top_p (HF's rule).
+        index = torch.tensor(p_rows, dtype=torch.int64, device=scaled.device)
+        limits = torch.tensor([1 - top_ps[r] for r in p_rows], dtype=torch.float32, device=scaled.device)
+        part = scaled.index_select(0, index)
+        sorted_logits, order = torch.sort(part, dim=-1, descending=False)
+        drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= limits[:, None]
+        drop_sorted[:, -1] = False
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        scaled.index_copy_(0, index, part.masked_fill(drop, float("-inf")))
+    return scaled
 
 
 def _filtered_probs(row_logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -125,20 +168,9 @@ def _filtered_probs(row_logits: torch.Tensor, temperature: float, top_k: int, to
 
 
 def _filtered_logits(row_logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Logits / temperature with -inf at the tokens top-k and top-p drop."""
-    scaled = row_logits / temperature
-    if 0 < top_k < scaled.shape[-1]:
-        kth = torch.topk(scaled, top_k).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    if top_p < 1.0:
-        # Keep the smallest set of most likely tokens whose mass reaches top_p (HF's rule).
-        sorted_logits, order = torch.sort(scaled, descending=False)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cumulative <= 1 - top_p
-        drop_sorted[-1] = False
-        drop = drop_sorted.scatter(0, order, drop_sorted)
-        scaled = scaled.masked_fill(drop, float("-inf"))
-    return scaled
+    """One row's logits / temperature with -inf at the tokens top-k and top-p drop."""
+    temps = torch.tensor([temperature], dtype=torch.float32, device=row_logits.device)
+    return filter_logits(row_logits[None], temps, [top_k], [top_p])[0]
 
 
 def compute_logprobs(logits: torch.Tensor, tokens: torch.Tensor, num_top: int):

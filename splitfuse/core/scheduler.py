@@ -180,8 +180,8 @@ class Scheduler:
     def _cached_prefix(self, seq: Sequence) -> tuple[list[int], BlockHash | None]:
         """(cached blocks for seq's leading full blocks, the hash of its first full block after
         them or None); at least the last token is always left to compute."""
-        if not self.blocks.enable_caching:
-            return [], None
+        if not self.blocks.enable_caching or seq.params.prompt_logprobs is not None:
+            return [], None  # scoring the prompt needs every position computed (it still fills the cache)
         num_blocks = (len(seq.token_ids) - 1) // self.blocks.block_size
         hashes = hash_blocks(seq.token_ids, self.blocks.block_size, num_blocks, seq.block_hashes)[:num_blocks]
         cached = self.blocks.cached_prefix(hashes)

@@ -58,6 +58,11 @@ class CausalLM:
         self.weights: dict[str, torch.Tensor] = {}
         self._parts: dict[str, dict[int, torch.Tensor]] = {}
 
+    @property
+    def position_limit(self) -> int:
+        """The most positions the model was trained for: max_model_len can be raised up to it."""
+        return getattr(self.config, "max_position_embeddings", None) or self.max_model_len
+
     # ---- hooks the engine calls ----------------------------------------------------------------
     def recompute_kv_at_length(self) -> int | None:
         """A sequence reaching this many tokens has its cached K/V recomputed; None: never.

@@ -12,7 +12,8 @@ import torch
 
 from splitfuse.parallel.shard import SINGLE, Shard
 from splitfuse.plugins.manager import get_plugin_manager
-from splitfuse.quant.gptq import GptqConfig, UnsupportedQuantization, load_gptq_weights, read_quantization_config
+from splitfuse.quant.checkpoint import UnsupportedQuantization, load_quantized_weights, read_quantization_config
+from splitfuse.quant.packed import Int4Checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAMPLING_DEFAULT_KEYS = ("temperature", "top_k", "top_p")
@@ -71,7 +72,7 @@ def load_model(path: str | Path, backend, dtype: str = "auto", max_model_len: in
             f"architecture {architectures or '(none given)'} is not supported; supported: "
             + ", ".join(registry.names())
         )
-    gptq = _checkpoint_quantization(hf_config, quantization, shard)
+    quantized = _checkpoint_quantization(hf_config, quantization, shard)
     files = _safetensors_files(path)
     limit = getattr(hf_config, "max_position_embeddings", None) or 4096
     if max_model_len and max_model_len > limit:
@@ -82,9 +83,9 @@ def load_model(path: str | Path, backend, dtype: str = "auto", max_model_len: in
     model = registry.get(arch)(hf_config, backend, resolve_dtype(dtype, backend), max_model_len)
     if shard.size > 1:
         _shard_model(model, arch, shard)
-    if gptq is not None:
+    if quantized is not None:
         try:
-            load_gptq_weights(model, _stream_tensors(files), gptq, backend)
+            load_quantized_weights(model, _stream_tensors(files), quantized, backend)
         except UnsupportedQuantization as exc:
             raise ModelLoadError(str(exc)) from None
     else:
@@ -115,8 +116,8 @@ def _safetensors_files(path: Path) -> list[Path]:
     raise ModelLoadError(f"{str(path)!r} has no *.safetensors weight files")
 
 
-def _checkpoint_quantization(hf_config, quantization: str | None, shard: Shard) -> GptqConfig | None:
-    """The checkpoint's GPTQ settings (None: not quantized), or refuse what cannot be served."""
+def _checkpoint_quantization(hf_config, quantization: str | None, shard: Shard) -> Int4Checkpoint | None:
+    """The checkpoint's quantization format (None: not quantized), or refuse what cannot be served."""
     config = getattr(hf_config, "quantization_config", None)
     if config is None:
         return None
@@ -169,7 +170,13 @@ def _load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     has_files = any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code) if has_files else None
+    if not has_files:
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    # The engine checks lengths against max_model_len itself and says what to do; without this,
+    # transformers warns "Token indices sequence length is longer than..." before that message.
+    tokenizer.model_max_length = int(1e30)
+    return tokenizer
 
 
 def _read_json(file: Path) -> dict:

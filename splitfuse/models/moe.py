@@ -4,7 +4,8 @@ sigmoid gate, dense layers by `mlp_only_layers` / `decoder_sparse_step`).
 Each sparse layer keeps its experts stacked, gate_up [E, 2I, H] and down [E, H, I], and runs them
 with the backend's `moe_experts` op after `moe_route` picked each token's top-k.
 Checkpoints may hold one tensor per expert (what transformers' save_pretrained writes) or the
-stacked tensors (transformers' in-memory layout); both load.
+stacked tensors (transformers' in-memory layout); both load. Quantized experts (on-the-fly, or
+GPTQ/AWQ per-expert tensors) are ExpertWeights instead, run through the backend's `linear`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from splitfuse.models.llama import LlamaForCausalLM
 from splitfuse.models.weight_tables import COLUMN, ROW, STACKED_EXPERTS, Weight, fused
+from splitfuse.quant.experts import ExpertWeights, quantized_moe_experts
 
 
 def per_expert_weights(gate: str, up: str, down: str) -> dict[str, Weight]:
@@ -40,6 +42,7 @@ class _SparseMoeLM(LlamaForCausalLM):
     num_experts: int
     top_k: int
     renormalize: bool
+    loads_quantized_weights = True  # load_weights leaves quantized experts (ExpertWeights) as they are
 
     # dense layers keep Llama's MLP; a sparse one holds a router and the experts instead
     layer_weights = {
@@ -61,7 +64,8 @@ class _SparseMoeLM(LlamaForCausalLM):
         for i in self.sparse_layers:
             for name in (f"layers.{i}.experts.gate_up", f"layers.{i}.experts.down"):
                 w = self.weights[name]  # per-expert parts arrive concatenated along dim 0
-                self.weights[name] = w.view(self.num_experts, -1, w.shape[-1])
+                if isinstance(w, torch.Tensor):
+                    self.weights[name] = w.view(self.num_experts, -1, w.shape[-1])
 
     # ---- forward ---------------------------------------------------------------------------
     def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +76,14 @@ class _SparseMoeLM(LlamaForCausalLM):
     def sparse_mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         ops, p = self.backend, f"layers.{layer}."
         weights, ids = ops.moe_route(ops.linear(x, self.weights[p + "router.weight"]), self.top_k, self.renormalize)
-        return ops.moe_experts(x, weights, ids, self.weights[p + "experts.gate_up"], self.weights[p + "experts.down"])
+        return self.routed_experts(layer, x, weights, ids)
+
+    def routed_experts(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum for x [T, H] (stacked float or quantized experts)."""
+        gate_up, down = self.weights[f"layers.{layer}.experts.gate_up"], self.weights[f"layers.{layer}.experts.down"]
+        if isinstance(gate_up, ExpertWeights) or isinstance(down, ExpertWeights):
+            return quantized_moe_experts(self.backend, x, weights, ids, gate_up, down)
+        return self.backend.moe_experts(x, weights, ids, gate_up, down)
 
 
 class MixtralForCausalLM(_SparseMoeLM):
@@ -128,7 +139,7 @@ class Qwen2MoeForCausalLM(_SparseMoeLM):
         ops, w, p = self.backend, self.weights, f"layers.{layer}."
         weights, ids = ops.moe_route(ops.linear(x, w[p + "router.weight"]), self.top_k, self.renormalize)
         # HF casts the routing weights to the activations' dtype before weighing the experts
-        routed = ops.moe_experts(x, weights.to(x.dtype), ids, w[p + "experts.gate_up"], w[p + "experts.down"])
+        routed = self.routed_experts(layer, x, weights.to(x.dtype), ids)
         if not self.has_shared_expert:
             return routed
         shared = ops.linear(ops.silu_and_mul(ops.linear(x, w[p + "shared.gate_up.weight"])),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -24,6 +25,7 @@ from splitfuse.serving.bridge import (
     EngineStopped,
     QueueFull,
     ReplicaLost,
+    Replayed,
     RequestGroup,
 )
 from splitfuse.serving.disconnect import unless_disconnected
@@ -131,12 +133,14 @@ class _Handlers:
                 "completion); reduce the prompt or max_tokens", param="max_tokens", code="context_length_exceeded")
         return max_tokens
 
-    def params(self, req: SamplingFields, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
+    def params(self, req: SamplingFields, max_tokens: int, logprobs: int | None, choice: int,
+               prompt_logprobs: int | None = None) -> SamplingParams:
         if req.min_tokens > max_tokens:  # checked here so the 400 names the client's field
             raise APIError(400, f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens})",
                            param="min_tokens")
         request = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_new_tokens=max_tokens,
                        min_new_tokens=req.min_tokens, ignore_eos=req.ignore_eos, stop=req.stop, logprobs=logprobs,
+                       prompt_logprobs=prompt_logprobs,
                        # Each of the n choices gets its own seed, so seeded choices differ yet are reproducible.
                        seed=None if req.seed is None else req.seed + choice)
         try:
@@ -165,8 +169,13 @@ class _Handlers:
     async def collect(self, group: RequestGroup, tracker: Tracker, num: int) -> list[list]:
         """All outputs of a group, per choice; an engine failure becomes a 500."""
         outputs: list[list] = [[] for _ in range(num)]
+        group.replayable = True  # nothing reaches the client before the end: a replica's death is survivable
         try:
             async for index, out in group:
+                if out is Replayed:  # the choice starts over on another replica
+                    outputs[index].clear()
+                    tracker.replay(index)
+                    continue
                 tracker.token(index, out)
                 outputs[index].append(out)
         except (ReplicaLost, EngineClosed) as exc:
@@ -192,6 +201,12 @@ class _Handlers:
             offset += len(text)
         return result
 
+    def echo_logprobs(self, prompt_ids: list[int], entries: list[TokenLogprob | None]) -> CompletionLogprobs:
+        """The echoed prompt's tokens as OpenAI gave them: the first one has no log-probability."""
+        first = self.token_text(prompt_ids[0])
+        head = CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None], text_offset=[0])
+        return head.extend(self.completion_logprobs(entries[1:], len(first)))
+
     def chat_logprobs(self, lps: list[TokenLogprob]) -> ChatLogprobs:
         def entry(token_id: int, value: float) -> dict:
             text = self.token_text(token_id)
@@ -211,39 +226,56 @@ class _Handlers:
             prompts = [prompts]
         if not prompts:
             raise APIError(400, "prompt is empty", param="prompt")
+        score_only = req.max_tokens == 0
+        if score_only and not req.echo:
+            raise APIError(400, "max_tokens 0 generates nothing: it is only allowed with echo true, to score the "
+                           "prompt (give logprobs too)", param="max_tokens")
+        # echo with logprobs: the prompt tokens' log-probabilities too (OpenAI's legacy completions)
+        prompt_logprobs = req.logprobs if req.echo else None
         encoded = [await self.encode(p) for p in prompts]
         requests, echoes = [], []
         for prompt, ids in zip(prompts, encoded):
-            max_tokens = self.budget(ids, req.max_tokens, "prompt")
+            # max_tokens 0: the step that ends the prompt samples a token anyway; it is dropped
+            max_tokens = self.budget(ids, 1 if score_only else req.max_tokens, "prompt")
             echo = (prompt if isinstance(prompt, str) else await self.tokenizing.decode(ids)) if req.echo else ""
             for choice in range(req.n):
-                requests.append((ids, self.params(req, max_tokens, req.logprobs, choice)))
+                requests.append((ids, self.params(req, max_tokens, req.logprobs, choice, prompt_logprobs)))
                 echoes.append(echo)
         tracker = self.metrics.tracker([len(ids) for ids in encoded], req.n)
         group = await self.submit(requests, "prompt")
+        if score_only:
+            group = _PromptOnly(group)
         if req.stream:
-            return self._stream(self._completion_chunks(group, tracker, req, echoes))
+            return self._stream(self._completion_chunks(group, tracker, req, echoes, [ids for ids, _ in requests]))
         outputs = await unless_disconnected(raw, self.collect(group, tracker, len(requests)))
         if outputs is None:
             return Response(status_code=CLIENT_CLOSED)
         choices = []
         for index, outs in enumerate(outputs):
             text = echoes[index] + "".join(o.new_text for o in outs)
-            lps = [lp for o in outs for lp in o.new_logprobs]
-            choices.append(CompletionChoice(
-                index=index, text=text, finish_reason=outs[-1].finish_reason,
-                logprobs=self.completion_logprobs(lps, len(echoes[index])) if req.logprobs is not None else None))
+            lps = None
+            if req.logprobs is not None:
+                lps = self.completion_logprobs([lp for o in outs for lp in o.new_logprobs], len(echoes[index]))
+                if req.echo:
+                    lps = self.echo_logprobs(requests[index][0], outs[0].prompt_logprobs).extend(lps)
+            choices.append(CompletionChoice(index=index, text=text, finish_reason=outs[-1].finish_reason, logprobs=lps))
         return CompletionResponse(model=self.model_name, choices=choices, usage=tracker.usage())
 
-    async def _completion_chunks(self, group, tracker, req, echoes) -> AsyncIterator[str]:
+    async def _completion_chunks(self, group, tracker, req, echoes, prompt_ids) -> AsyncIterator[str]:
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         offsets = [len(e) for e in echoes]
+        # with logprobs, a choice's echo waits for its first output, which brings the prompt's log-probabilities
+        echo_first = req.logprobs is None
         for index, echo in enumerate(echoes):
-            if echo:
+            if echo and echo_first:
                 yield _sse(CompletionChunk(**head, choices=[CompletionChoice(index=index, text=echo)]))
         try:
             async for index, out in group:
                 tracker.token(index, out)
+                if req.echo and not echo_first and out.prompt_logprobs is not None:
+                    yield _sse(CompletionChunk(**head, choices=[CompletionChoice(
+                        index=index, text=echoes[index],
+                        logprobs=self.echo_logprobs(prompt_ids[index], out.prompt_logprobs))]))
                 if not out.new_text and not out.finished and req.logprobs is None:
                     continue  # a token whose text is still held back; with logprobs it is still sent
                 lps = None
@@ -325,6 +357,27 @@ class _Handlers:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+class _PromptOnly:
+    """A request group whose one sampled token is dropped: max_tokens 0 scores the prompt only."""
+
+    def __init__(self, group: RequestGroup) -> None:
+        self.group = group
+
+    def __aiter__(self):
+        return self._outputs()
+
+    async def _outputs(self):
+        async for index, out in self.group:
+            yield index, dataclasses.replace(out, new_token_ids=[], new_text="", new_logprobs=[],
+                                             finish_reason="length" if out.finished else None)
+
+    def abort(self) -> None:
+        self.group.abort()
+
+    async def aclose(self) -> None:
+        self.group.abort()
+
+
 def _unparsable_body(cause: BaseException | None) -> tuple[str, str] | None:
     """(message, code) saying why FastAPI could not parse a body as JSON, where it says only that it could not."""
     if isinstance(cause, UnicodeDecodeError):
@@ -392,7 +445,10 @@ def create_app(engine: EngineFront, model_name: str, tokenizer, api_key: str | N
     async def models():
         return {"object": "list", "data": [{
             "id": model_name, "object": "model", "created": handlers.created, "owned_by": "splitfuse",
-            "max_model_len": engine.max_model_len}]}
+            "max_model_len": engine.max_model_len,
+            # what an unset temperature/top_p/top_k becomes: the model's generation_config.json
+            "sampling_defaults": {k: v for k, v in engine.sampling_defaults.items()
+                                  if k in ("temperature", "top_p", "top_k")}}]}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):

@@ -24,7 +24,19 @@ from splitfuse.serving.routes import Routes
 log = logging.getLogger("splitfuse.serving")
 
 __all__ = ["AsyncEngine", "EngineClosed", "EngineError", "EngineFront", "EngineStopped", "QueueFull",
-           "ReplicaLost", "RequestGroup"]
+           "ReplicaLost", "Replayed", "RequestGroup"]
+
+
+class Replayed:
+    """Yielded as (index, Replayed) by a replayable group: choice `index` starts over on another
+    engine, so its outputs so far are void."""
+
+
+class GroupQueue(asyncio.Queue):
+    """The outputs of one group; replayable: its consumer shows nothing before the end, so a choice
+    may be run again from scratch when its engine dies."""
+
+    replayable = False
 
 
 @dataclass
@@ -33,11 +45,21 @@ class RequestGroup:
 
     engine: EngineFront
     request_ids: list[str]
-    queue: asyncio.Queue
+    queue: GroupQueue
     _open: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self._open = set(self.request_ids)
+
+    @property
+    def replayable(self) -> bool:
+        return self.queue.replayable
+
+    @replayable.setter
+    def replayable(self, value: bool) -> None:
+        """Set by a consumer that sends nothing before the end: a replica's death then replays its
+        choices elsewhere (each announced by (index, Replayed)) instead of failing them."""
+        self.queue.replayable = value
 
     def __aiter__(self) -> RequestGroup:
         return self
@@ -54,7 +76,7 @@ class RequestGroup:
         if isinstance(payload, BaseException):
             self.abort()  # the sibling choices cannot make a complete response either
             raise payload
-        if payload.finished:
+        if payload is not Replayed and payload.finished:
             self._open.discard(payload.request_id)
         return index, payload
 
@@ -79,6 +101,8 @@ class EngineFront(abc.ABC):
     stats: EngineStats  # the latest the engine published
     ready: bool  # accepting requests and able to serve them
     max_waiting: int
+    restarts: int = 0  # engines launched again after dying (replica pools)
+    retries: int = 0  # requests resent to another engine after theirs died (replica pools)
 
     def __init__(self) -> None:
         self.lock = threading.Lock()  # the routes of every engine behind this front
@@ -91,7 +115,7 @@ class EngineFront(abc.ABC):
         if not self._accepting:
             raise EngineStopped("the server is shutting down")
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = GroupQueue()
         base = prefix or f"r{next(self._ids)}"
         group = AddGroup(next(self._groups), [(list(ids), params, f"{base}-{i}")
                                               for i, (ids, params) in enumerate(requests)])
@@ -128,7 +152,7 @@ class EngineFront(abc.ABC):
         """Stop a request and free its KV blocks; a finished or unknown one needs nothing."""
 
 
-class _CommandQueue:
+class CommandQueue:
     """Commands from any thread to the engine thread, under a condition variable."""
 
     def __init__(self) -> None:
@@ -165,7 +189,7 @@ class AsyncEngine(EngineFront):
         self.engine = engine
         self.stats: EngineStats = engine.stats()  # replaced whole by the engine thread: readers need no lock
         self._routes = Routes(self.lock)
-        self._commands = _CommandQueue()
+        self._commands = CommandQueue()
         self._loop = EngineLoop(engine, self._commands, self, max_waiting)
         self._thread = threading.Thread(target=self._serve, name="splitfuse-engine", daemon=True)
         self._thread.start()

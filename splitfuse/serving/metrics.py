@@ -33,6 +33,7 @@ class Metrics:
             lambda: engine.stats.kv_blocks_used)
         Gauge("splitfuse_kv_blocks_total", "KV cache blocks in all", registry=r).set_function(
             lambda: engine.stats.kv_blocks_total)
+        r.register(_FaultCounters(engine))
         r.register(_EngineCounter("splitfuse_preemptions", "sequences preempted (KV full) and recomputed",
                                   lambda: engine.stats.preemptions))
         self.ttft = Histogram("splitfuse_time_to_first_token_seconds", "request arrival to first token",
@@ -56,6 +57,19 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class _FaultCounters:
+    """Replica restarts and resent requests: the engine front counts them, the scrape reads them."""
+
+    def __init__(self, engine: EngineFront) -> None:
+        self.engine = engine
+
+    def collect(self):
+        yield CounterMetricFamily("splitfuse_replica_restarts", "replicas launched again after dying",
+                                  value=self.engine.restarts)
+        yield CounterMetricFamily("splitfuse_requests_retried",
+                                  "requests resent to another replica after theirs died", value=self.engine.retries)
+
+
 class _EngineCounter:
     """A counter the engine keeps (its published stats), read at scrape time."""
 
@@ -77,7 +91,7 @@ class Tracker:
         total = len(self.prompt_lens) * num_choices
         self.last: list[float | None] = [None] * total
         self.cached: list[int] = [0] * total  # prompt tokens each choice found in the prefix cache
-        self.completion_tokens = 0
+        self.generated: list[int] = [0] * total  # tokens each choice has received
 
     def token(self, index: int, out) -> None:
         """One RequestOutput of choice `index` arrived."""
@@ -91,10 +105,18 @@ class Tracker:
         else:
             self.metrics.itl.observe(now - previous)
         self.last[index] = now
-        self.completion_tokens += len(out.new_token_ids)
+        self.generated[index] += len(out.new_token_ids)
         self.metrics.generation_tokens.inc(len(out.new_token_ids))
         if out.finish_reason is not None:
             self.metrics.requests.labels(out.finish_reason).inc()
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self.generated)
+
+    def replay(self, index: int) -> None:
+        """Choice `index` starts over on another engine: its tokens so far do not count in usage."""
+        self.generated[index] = 0
 
     def usage(self) -> Usage:
         """OpenAI's usage: each prompt counted once, its cached tokens as its first choice found them."""

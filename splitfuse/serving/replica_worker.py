@@ -1,4 +1,5 @@
-"""The engine process of one replica: builds its Engine, then runs the shared EngineLoop on a pipe.
+"""The engine process of one replica: builds its Engine, then runs the shared EngineLoop on a pipe;
+and ProcessEngine, the front end's handle on such a process.
 
 Runs under multiprocessing's "spawn" context, so everything here must be importable and every
 message picklable. Protocol (in pipe order):
@@ -10,7 +11,10 @@ message picklable. Protocol (in pipe order):
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import threading
+from collections.abc import Iterator
 
 from splitfuse.core.engine import EngineStats
 from splitfuse.serving.loop import Command, EngineLoop, Outputs
@@ -76,3 +80,72 @@ class PipeEnds:
 
     def publish(self, stats: EngineStats) -> None:
         self.conn.send(("stats", stats))
+
+
+class ProcessEngine:
+    """The front end's handle on one replica process: launch (again after a death), feed, read."""
+
+    def __init__(self, index: int, args: tuple) -> None:
+        self.index, self.args = index, args  # replica_main's arguments after the pipe
+        self.process = None
+        self.conn = None
+        self._send_lock = threading.Lock()  # the event loop and reader threads all send
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    def launch(self) -> None:
+        """Start a fresh process; wait_ready() then waits for its engine."""
+        ctx = multiprocessing.get_context("spawn")  # fork would copy the parent's threads and torch state
+        parent, child = ctx.Pipe()
+        self.process = ctx.Process(target=replica_main, name=f"splitfuse-replica-{self.index}", daemon=True,
+                                   args=(child, *self.args))
+        self.process.start()
+        child.close()  # only the child holds its end, so its death reads as EOF here
+        self.conn = parent
+
+    def wait_ready(self, timeout: float) -> dict:
+        """The engine's info once built; RuntimeError when it fails, exits or takes too long."""
+        if not self.conn.poll(timeout):
+            raise RuntimeError(f"replica {self.index} did not start within {timeout} s")
+        try:
+            kind, info = self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"replica {self.index} exited while starting "
+                               f"(code {self.process.exitcode})") from None
+        if kind != "ready":
+            raise RuntimeError(f"replica {self.index} failed to start: {info}")
+        return info
+
+    def send(self, command: Command) -> bool:
+        """False when the process is gone (its reader then sees the end of the pipe)."""
+        try:
+            with self._send_lock:
+                self.conn.send(command)
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def receive(self) -> Iterator[tuple]:
+        """The process's messages until it exits (or is killed): its end of the pipe then closes."""
+        while True:
+            try:
+                yield self.conn.recv()
+            except (EOFError, OSError):
+                return
+
+    def exit_reason(self) -> str:
+        self.process.join(5)
+        return f"exit code {self.process.exitcode}"
+
+    def join(self, timeout: float | None) -> None:
+        """Wait for the process to exit (after Close); kill it when it takes longer than timeout."""
+        if self.process is None:
+            return
+        self.process.join(timeout)
+        if self.process.is_alive():
+            log.warning("replica %d did not stop in %s s; killing it", self.index, timeout)
+            self.process.kill()
+            self.process.join(5)
+        self.conn.close()

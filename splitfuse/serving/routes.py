@@ -20,6 +20,12 @@ class Route:
     index: int  # the request's place in its group (the n choices of one HTTP request)
     prompt_left: int  # cleared by the request's first output: its prompt is then computed
     new_left: int
+    request: tuple[list[int], SamplingParams] | None = None  # kept so a replica pool can resend it
+
+    @property
+    def started(self) -> bool:
+        """True once an output has come back (the prompt is never empty)."""
+        return self.prompt_left == 0
 
     @property
     def outstanding(self) -> int:
@@ -47,8 +53,14 @@ class Routes:
              loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, admitted: asyncio.Future) -> None:
         """Route a group before it is sent to the engine; the caller holds the lock."""
         for index, (ids, params, request_id) in enumerate(requests):
-            self.routes[request_id] = Route(loop, queue, index, len(ids), params.max_new_tokens)
+            self.routes[request_id] = Route(loop, queue, index, len(ids), params.max_new_tokens, (ids, params))
         self.pending[group_id] = _Pending(loop, admitted, [rid for _, _, rid in requests])
+
+    def adopt(self, group_id: int, routes: dict[str, Route], loop: asyncio.AbstractEventLoop,
+              admitted) -> None:
+        """Take over a group resent from an engine that died, routes and all; the caller holds the lock."""
+        self.routes.update(routes)
+        self.pending[group_id] = _Pending(loop, admitted, list(routes))
 
     def outstanding(self) -> int:
         """Tokens the engine still owes these requests; the caller holds the lock."""

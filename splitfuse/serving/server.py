@@ -19,7 +19,7 @@ from splitfuse.serving.guard import default_allowed_hosts
 log = logging.getLogger("splitfuse.serving")
 
 _SERVER_OPTIONS = ("api_key", "chat_template", "max_waiting", "served_model_name", "max_body_bytes", "replicas",
-                   "allowed_hosts", "client_timeout_s")
+                   "ray_address", "allowed_hosts", "client_timeout_s")
 
 # uvicorn's limits on a client: idle keep-alive seconds, bytes of headers (h11's incomplete event),
 # and h11 with a deadline for the request head.
@@ -36,24 +36,32 @@ def _read_template(chat_template: str | None) -> str | None:
 
 def build_app(model: str | os.PathLike | None = None, backend: str | None = "auto", *, api_key: str | None = None,
               chat_template: str | None = None, max_waiting: int = 1024, served_model_name: str | None = None,
-              max_body_bytes: int = 4 * 1024 * 1024, replicas: int = 1, allowed_hosts: frozenset[str] | None = None,
-              client_timeout_s: float = 30.0, **engine_kwargs):
+              max_body_bytes: int = 4 * 1024 * 1024, replicas: int = 1, ray_address: str | None = None,
+              allowed_hosts: frozenset[str] | None = None, client_timeout_s: float = 30.0, **engine_kwargs):
     """Load the model and return (FastAPI app, engine front); engine_kwargs are EngineConfig fields.
 
     replicas=1 steps the engine in a thread of this process (AsyncEngine); more start that many
-    engine processes behind a ReplicaPool, with the same interface."""
+    engine processes behind a ReplicaPool, with the same interface. With ray_address the replicas
+    (even one) are Ray actors instead: "local" starts a Ray instance here, "auto" joins the cluster
+    this machine belongs to, anything else is a Ray address."""
     from splitfuse.assembly import build_engine
     from splitfuse.serving.app import create_app
 
     config = EngineConfig(**engine_kwargs)
-    if replicas > 1:
+    if replicas < 1:
+        raise ValueError(f"replicas must be at least 1, got {replicas}")
+    if ray_address is not None:
+        from splitfuse.serving.ray_replicas import ray_engines
+        from splitfuse.serving.replicas import ReplicaPool
+
+        async_engine = ReplicaPool(model, backend, config, replicas, max_waiting=max_waiting,
+                                   engines=ray_engines(model, backend, config, replicas, ray_address))
+    elif replicas > 1:
         from splitfuse.serving.replicas import ReplicaPool
 
         async_engine = ReplicaPool(model, backend, config, replicas, max_waiting=max_waiting)
-    elif replicas == 1:
-        async_engine = AsyncEngine(build_engine(model, backend, config), max_waiting=max_waiting)
     else:
-        raise ValueError(f"replicas must be at least 1, got {replicas}")
+        async_engine = AsyncEngine(build_engine(model, backend, config), max_waiting=max_waiting)
     if served_model_name is None:
         if model is None:
             from splitfuse.data import default_model_dir
@@ -64,6 +72,21 @@ def build_app(model: str | os.PathLike | None = None, backend: str | None = "aut
                      chat_template=_read_template(chat_template), max_body_bytes=max_body_bytes,
                      allowed_hosts=allowed_hosts, client_timeout_s=client_timeout_s)
     return app, async_engine
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (listening starts when uvicorn serves it); a port in use is an
+    error that says so in one line."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (another server there? "
+                      "pick another --port)") from None
+    return sock
 
 
 @dataclass
@@ -98,13 +121,15 @@ def serve(model: str | os.PathLike | None = None, host: str = "127.0.0.1", port:
     import uvicorn
 
     kwargs.setdefault("allowed_hosts", default_allowed_hosts(host))
-    app, engine = build_app(model, backend, **kwargs)
-    # Bind here so port 0 resolves to a real port before uvicorn starts.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    # Bind first: a busy port fails before the model loads, and port 0 resolves to a real port.
+    sock = bind_socket(host, port)
+    try:
+        app, engine = build_app(model, backend, **kwargs)
+    except BaseException:
+        sock.close()
+        raise
     bound_port = sock.getsockname()[1]
+    family = sock.family
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",
                                            timeout_graceful_shutdown=30, **_UVICORN_LIMITS))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="splitfuse-http", daemon=True)
@@ -139,14 +164,23 @@ def run(model: str | None, host: str = "127.0.0.1", port: int = 8000, backend: s
 
     from splitfuse.serving.drain import DrainingServer
 
+    class AnnouncingServer(DrainingServer):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:  # said once it listens, never before a failure
+                log.warning("serving %s on %s; playground: %s/", app.state.handlers.model_name, url, url)
+
     kwargs.setdefault("allowed_hosts", default_allowed_hosts(host))
-    app, engine = build_app(model, backend, **kwargs)
-    url = browser_url(host, port)
-    log.warning("serving %s on %s; playground: %s/", app.state.handlers.model_name, url, url)
-    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="info", lifespan="off",
-                                           **_UVICORN_LIMITS),
-                            engine, drain_timeout)
+    sock = bind_socket(host, port)
     try:
-        server.run()
+        app, engine = build_app(model, backend, **kwargs)
+    except BaseException:
+        sock.close()
+        raise
+    url = browser_url(host, sock.getsockname()[1])
+    server = AnnouncingServer(uvicorn.Config(app, log_level="info", lifespan="off", **_UVICORN_LIMITS),
+                              engine, drain_timeout)
+    try:
+        server.run(sockets=[sock])
     finally:
         engine.close(drain=True)

@@ -77,7 +77,7 @@ def test_failed_requests_miss_the_sla_and_are_left_out_of_latencies():
     assert (m["completed"], m["failed"], m["errors"]) == (1, 1, ["HTTP 500"])
     assert m["request_throughput"] == 0.5
     assert m["sla_fraction"]["2"] == 0.5
-    assert m["effective_throughput"]["2"] == 0.25
+    assert m["effective_throughput"]["2"] == 0.5  # FastGen: 1 request met the SLA in 2 s
     assert m["ttft"]["p50"] == 0.5
 
 
@@ -92,6 +92,22 @@ def test_point_metrics_throughput_and_effective_throughput():
     assert m["itl"]["mean"] == pytest.approx((0.25 + 0.25 + 0.5) / 3)
     assert m["tpot"]["p50"] == pytest.approx((0.25 + 0.5) / 2)
     assert m["e2e"]["p50"] == 1.5
+
+
+def test_effective_throughput_is_fastgens_met_sla_per_second_on_a_timeline_with_a_failure():
+    # 4 requests over 4 s, worked by hand (prompt tokens / 512 = the ttft allowed):
+    a = rec(512, [0.5, 0.75, 1.0])  # ttft 0.5 <= 1; gaps 0.25: below 1/2 and 1/3, not below 1/4
+    b = rec(256, [1.25, 1.5, 1.75, 4.0], start=1.0)  # ttft 0.25 <= 0.5; the 2.25 s gap lifts the EMA to ~1.0
+    c = rec(512, [], start=0.5, error="HTTP 500")  # failed: never meets the SLA
+    d = rec(128, [2.1], start=2.0)  # ttft 0.1 <= 0.25; one token, nothing to average
+    m = metrics.point_metrics([a, b, c, d], duration=4.0, rates=(2.0, 3.0, 4.0))
+    assert max(metrics.ema(b.itl)) == pytest.approx((0.25 * (15 / 17) ** 2 + 0.25 * 15 / 17 + 2.25)
+                                                    / ((15 / 17) ** 2 + 15 / 17 + 1))
+    assert (m["completed"], m["failed"], m["request_throughput"]) == (3, 1, 0.75)
+    assert m["sla_fraction"] == {"2": 0.5, "3": 0.5, "4": 0.25}  # met / all 4 sent
+    # met / duration: 2 / 4, 2 / 4, 1 / 4 (completed / duration x met / all would count the failure
+    # twice: 0.75 x 0.5 = 0.375)
+    assert m["effective_throughput"] == {"2": 0.5, "3": 0.5, "4": 0.25}
 
 
 def test_goodput_is_vllms_definition():

@@ -198,8 +198,10 @@ def test_server_errors_are_shown_readably(page, server):
 @needs_chromium
 def test_api_key_from_the_page_is_sent_and_remembered(page, keyed_server):
     _open(page, keyed_server, model=None)
-    page.wait_for_selector("#error:not([hidden])")
-    assert page.text_content("#error") == "401: missing or invalid API key: send 'Authorization: Bearer KEY'"
+    # the page asks for the key rather than opening with an error
+    page.wait_for_function("document.getElementById('model').textContent === \"enter the server's API key\"")
+    assert page.is_hidden("#error")
+    assert page.evaluate("document.activeElement.id") == "api-key"
     _fill(page, max_tokens=8)
     page.click("#send")
     page.wait_for_function("document.getElementById('error').textContent.startsWith('401: ')")
@@ -216,3 +218,22 @@ def test_api_key_from_the_page_is_sent_and_remembered(page, keyed_server):
     page.reload()  # the key survives in localStorage
     page.wait_for_function("name => document.getElementById('model').textContent === name", arg=MODEL)
     assert page.input_value("#api-key") == KEY
+
+
+@needs_chromium
+def test_sampling_fields_default_to_the_models_own_values(page, server):
+    defaults = httpx.get(server.url + "/v1/models").json()["data"][0]["sampling_defaults"]
+    _open(page, server)
+    for name in ("temperature", "top_p", "top_k"):
+        value = defaults.get(name)
+        shown = str(int(value)) if value is not None and float(value).is_integer() else str(value)  # as JS prints it
+        want = f"{shown} (model)" if name in defaults else "server default"
+        assert page.get_attribute(f"#{name}", "placeholder") == want
+        assert page.input_value(f"#{name}") == ""
+    sent = []
+    page.on("request", lambda request: sent.append(request.post_data_json) if request.method == "POST" else None)
+    _fill(page, max_tokens=4)
+    page.click("#send")
+    _wait_finished(page)
+    # nothing typed, nothing sent: the server applies the model's generation_config.json
+    assert sent and not {"temperature", "top_p", "top_k"} & set(sent[0])

@@ -1,11 +1,13 @@
 """Two engine processes behind one server: same outputs, spread by outstanding tokens, survive a death.
 
-The tests share one two-replica server; the kill test runs last in the file because it kills one.
+The tests share one two-replica server; the tests that pause or kill one run last in the file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import httpx
@@ -13,10 +15,9 @@ import openai
 import pytest
 
 import splitfuse
+from replica_faults import PROMPTS, check_kill_mid_load, health
 from splitfuse.serving.bridge import EngineStopped
 from splitfuse.serving.replicas import ReplicaLoad, pick_replica
-
-PROMPTS = ["The quick brown fox", "Hello there", "One two three four five six", "a"]
 
 
 # ---- the router alone ---------------------------------------------------------------------------
@@ -45,20 +46,6 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def _health(server) -> httpx.Response:
-    return httpx.get(server.url + "/health", timeout=5)
-
-
-def _wait(server, predicate, timeout: float = 20.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        body = _health(server).json()
-        if predicate(body):
-            return body
-        assert time.monotonic() < deadline, f"condition not reached: {body}"
-        time.sleep(0.02)
-
-
 def test_completions_equal_the_single_engine(server, client, tiny_model_dir):
     pipe = splitfuse.pipeline(tiny_model_dir("llama"), backend="cpu", num_kv_blocks=64, kv_block_size=16)
     want = [r.text for r in pipe(PROMPTS, max_new_tokens=8, temperature=0)]
@@ -71,15 +58,15 @@ def test_completions_equal_the_single_engine(server, client, tiny_model_dir):
     got = asyncio.run(ask_all())
     assert [c.choices[0].text for c in got] == want
     # Concurrent requests reserve load as they are routed, so both replicas got some.
-    replicas = _health(server).json()["replicas"]
+    replicas = health(server)["replicas"]
     assert all(r["requests"] >= 1 and r["state"] == "ok" for r in replicas), replicas
 
 
 def test_sequential_requests_spread_when_idle(server, client):
-    before = [r["requests"] for r in _health(server).json()["replicas"]]
+    before = [r["requests"] for r in health(server)["replicas"]]
     for _ in range(4):
         client.completions.create(model="llama", prompt="hi", max_tokens=2, temperature=0)
-    after = [r["requests"] for r in _health(server).json()["replicas"]]
+    after = [r["requests"] for r in health(server)["replicas"]]
     # Idle replicas tie on load; the tie goes to the one given fewer requests, so both get some.
     assert min(b - a for a, b in zip(before, after)) >= 1, (before, after)
 
@@ -99,42 +86,42 @@ def test_the_pool_reports_what_its_replicas_were_built_with(server):
     assert settings.max_model_len == server.engine.max_model_len and "cpu" in settings.backend
 
 
-def test_killing_a_replica_fails_only_its_requests(server, client):
+def test_one_queue_limit_covers_all_replicas(server):
+    """max_waiting counts requests without an output on every replica together: with both replicas
+    paused, 5 requests against a limit of 3 get 3 admitted (spread over both) and 2 answered 429."""
     pool = server.engine
-    long = {"model": "llama", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    before = [r.assigned for r in pool.replicas]
+    pool.max_waiting = 3
+    for replica in pool.replicas:
+        os.kill(replica.engine.pid, signal.SIGSTOP)
+    try:
+        async def run():
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+                tasks = [asyncio.create_task(http.post("/v1/completions", json={
+                    "model": "llama", "prompt": p, "max_tokens": 3, "temperature": 0})) for p in PROMPTS + ["b"]]
+                deadline = time.monotonic() + 20
+                while sum(t.done() for t in tasks) < 2:  # the refused ones answer at once
+                    assert time.monotonic() < deadline, "no request was refused"
+                    await asyncio.sleep(0.01)
+                spread = [r.assigned - b for r, b in zip(pool.replicas, before)]
+                for replica in pool.replicas:
+                    os.kill(replica.engine.pid, signal.SIGCONT)
+                return spread, await asyncio.gather(*tasks)
 
-    async def run():
-        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
-            tasks = [asyncio.create_task(http.post("/v1/completions", json={**long, "prompt": p}))
-                     for p in PROMPTS]
-            # Kill replica 0 once every request is routed and both replicas are generating, so it
-            # dies with requests in flight and none reaches it afterwards.
-            deadline = time.monotonic() + 20
-            while (sum(len(r.routes) for r in pool.replicas) < len(PROMPTS)
-                   or not all(r.routes for r in pool.replicas) or not all(r.stats.running for r in pool.replicas)):
-                assert time.monotonic() < deadline, "requests never reached both replicas"
-                await asyncio.sleep(0.01)
-            doomed = len(pool.replicas[0].routes)
-            pool.replicas[0].process.kill()
-            return doomed, await asyncio.gather(*tasks)
+        spread, replies = asyncio.run(run())
+    finally:
+        pool.max_waiting = 1024
+        for replica in pool.replicas:
+            os.kill(replica.engine.pid, signal.SIGCONT)
+    assert sorted(r.status_code for r in replies) == [200, 200, 200, 429, 429]
+    assert all(r.json()["error"]["code"] == "queue_full" for r in replies if r.status_code == 429)
+    assert sorted(spread) == [1, 2]  # a per-replica limit of 3 would have admitted all five
 
-    doomed, replies = asyncio.run(run())
-    codes = sorted(r.status_code for r in replies)
-    assert codes == sorted([200] * (len(PROMPTS) - doomed) + [503] * doomed), [r.text for r in replies]
-    assert all(r.json()["error"]["code"] == "unavailable" for r in replies if r.status_code == 503)
-    assert all(len(r.json()["choices"][0]["text"]) > 0 for r in replies if r.status_code == 200)
 
-    health = _health(server)
-    assert health.status_code == 200  # one replica still serves
-    states = {r["index"]: r["state"] for r in health.json()["replicas"]}
-    assert states == {0: "dead", 1: "ok"}
-    # New requests all go to the survivor and succeed.
-    for prompt in PROMPTS:
-        assert client.completions.create(model="llama", prompt=prompt, max_tokens=3, temperature=0).choices
-    live = _wait(server, lambda b: b["replicas"][1]["running"] == 0 and b["replicas"][1]["waiting"] == 0
-                 and b["replicas"][1]["kv_blocks_used"] == 0)["replicas"][1]
-    assert live["kv_blocks_free"] == live["kv_blocks_total"] == 64
-    assert live["outstanding_tokens"] == 0 and live["in_flight"] == 0
+def test_a_dead_replica_loses_no_request_that_had_sent_nothing(server):
+    """Its unstarted and non-streaming requests are resent and succeed, its stream ends with an
+    error event, it is launched again and serves, no KV block stays held (see replica_faults.py)."""
+    check_kill_mid_load(server)
 
 
 def test_replicas_spread_over_the_backends_devices():

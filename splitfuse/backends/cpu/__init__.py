@@ -7,7 +7,7 @@ import torch
 
 from splitfuse.backends import torch_ops
 from splitfuse.backends.base import Backend
-from splitfuse.backends.cpu.quantized import int4_packable, kernel_linear, pack_int4_for_cpu
+from splitfuse.backends.cpu.quantized import int4_packable, int8_kernel_ready, kernel_linear, pack_int4_for_cpu
 from splitfuse.quant.weights import QuantizedWeight
 
 
@@ -15,6 +15,7 @@ class CpuBackend(Backend):
     name = "cpu"
     priority = 0  # every other backend is preferred by `auto`
     dtypes = (torch.float32, torch.bfloat16)
+    quantized_formats = ("int8", "int4")
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor | QuantizedWeight,
                bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -25,7 +26,7 @@ class CpuBackend(Backend):
         return torch_ops.linear(x, weight, bias)
 
     def prepare_linear_weight(self, weight: QuantizedWeight) -> QuantizedWeight:
-        return pack_int4_for_cpu(weight) if int4_packable(weight) else weight
+        return pack_int4_for_cpu(weight) if int4_packable(weight) else int8_kernel_ready(weight)
 
     def describe(self) -> str:
         return f"cpu ({torch.get_num_threads()} threads)"

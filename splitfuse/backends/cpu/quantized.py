@@ -45,9 +45,21 @@ def pack_int4_for_cpu(weight: QuantizedWeight) -> QuantizedWeight:
     return dataclasses.replace(weight, data=packed, scales=scale_and_zeros, zeros=None, layout=INT4_LAYOUT)
 
 
+def int8_kernel_ready(weight: QuantizedWeight) -> QuantizedWeight:
+    """An int8 matrix with its scales in its float dtype: the kernel takes scales in the
+    activations' dtype, and converting them at every call costs one copy per linear."""
+    if weight.format != "int8" or weight.dtype not in KERNEL_DTYPES or weight.scales.dtype == weight.dtype:
+        return weight
+    return dataclasses.replace(weight, scales=weight.scales.to(weight.dtype))
+
+
+def _scales_for(x2d: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return scales if scales.dtype == x2d.dtype else scales.to(x2d.dtype)
+
+
 def _int4_mm(x2d: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, weight.data, weight.group_size,
-                                                       weight.scales.to(x2d.dtype))
+                                                       _scales_for(x2d, weight.scales))
 
 
 def dequantize_int4_for_cpu(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -66,7 +78,7 @@ def kernel_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor |
         return None
     if (weight.format == "int8" and weight.layout == "rows" and has_int8_kernel()
             and weight.shape[1] % INT8_K_MULTIPLE == 0):
-        mm = lambda x2d: torch._weight_int8pack_mm(x2d, weight.data, weight.scales.to(x2d.dtype))  # noqa: E731
+        mm = lambda x2d: torch._weight_int8pack_mm(x2d, weight.data, _scales_for(x2d, weight.scales))  # noqa: E731
     elif weight.layout == INT4_LAYOUT:
         mm = lambda x2d: _int4_mm(x2d, weight)  # noqa: E731
     else:

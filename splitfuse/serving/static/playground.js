@@ -5,6 +5,7 @@ const $ = (id) => document.getElementById(id);
 const KEY_STORAGE = "splitfuse.apiKey";
 let modelName = null;
 let controller = null; // AbortController of the request in flight
+const SAMPLING_FIELDS = ["temperature", "top_p", "top_k"];
 
 function headers() {
   const result = { "Content-Type": "application/json" };
@@ -26,12 +27,30 @@ function showError(message) {
   $("error").hidden = !message;
 }
 
+// Empty sampling fields send nothing, so the server uses the model's own defaults: say which.
+function showSamplingDefaults(defaults) {
+  for (const name of SAMPLING_FIELDS) {
+    const value = defaults?.[name];
+    $(name).placeholder = value === undefined ? "server default" : `${value} (model)`;
+  }
+}
+
 async function loadModel() {
   try {
     const reply = await fetch("v1/models", { headers: headers() });
+    if (reply.status === 401 && !$("api-key").value.trim()) {
+      // A keyed server: ask for the key instead of greeting the user with an error.
+      modelName = null;
+      $("model").textContent = "enter the server's API key";
+      $("api-key").focus();
+      showError("");
+      return;
+    }
     if (!reply.ok) throw new Error(await errorMessage(reply));
-    modelName = (await reply.json()).data[0].id;
+    const model = (await reply.json()).data[0];
+    modelName = model.id;
     $("model").textContent = modelName;
+    showSamplingDefaults(model.sampling_defaults);
     showError("");
   } catch (err) {
     modelName = null;

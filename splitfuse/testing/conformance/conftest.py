@@ -1,4 +1,5 @@
-"""Fixtures of the conformance kit: the backend under test, the reference, the dtypes it declares."""
+"""Fixtures of the conformance kit: the backend under test, the reference, the dtypes and quantized
+weight formats it declares."""
 
 from __future__ import annotations
 
@@ -6,19 +7,31 @@ from pathlib import Path
 
 import pytest
 
+from splitfuse.quant.weights import FORMATS
 from splitfuse.testing.conformance.target import Target, target_from_config
 from splitfuse.testing.conformance.tolerances import DTYPES
 
 _HERE = Path(__file__).parent
 
 
-def _declared_dtypes(backend_name: str) -> tuple:
-    """The dtypes the backend class declares (all of them when it is unknown: the backend fixture
-    then fails with the registry's message)."""
+def _backend_class(backend_name: str):
+    """The registered backend class, or None when unknown (the backend fixture then fails with the
+    registry's message)."""
     from splitfuse.plugins import get_plugin_manager
 
-    cls = get_plugin_manager().backends().get(backend_name)
+    return get_plugin_manager().backends().get(backend_name)
+
+
+def _declared_dtypes(backend_name: str) -> tuple:
+    """The dtypes the backend class declares (all of them when it is unknown)."""
+    cls = _backend_class(backend_name)
     return DTYPES if cls is None else tuple(d for d in DTYPES if d in cls.dtypes)
+
+
+def _declared_quantized_formats(backend_name: str) -> tuple:
+    """The QuantizedWeight formats the backend class claims `linear` runs (all when it is unknown)."""
+    cls = _backend_class(backend_name)
+    return FORMATS if cls is None else tuple(getattr(cls, "quantized_formats", ()))
 
 
 def pytest_generate_tests(metafunc) -> None:
@@ -29,12 +42,16 @@ def pytest_generate_tests(metafunc) -> None:
 
 def pytest_collection_modifyitems(config, items) -> None:
     target = target_from_config(config)
+    formats = _declared_quantized_formats(target.backend)
     keep, drop = [], []
     for item in items:
         ours = Path(str(item.path)).parent == _HERE
         ops_left_out = not target.check_ops and item.path.name == "test_backend_ops.py"
         full_only = target.quick and item.get_closest_marker("splitfuse_full") is not None
-        (drop if ours and (ops_left_out or full_only) else keep).append(item)
+        # a quantized-linear check runs only for the formats the backend claims
+        fmt = getattr(getattr(item, "callspec", None), "params", {}).get("fmt")
+        unclaimed = fmt is not None and fmt not in formats
+        (drop if ours and (ops_left_out or full_only or unclaimed) else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

@@ -15,6 +15,7 @@ import torch
 from splitfuse.backends import Backend
 from splitfuse.config import EngineConfig
 from splitfuse.core.sampler import SamplingBatch
+from splitfuse.quant.weights import FORMATS
 from splitfuse.testing.conformance.tolerances import assert_close
 from splitfuse.testing.ragged import filled_cache, ragged_step
 
@@ -76,6 +77,8 @@ def test_declares_a_usable_contract(backend):
     assert isinstance(size, int) and size >= 1
     blocks = backend.num_kv_blocks(EngineConfig(kv_cache_gib=0.01), 1 << 16, 64)
     assert isinstance(blocks, int) and blocks >= 1
+    unknown = set(backend.quantized_formats) - set(FORMATS)
+    assert not unknown, f"quantized_formats names {sorted(unknown)}; formats are {FORMATS}"
 
 
 def test_allocates_the_kv_cache_layout(backend, dtype):
@@ -273,30 +276,51 @@ def test_linear(backend, reference, dtype, T, K, N, with_bias):
     assert_close(got, reference.linear(x, w, b), dtype, "linear")
 
 
-# (format, T, K, N): cpu runs int8 "9x41x33" through the dequantize fallback (K not a multiple of
-# 8) and int4 "9x96x48" through torch's int4 kernel (N a multiple of 16, groups of 32)
+# Quantized weights: run for the formats the backend claims in `quantized_formats` (conftest.py
+# deselects the rest). int8: symmetric, one scale per output channel; int4: asymmetric groups
+# along K with zero points (groups of 32 when K = 96, 128 when K = 256). The reference is the
+# dequantized matrix's matmul in float32. (format, T, K, N): cpu runs int8 "9x41x33" through the
+# dequantize fallback (K not a multiple of 8) and int4 "9x96x48" through torch's int4 kernel (N a
+# multiple of 16)
 QUANTIZED_LINEAR_SHAPES = [
     pytest.param("int8", 9, 41, 33, id="int8-9x41x33"),
     pytest.param("int4", 9, 96, 48, id="int4-9x96x48"),
     pytest.param("int8", 1, 64, 96, id="int8-1x64x96", marks=FULL),
+    pytest.param("int4", 1, 256, 32, id="int4-1x256x32", marks=FULL),
     pytest.param("int4", 3, 256, 33, id="int4-3x256x33", marks=FULL),
 ]
 
 
-@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize("fmt,T,K,N", QUANTIZED_LINEAR_SHAPES)
-def test_quantized_linear(backend, reference, dtype, fmt, T, K, N, with_bias):
-    """linear with a weight-only QuantizedWeight, in the layout the backend prepares, equals the
-    reference's linear with the dequantized matrix."""
+def _quantized_linear_case(fmt, T, K, N, dtype, with_bias):
     from splitfuse.quant import quantize
 
     x, w = _randn(T, K, dtype=dtype, seed=1), _randn(N, K, dtype=dtype, seed=2, scale=K ** -0.5)
     b = _randn(N, dtype=dtype, seed=3) if with_bias else None
-    weight = quantize(w, fmt)
+    return x, quantize(w, fmt), b
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("fmt,T,K,N", QUANTIZED_LINEAR_SHAPES)
+def test_quantized_linear(backend, dtype, fmt, T, K, N, with_bias):
+    """linear with a weight-only QuantizedWeight, in the layout the backend prepares, equals the
+    float32 matmul with the dequantized matrix (within the dtype's tolerance)."""
+    x, weight, b = _quantized_linear_case(fmt, T, K, N, dtype, with_bias)
     dev = backend.device
     prepared = backend.prepare_linear_weight(weight.to(dev))
     got = backend.linear(x.to(dev), prepared, None if b is None else b.to(dev))
-    assert_close(got, reference.linear(x, weight, b), dtype, f"linear ({fmt} weight)")
+    expected = x.float() @ weight.dequantize(torch.float32).T + (0 if b is None else b.float())
+    assert got.dtype == dtype, f"linear ({fmt} weight) returns {got.dtype}, expected x's dtype {dtype}"
+    assert_close(got, expected, dtype, f"linear ({fmt} weight)")
+
+
+@pytest.mark.parametrize("fmt,T,K,N", QUANTIZED_LINEAR_SHAPES[:2])
+def test_prepare_linear_weight_keeps_the_matrix(backend, fmt, T, K, N):
+    """The backend's layout of a quantized weight stands for the same matrix, format and shape."""
+    _, weight, _ = _quantized_linear_case(fmt, T, K, N, torch.float32, False)
+    prepared = backend.prepare_linear_weight(weight.to(backend.device))
+    assert (prepared.format, prepared.shape, prepared.device.type) == (fmt, weight.shape, backend.device.type)
+    torch.testing.assert_close(prepared.dequantize(torch.float32).cpu(), weight.dequantize(torch.float32),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_embedding(backend, reference, dtype):
