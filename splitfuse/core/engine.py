@@ -273,17 +273,17 @@ class Engine:
         """([(part, tokens, logprobs)], [(sequence, error)]): when the forward raises, halves of the
         batch run again until each failing sequence is alone (bisection), so one bad request fails
         alone. A rerun writes the same K/V at the same positions, so the others' tokens do not change."""
-        # What a forward pass advances on a sequence before it can fail: restored for the rerun.
-        saved = [(item.sequence.num_draws, len(item.sequence.prompt_logprobs)) for item in plan.items]
+        # Draw counters advance before a pass can still fail: restored, so a rerun draws the same
+        # samples (scored prompt positions are skipped on a rerun by prompt_rows itself).
+        draws = [item.sequence.num_draws for item in plan.items]
         try:
             tokens, logprobs = self._forward(plan, [item.sequence for item in plan.items if item.samples])
             return [(plan, tokens, logprobs)], []
         except Exception as exc:
             if self.parallel is not None:
                 raise  # the ranks may be out of step: no rerun is safe
-            for item, (num_draws, num_scored) in zip(plan.items, saved):  # a rerun samples with the same counters
+            for item, num_draws in zip(plan.items, draws):
                 item.sequence.num_draws = num_draws
-                del item.sequence.prompt_logprobs[num_scored:]
             if len(plan.items) == 1:
                 return [], [(plan.items[0].sequence, exc)]
         half = len(plan.items) // 2

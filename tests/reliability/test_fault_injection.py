@@ -12,6 +12,7 @@ from fault_backends import MARKER, registered
 import splitfuse
 from splitfuse.assembly import build_engine
 from splitfuse.config import EngineConfig, SamplingParams
+from splitfuse.core import engine as engine_module
 from splitfuse.core.engine import StepError
 from splitfuse.testing.server import wait_idle
 
@@ -80,3 +81,42 @@ def test_one_failing_request_among_21_in_flight_is_the_only_500(tiny_model_dir):
         assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
     finally:
         handle.terminate()
+
+
+def test_a_rerun_after_a_late_failure_keeps_prompt_logprobs_and_seeded_samples_exact(tiny_model_dir, monkeypatch):
+    """A pass that fails after scoring the prompts and drawing samples is rerun without counting
+    those twice: prompt log-probabilities and seeded tokens equal the requests' runs alone."""
+    model_dir = tiny_model_dir("llama")
+    params = SamplingParams(max_new_tokens=4, temperature=1.0, seed=5, ignore_eos=True, logprobs=1,
+                            prompt_logprobs=1)
+    batch = [[1, 20, 30, 40, 50], [1, 21, 31, 41]]
+
+    def run(engine, prompts):
+        engine.add_requests([(p, params, f"r{i}") for i, p in enumerate(prompts)])
+        firsts, tokens = {}, {}
+        while engine.has_unfinished():
+            try:
+                outputs = engine.step()
+            except StepError as exc:
+                raise AssertionError(f"no request should fail: {exc}") from exc
+            for out in outputs:
+                firsts.setdefault(out.request_id, out.prompt_logprobs)
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        return firsts, tokens
+
+    engine = build_engine(model_dir, "cpu", EngineConfig(**CONFIG))
+    sampled_logprobs = engine_module.token_logprobs
+
+    def fails_when_batched(logits, tokens, wants):  # after prompt scoring, sampling and draw counting
+        if len(wants) > 1:
+            raise RuntimeError("injected late fault")
+        return sampled_logprobs(logits, tokens, wants)
+
+    monkeypatch.setattr(engine_module, "token_logprobs", fails_when_batched)
+    firsts, tokens = run(engine, batch)
+    monkeypatch.undo()
+    for i, prompt in enumerate(batch):
+        alone_firsts, alone_tokens = run(build_engine(model_dir, "cpu", EngineConfig(**CONFIG)), [prompt])
+        assert len(firsts[f"r{i}"]) == len(prompt)  # None for the first token, then one entry per token
+        assert [e and e.logprob for e in firsts[f"r{i}"]] == [e and e.logprob for e in alone_firsts["r0"]]
+        assert tokens[f"r{i}"] == alone_tokens["r0"]
