@@ -1,4 +1,4 @@
-"""Chat messages to prompt token ids through a chat template."""
+"""Chat messages to prompt text through a chat template (tokenized by tokenize_async.py)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,3 @@ def render_chat_text(tokenizer, messages: list[dict], chat_template: str | None 
     template = chat_template or (None if getattr(tokenizer, "chat_template", None) else BUILTIN_CHAT_TEMPLATE)
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, chat_template=template)
 
-
-def render_chat(tokenizer, messages: list[dict], chat_template: str | None = None) -> list[int]:
-    """Token ids of the conversation plus the assistant prefix; templates write BOS themselves
-    (as transformers' own tokenize=True does: render, then tokenize without special tokens)."""
-    text = render_chat_text(tokenizer, messages, chat_template)
-    return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
