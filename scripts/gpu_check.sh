@@ -7,15 +7,17 @@
 #   splitfuse.json   scripts/gpu_bench.py     (limits, matmuls, attention, decode, mixed, offline,
 #                                              and a summary of the GPU performance targets as ratios;
 #                                              the quant part adds its W8A16/W4A16 decode section)
+#   tp.json          tensor parallelism over 2 GPUs: TP=2 greedy tokens equal TP=1's, and the
+#                    times of both (or the reason it was skipped: fewer than 2 CUDA devices)
 #   check.json       each part's exit code and seconds
 #   logs/*.log       the full output of each part
 #
-# Usage: scripts/gpu_check.sh [--part kernels|bench|hf|quant|all] [--quick]
+# Usage: scripts/gpu_check.sh [--part kernels|bench|hf|quant|tp|all] [--quick]
 #   --part quant: batch-1 decode with int8 (W8A16) and int4 (W4A16) weights vs bf16, in its own process.
 #   --part bench runs gpu_bench.py only (it still reads an hf.json left in $OUT by an earlier run).
 #   --quick: fewer sizes and steps; only the real-shape kernel tests.
 # Without a CUDA device it dry-runs everything tiny on the CPU (Triton interpreter).
-# Per-part limits in seconds (env): T_KERNELS (50), T_HF (110), T_BENCH (80), T_QUANT (90).
+# Per-part limits in seconds (env): T_KERNELS (50), T_HF (110), T_BENCH (80), T_QUANT (90), T_TP (120).
 # Exit status: 0 when every part that ran passed, else 1 (the other parts still run).
 # On the GPU machine: source .whl/setup.sh; bash scripts/gpu_check.sh
 set -o pipefail
@@ -36,12 +38,13 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-case "$PART" in kernels|bench|hf|quant|all) ;; *) echo "--part must be kernels, bench, hf, quant or all" >&2; exit 2 ;; esac
+case "$PART" in kernels|bench|hf|quant|tp|all) ;; *) echo "--part must be kernels, bench, hf, quant, tp or all" >&2; exit 2 ;; esac
 
 T_KERNELS=${T_KERNELS:-50}
 T_HF=${T_HF:-110}
 T_BENCH=${T_BENCH:-80}
 T_QUANT=${T_QUANT:-90}
+T_TP=${T_TP:-120}
 
 echo "== device"
 if command -v nvidia-smi >/dev/null 2>&1; then
@@ -139,6 +142,19 @@ fi
 if [ "$PART" = quant ] || [ "$PART" = all ]; then
   run_part quant "$T_QUANT" python scripts/gpu_bench.py --backend cuda "${SIZE_ARGS[@]}" --only quantized
 fi
+
+# Tensor parallelism needs two devices: on fewer the part is skipped and tp.json says why.
+if [ "$PART" = tp ] || [ "$PART" = all ]; then
+  GPUS=$(python -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+  if [ "${GPUS:-0}" -ge 2 ]; then
+    run_part tp "$T_TP" python scripts/gpu_check_tp.py "$OUT/tp.json"
+  else
+    REASON="${GPUS:-0} CUDA device(s) here; tensor parallelism needs at least 2"
+    echo "== tp: skipped: $REASON"
+    printf '{"skipped": "%s"}\n' "$REASON" > "$OUT/tp.json"
+  fi
+fi
+
 echo "== results in $OUT: $(cd "$OUT" && ls -d ./*.json logs/*.log 2>/dev/null | tr '\n' ' ')"
 python - "$OUT" <<'EOF'
 import json, pathlib, sys
@@ -170,6 +186,7 @@ print("batch-1 decode tokens/s (quant part):", {v: (quant.get(v) or {}).get("tok
       "| speed-up int8", (quant.get("int8") or {}).get("speedup_vs_unquantized"), "int4", (quant.get("int4") or {}).get("speedup_vs_unquantized"))
 print("offline requests/s: splitfuse", get(sf, "offline", "requests_per_s"), "| HF static", get(hf, "offline_static", "requests_per_s"),
       "| HF continuous batching", get(hf, "offline_cb", "requests_per_s"))
+print("tensor parallelism:", load("tp.json") or "not run")
 errors = {f"{src}:{name}": s.get("error") or s.get("skipped") for src, tree in (("splitfuse", sf), ("hf", hf))
           for name, s in tree.items() if isinstance(s, dict) and (s.get("error") or s.get("skipped"))}
 if errors:

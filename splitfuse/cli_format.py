@@ -47,6 +47,8 @@ def describe_validation_error(exc: ValidationError, models: tuple[type[BaseModel
         else:
             # a validator's own message already says what was expected
             problem = str(error.get("msg", "")).removeprefix("Value error, ")
+        if loc and problem.startswith(f"{loc[0]}="):  # "quantization='nf4' is ..." reads "--quantization 'nf4' is ..."
+            problem = problem[len(str(loc[0])) + 1:]
         lines.append(f"{where} {problem}" if where else problem)
     return "; ".join(lines)
 

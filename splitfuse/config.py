@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-Quantization = Literal["int8", "int4"]
+Quantization = Literal["int8", "int4", "fp8"]
 
 
 def is_greedy(temperature: float, top_k: int) -> bool:
@@ -34,14 +34,15 @@ class EngineConfig(BaseModel):
     trust_remote_code: bool = Field(False, description="run Python code shipped in the model directory (config, tokenizer)")
     tensor_parallel_size: int = Field(1, ge=1, description="processes (devices) each layer is split over")
     quantization: Quantization | None = Field(
-        None, description="quantize linear-layer weights at load, weight-only: int8 (per channel) or int4 (groups of 128)")
+        None, description="quantize linear-layer weights at load, weight-only: int8 (per channel), int4 (groups of 128) "
+                    "or fp8 (float8_e4m3fn, per channel)")
 
     @field_validator("quantization", mode="before")
     @classmethod
     def _known_quantization(cls, value):
         if value is not None and value not in Quantization.__args__:
             raise ValueError(f"quantization={value!r} is not supported; expected one of "
-                             f"{list(Quantization.__args__)} or None (fp8 is not implemented yet)")
+                             f"{list(Quantization.__args__)} or None")
         return value
 
     @model_validator(mode="after")

@@ -423,7 +423,10 @@ def moe_experts(
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ weight.T + bias, where weight is a tensor [N, K] or a QuantizedWeight: the
-    reference for quantized weights dequantizes the whole matrix to x's dtype first."""
+    reference for quantized weights dequantizes the whole matrix to x's dtype first (and, for a
+    W8A8 weight, quantize-dequantizes x as its `input_quant` says)."""
     if isinstance(weight, QuantizedWeight):
+        if weight.input_quant is not None:
+            x = weight.input_quant(x)
         weight = weight.dequantize(x.dtype)
     return F.linear(x, weight, bias)

@@ -124,6 +124,11 @@ def run_from_args(args: argparse.Namespace, engine: dict) -> int:
                        if p.get(k) is not None} for p in system.get("points", [])] or system
                for name, system in results["systems"].items()}
     print(json.dumps(summary, indent=1), file=sys.stderr)
+    workload = results["workload"]
+    if workload.get("clipped_requests"):
+        print(f"note: {workload['clipped_requests']} of {workload['requests_per_point']} requests were shortened to fit "
+              f"the model's max length of {workload['max_len']} tokens (asked: prompts ~{args.prompt_len}, "
+              f"generations ~{args.gen_len}); results.json lists the lengths sent", file=sys.stderr)
     print(f"{args.out}/results.json")
     failed = [name for name, system in results["systems"].items() if "error" in system]
     for name in failed:

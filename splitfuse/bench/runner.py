@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import gc
 import json
+import logging
 import os
 import platform
 import shlex
@@ -76,7 +78,9 @@ def _load_tokenizer(path: str | None):
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer.model_max_length = int(1e30)  # lengths are fitted to the model's max length here, not there
+        return tokenizer
     except (OSError, ValueError):
         return None  # a tokenizer-free model: prompts stay token ids
 
@@ -258,6 +262,8 @@ async def run_async(options: BenchOptions) -> dict:
             "seed": options.seed,
             "prompt_tokens": [len(r.prompt_ids) for r in workload], "gen_tokens": [r.gen_len for r in workload],
             "prompts_sent_as": "token ids" if send_ids else "text",
+            # requests whose drawn prompt or generation length did not fit max_len and was shortened
+            "clipped_requests": sum(r.clipped for r in workload),
         },
         "options": {k: v for k, v in asdict(options).items() if k not in ("api_key", "progress")},
         "systems": dict(notes),
@@ -301,4 +307,25 @@ def _free_memory() -> None:
 
 
 def run(options: BenchOptions) -> dict:
-    return asyncio.run(run_async(options))
+    with quiet_third_party_logs():
+        return asyncio.run(run_async(options))
+
+
+@contextlib.contextmanager
+def quiet_third_party_logs():
+    """The benchmark's output is its own progress and summary: transformers' advice (length
+    warnings, its continuous batching's psutil complaint) is silenced for the run."""
+    import transformers
+
+    loggers = [logging.getLogger(name) for name in ("ContinuousBatchingLogger", "transformers")]
+    levels = [logger.level for logger in loggers]
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

@@ -16,6 +16,7 @@ class BenchRequest:
     prompt_ids: list[int]
     gen_len: int
     prompt_text: str | None = None
+    clipped: bool = False  # its prompt or generation was shortened to fit the model's max length
 
 
 def normal_lengths(rng: np.random.Generator, n: int, mean: int, variance: float, low: int, high: int) -> list[int]:
@@ -50,9 +51,14 @@ def synthetic(num: int, prompt_len: int, gen_len: int, variance: float, max_len:
     rng = np.random.default_rng(seed)
     prefix = random_ids(rng, shared_prefix_len, vocab_size, exclude) if shared_prefix_len else []
     room = max_len - shared_prefix_len
-    gens = normal_lengths(rng, num, gen_len, variance, 1, room - 1)
-    prompts = [normal_lengths(rng, 1, prompt_len, variance, 1, room - g)[0] for g in gens]
-    return [BenchRequest(prefix + random_ids(rng, p, vocab_size, exclude), g) for p, g in zip(prompts, gens)]
+    # drawn unbounded above, then fitted to the room left, so a request can say it was shortened
+    unbounded = 2**62
+    drawn_gens = normal_lengths(rng, num, gen_len, variance, 1, unbounded)
+    gens = [min(g, room - 1) for g in drawn_gens]
+    drawn_prompts = [normal_lengths(rng, 1, prompt_len, variance, 1, unbounded)[0] for _ in gens]
+    prompts = [min(p, room - g) for p, g in zip(drawn_prompts, gens)]
+    return [BenchRequest(prefix + random_ids(rng, p, vocab_size, exclude), g, clipped=(p, g) != (dp, dg))
+            for p, g, dp, dg in zip(prompts, gens, drawn_prompts, drawn_gens)]
 
 
 def from_file(path: str | Path, gen_len: int, variance: float, max_len: int, seed: int, tokenizer) -> list[BenchRequest]:
@@ -85,11 +91,12 @@ def from_file(path: str | Path, gen_len: int, variance: float, max_len: int, see
             ids = tokenizer(text)["input_ids"]
         else:
             ids = [int(i) for i in prompt]
-        gen = int(want) if want is not None else normal_lengths(rng, 1, gen_len, variance, 1, max_len - 1)[0]
-        gen = min(max(gen, 1), max_len - 1)
+        asked = int(want) if want is not None else normal_lengths(rng, 1, gen_len, variance, 1, 2**62)[0]
+        gen = min(max(asked, 1), max_len - 1)
+        clipped = gen < asked
         if len(ids) + gen > max_len:
-            ids, text = ids[-(max_len - gen):], None
-        requests.append(BenchRequest(ids, gen, text))
+            ids, text, clipped = ids[-(max_len - gen):], None, True
+        requests.append(BenchRequest(ids, gen, text, clipped))
     return requests
 
 

@@ -15,6 +15,7 @@ import torch
 from splitfuse.models import weight_tables
 from splitfuse.models.weight_tables import Weight
 from splitfuse.parallel.shard import SINGLE, Shard
+from splitfuse.parallel.sharding import Slices, checkpoint_slice
 
 
 class CausalLM:
@@ -43,9 +44,13 @@ class CausalLM:
     # inherited: a subclass adds layers its parent's sharding may not cover, so it must say so anew.
     supports_tensor_parallel: bool = False
     shard: Shard = SINGLE
+    # our names ending so are biases of ROW-split matrices: every rank's partial output would add
+    # them before the all-reduce sums the ranks, so only rank 0 keeps them
+    row_biases: tuple[str, ...] = ()
 
     num_layers: int
-    num_kv_heads: int
+    num_kv_heads: int  # this rank's
+    total_kv_heads: int  # the checkpoint's
     head_dim: int
 
     def __init__(self, config, backend, dtype: torch.dtype, max_model_len: int) -> None:
@@ -77,14 +82,15 @@ class CausalLM:
         cannot be split refuses with the reason."""
         if shard.size > 1 and not vars(type(self)).get("supports_tensor_parallel", False):
             raise ValueError(f"tensor_parallel_size={shard.size}: {type(self).__name__} does not support tensor "
-                             "parallelism yet; use tensor_parallel_size=1 (supported: LlamaForCausalLM, "
-                             "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, "
-                             "MixtralForCausalLM)")
+                             "parallelism (its class does not declare supports_tensor_parallel); use "
+                             "tensor_parallel_size=1")
         self.shard = shard
 
-    def checkpoint_slice(self, name: str, shape: list[int]) -> tuple[slice, ...] | None:
-        """This rank's index into checkpoint tensor `name` of `shape`; None: load it whole."""
-        return None
+    def checkpoint_slice(self, name: str, shape: list[int]) -> Slices | None:
+        """This rank's slices of checkpoint tensor `name` of `shape`, by the tables' splits; None:
+        load it whole. Reads `total_kv_heads` and `head_dim` (the checkpoint's)."""
+        return checkpoint_slice(weight_tables.split_of(self, name), shape, self.shard, self.total_kv_heads,
+                                self.head_dim)
 
     # ---- weights -------------------------------------------------------------------------------
     def map_weight_name(self, name: str) -> tuple[str | None, tuple[int, int] | None]:
@@ -120,6 +126,9 @@ class CausalLM:
         if missing or self._parts:
             raise ValueError(f"checkpoint is missing weights for {type(self).__name__}: "
                              f"{list(self._describe_missing(missing[:8] + sorted(self._parts)[:8]))}")
+        if self.shard.rank > 0 and self.row_biases:
+            for name in [n for n in self.weights if n.endswith(self.row_biases)]:
+                del self.weights[name]
 
     def _describe_missing(self, names: list[str]) -> Iterator[str]:
         """Each missing name, with the checkpoint names it is loaded from where the tables know them."""

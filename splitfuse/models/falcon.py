@@ -15,19 +15,27 @@ from collections.abc import Iterable
 import torch
 
 from splitfuse.models.phi import LayerNormDecoderLM
-from splitfuse.models.weight_tables import Weight, weight_and_bias
+from splitfuse.models.weight_tables import COLUMN, FUSED_QKV, GROUPED_QKV, ROW, VOCAB, Weight, weight_and_bias
+from splitfuse.parallel.sharding import Slices, checkpoint_slice
 
 
 class FalconForCausalLM(LayerNormDecoderLM):
+    """Tensor parallel as Phi; each rank reads its query heads' rows of query_key_value with their
+    KV heads (in either layout), so the reordering below sees a smaller model of the same layout."""
+
+    supports_tensor_parallel = True
     global_weights = {
-        "transformer.word_embeddings.weight": "embed.weight",
-        "lm_head.weight": Weight("lm_head.weight", when="not tie_word_embeddings"),
+        "transformer.word_embeddings.weight": Weight("embed.weight", split=VOCAB),
+        "lm_head.weight": Weight("lm_head.weight", when="not tie_word_embeddings", split=VOCAB),
         **weight_and_bias({"transformer.ln_f": "final_norm"}),
     }
     layer_prefix = "transformer.h."
     layer_weights = {
-        **weight_and_bias({"self_attention.query_key_value": "qkv", "self_attention.dense": "o",
-                           "mlp.dense_h_to_4h": "up", "mlp.dense_4h_to_h": "down"}, bias_when="has_bias"),
+        # query_key_value's split depends on the layout: see checkpoint_slice
+        **weight_and_bias({"self_attention.query_key_value": "qkv"}, bias_when="has_bias"),
+        **weight_and_bias({"mlp.dense_h_to_4h": "up"}, bias_when="has_bias", split=COLUMN),
+        **weight_and_bias({"self_attention.dense": "o", "mlp.dense_4h_to_h": "down"}, bias_when="has_bias",
+                          split=ROW),
         # the 7B layout and Falcon2 name the attention's LayerNorm input_layernorm, 40B ln_attn
         **weight_and_bias({"input_layernorm": "attn_norm", "ln_attn": "attn_norm"}),
         **weight_and_bias({"ln_mlp": "mlp_norm", "post_attention_layernorm": "mlp_norm"}, when="mlp_norm"),
@@ -55,6 +63,15 @@ class FalconForCausalLM(LayerNormDecoderLM):
             activation=config.activation, activation_field="activation", parallel=parallel, mlp_norm=mlp_norm,
             has_bias=bool(config.bias),
         )
+
+    def tensor_parallel_sizes(self) -> dict[str, int]:
+        return {"ffn_hidden_size": self.config.ffn_hidden_size or 4 * self.hidden_size}
+
+    def checkpoint_slice(self, name: str, shape: list[int]) -> Slices | None:
+        if ".query_key_value." not in name:
+            return super().checkpoint_slice(name, shape)
+        split = FUSED_QKV if self.multi_query else GROUPED_QKV
+        return checkpoint_slice(split, shape, self.shard, self.total_kv_heads, self.head_dim)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         super().load_weights(named_tensors)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from splitfuse.models import weight_tables
 from splitfuse.models.base import CausalLM, add_norm
 from splitfuse.models.rope import rope_cos_sin
 from splitfuse.models.weight_tables import COLUMN, KV_COLUMN, ROW, VOCAB, Weight, fused
 from splitfuse.parallel.layers import vocab_embedding, vocab_logits
 from splitfuse.parallel.shard import Shard
-from splitfuse.parallel.sharding import checkpoint_slice
+from splitfuse.parallel.sharding import split_heads
 
 
 _QKV_SPLITS = (COLUMN, KV_COLUMN, KV_COLUMN)
@@ -67,25 +66,13 @@ class LlamaForCausalLM(CausalLM):
         """Keep num_heads / size query heads and the matching KV heads (one replicated KV head per
         rank where the model has fewer KV heads than ranks)."""
         super().set_shard(shard)
-        size, heads, kv_heads = shard.size, self.num_heads, self.total_kv_heads
-        intermediate = self.config.intermediate_size
-        problems = []
-        if heads % size:
-            problems.append(f"num_attention_heads ({heads})")
-        if intermediate % size:
-            problems.append(f"intermediate_size ({intermediate})")
-        if kv_heads % size and size % kv_heads:
-            problems.append(f"num_key_value_heads ({kv_heads}), or be a multiple of it")
-        if problems:
-            raise ValueError(f"tensor_parallel_size={size} must divide {' and '.join(problems)} of "
-                             f"{type(self).__name__}")
-        self.num_heads = heads // size
-        self.num_kv_heads = max(1, kv_heads // size)
+        self.num_heads, self.num_kv_heads = split_heads(shard, type(self).__name__, self.num_heads,
+                                                        self.total_kv_heads, **self.tensor_parallel_sizes())
         self._set_qkv_sizes()
 
-    def checkpoint_slice(self, name: str, shape: list[int]) -> tuple[slice, ...] | None:
-        return checkpoint_slice(weight_tables.split_of(self, name), shape, self.shard, self.total_kv_heads,
-                                self.head_dim)
+    def tensor_parallel_sizes(self) -> dict[str, int]:
+        """Config fields (-> values) besides the heads that the rank count must divide."""
+        return {"intermediate_size": self.config.intermediate_size}
 
     def _sliding_windows(self, config) -> list[int | None]:
         window = getattr(config, "sliding_window", None)

@@ -148,8 +148,8 @@ def _shard_model(model, arch: str, shard: Shard) -> None:
 
 
 def _stream_tensors(files: list[Path], checkpoint_slice=None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every checkpoint tensor; where `checkpoint_slice(name, shape)` gives an
-    index, only that slice is read from the file."""
+    """(name, tensor) of every checkpoint tensor; where `checkpoint_slice(name, shape)` gives
+    Slices, only those are read from the file."""
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
@@ -162,7 +162,7 @@ def _stream_tensors(files: list[Path], checkpoint_slice=None) -> Iterator[tuple[
                 if checkpoint_slice is not None:
                     part = handle.get_slice(name)
                     index = checkpoint_slice(name, part.get_shape())
-                yield name, handle.get_tensor(name) if index is None else part[index]
+                yield name, handle.get_tensor(name) if index is None else index.read(part)
                 bar.update(1)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from splitfuse.models.llama import LlamaForCausalLM
-from splitfuse.models.weight_tables import COLUMN, ROW, STACKED_EXPERTS, Weight, fused
+from splitfuse.models.weight_tables import COLUMN, ROW, STACKED_DOWN, STACKED_GATE_UP, Weight, fused
 from splitfuse.quant.experts import ExpertWeights, quantized_moe_experts
 
 
@@ -31,8 +31,8 @@ def sparse_block_weights(blocks: tuple[str, ...]) -> dict[str, Weight]:
     table = {}
     for block in blocks:
         table[f"{block}.gate.weight"] = Weight("router.weight", when="is_sparse")
-        table[f"{block}.experts.gate_up_proj"] = Weight("experts.gate_up", when="is_sparse", split=STACKED_EXPERTS)
-        table[f"{block}.experts.down_proj"] = Weight("experts.down", when="is_sparse", split=STACKED_EXPERTS)
+        table[f"{block}.experts.gate_up_proj"] = Weight("experts.gate_up", when="is_sparse", split=STACKED_GATE_UP)
+        table[f"{block}.experts.down_proj"] = Weight("experts.down", when="is_sparse", split=STACKED_DOWN)
     return table
 
 
@@ -47,8 +47,9 @@ class _SparseMoeLM(LlamaForCausalLM):
     # dense layers keep Llama's MLP; a sparse one holds a router and the experts instead
     layer_weights = {
         **LlamaForCausalLM.layer_weights,
-        **fused("gate_up.weight", ["mlp.gate_proj.weight", "mlp.up_proj.weight"], when="not is_sparse"),
-        "mlp.down_proj.weight": Weight("down.weight", when="not is_sparse"),
+        **fused("gate_up.weight", ["mlp.gate_proj.weight", "mlp.up_proj.weight"], when="not is_sparse",
+                splits=(COLUMN, COLUMN)),
+        "mlp.down_proj.weight": Weight("down.weight", when="not is_sparse", split=ROW),
     }
 
     def __init__(self, config, backend, dtype: torch.dtype, max_model_len: int) -> None:
@@ -105,7 +106,11 @@ class MixtralForCausalLM(_SparseMoeLM):
 
 
 class Qwen2MoeForCausalLM(_SparseMoeLM):
-    """Qwen2-MoE: qkv biases, routed experts plus a shared expert scaled by sigmoid(gate(x))."""
+    """Qwen2-MoE: qkv biases, routed experts plus a shared expert scaled by sigmoid(gate(x)).
+    Tensor parallel as Mixtral; the shared expert split like a dense MLP and its one-row gate
+    replicated: the gate scales each rank's partial output alike, so the all-reduce sums it right."""
+
+    supports_tensor_parallel = True
 
     expert_blocks = ("mlp",)
     expert_weights = per_expert_weights("gate_proj", "up_proj", "down_proj")
@@ -113,8 +118,8 @@ class Qwen2MoeForCausalLM(_SparseMoeLM):
         **_SparseMoeLM.layer_weights,
         **sparse_block_weights(expert_blocks),
         **fused("shared.gate_up.weight", ["mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight"],
-                when="has_shared_expert_at"),
-        "mlp.shared_expert.down_proj.weight": Weight("shared.down.weight", when="has_shared_expert_at"),
+                when="has_shared_expert_at", splits=(COLUMN, COLUMN)),
+        "mlp.shared_expert.down_proj.weight": Weight("shared.down.weight", when="has_shared_expert_at", split=ROW),
         "mlp.shared_expert_gate.weight": Weight("shared.gate.weight", when="has_shared_expert_at"),
     }
 
@@ -127,6 +132,12 @@ class Qwen2MoeForCausalLM(_SparseMoeLM):
         self.has_shared_expert = bool(getattr(config, "shared_expert_intermediate_size", 0))
         super().__init__(config, backend, dtype, max_model_len)
         self.qkv_bias = bool(getattr(config, "qkv_bias", True))
+
+    def tensor_parallel_sizes(self) -> dict[str, int]:
+        sizes = {**super().tensor_parallel_sizes(), "moe_intermediate_size": self.config.moe_intermediate_size}
+        if self.has_shared_expert:
+            sizes["shared_expert_intermediate_size"] = self.config.shared_expert_intermediate_size
+        return sizes
 
     def is_sparse(self, layer: int) -> bool:
         # the rule of HF's Qwen2MoeDecoderLayer

@@ -12,13 +12,23 @@ import torch
 
 from splitfuse.models.base import CausalLM, activation_op, add_norm
 from splitfuse.models.rope import rope_cos_sin
-from splitfuse.models.weight_tables import Weight, fused, weight_and_bias
+from splitfuse.models.weight_tables import COLUMN, KV_COLUMN, ROW, VOCAB, Weight, fused, weight_and_bias
+from splitfuse.parallel.layers import vocab_embedding, vocab_logits
+from splitfuse.parallel.shard import Shard
+from splitfuse.parallel.sharding import split_heads
+
+QKV_SPLITS = (COLUMN, KV_COLUMN, KV_COLUMN)
 
 
 class LayerNormDecoderLM(CausalLM):
     """Rotary-attention decoder of LayerNorm blocks; subclasses read their config and declare the
     weight tables. Conditions the tables may use: tie_word_embeddings, lm_head_bias, has_bias,
-    mlp_norm, qk_norm."""
+    mlp_norm, qk_norm.
+
+    Tensor parallel as Llama (qkv and up by output features, o and down by input features, their
+    biases on rank 0 only); the parallel layout sums attention and MLP before one all-reduce."""
+
+    row_biases = (".o.bias", ".down.bias")
 
     def __init__(self, config, backend, dtype: torch.dtype, max_model_len: int, *, num_kv_heads: int,
                  eps: float, activation: str, activation_field: str, parallel: bool, mlp_norm: bool,
@@ -41,12 +51,27 @@ class LayerNormDecoderLM(CausalLM):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.cos_sin = rope_cos_sin(config, self.head_dim, max_model_len, dtype, backend.device,
                                     rotary_dim=self.rotary_dim)
+        self.total_kv_heads = num_kv_heads
+        self._set_qkv_sizes()
+
+    def _set_qkv_sizes(self) -> None:
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_sizes = (q, kv, kv)
 
+    def set_shard(self, shard: Shard) -> None:
+        super().set_shard(shard)
+        self.num_heads, self.num_kv_heads = split_heads(shard, type(self).__name__, self.num_heads,
+                                                        self.total_kv_heads, **self.tensor_parallel_sizes())
+        self._set_qkv_sizes()
+
+    def tensor_parallel_sizes(self) -> dict[str, int]:
+        """Config fields (-> values) besides the heads that the rank count must divide."""
+        return {}
+
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, input_ids, positions, meta, kv_cache) -> torch.Tensor:
-        hidden = self.backend.embedding(input_ids, self.weights["embed.weight"])
+        reduce = self.shard.all_reduce
+        hidden = vocab_embedding(self.backend, self.shard, input_ids, self.weights["embed.weight"], self.vocab_size)
         residual = None
         for i in range(self.num_layers):
             p = f"layers.{i}."
@@ -55,10 +80,10 @@ class LayerNormDecoderLM(CausalLM):
             if self.parallel:
                 # HF adds attention and MLP outputs first, then the residual (in the next norm)
                 mlp_in = self.norm(p + "mlp_norm", residual) if self.mlp_norm else x
-                hidden = attn + self._mlp(p, mlp_in)
+                hidden = reduce(attn + self._mlp(p, mlp_in))
             else:
-                x, residual = self.norm(p + "mlp_norm", attn, residual)
-                hidden = self._mlp(p, x)
+                x, residual = self.norm(p + "mlp_norm", reduce(attn), residual)
+                hidden = reduce(self._mlp(p, x))
         hidden, _ = self.norm("final_norm", hidden, residual)
         return hidden
 
@@ -86,27 +111,31 @@ class LayerNormDecoderLM(CausalLM):
         up = self.act(ops.linear(x, w[p + "up.weight"], w.get(p + "up.bias")))
         return ops.linear(up, w[p + "down.weight"], w.get(p + "down.bias"))
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits [N, V]; with tensor parallelism on rank 0 only (None elsewhere)."""
         w = self.weights
         head = w["embed.weight"] if self.tie_word_embeddings else w["lm_head.weight"]
-        return self.backend.linear(hidden, head, w.get("lm_head.bias"))
+        return vocab_logits(self.backend, self.shard, hidden, head, self.vocab_size, w.get("lm_head.bias"))
 
 
 class PhiForCausalLM(LayerNormDecoderLM):
     """Phi-2: partial rotary, attention and MLP in parallel from one LayerNorm, biases everywhere,
-    lm_head with a bias, optional per-head LayerNorm of q and k."""
+    lm_head with a bias, optional per-head LayerNorm of q and k (replicated: each rank norms its heads)."""
 
+    supports_tensor_parallel = True
     global_weights = {
-        "model.embed_tokens.weight": "embed.weight",
-        "lm_head.weight": Weight("lm_head.weight", when="not tie_word_embeddings"),
-        "lm_head.bias": Weight("lm_head.bias", when="lm_head_bias"),
+        "model.embed_tokens.weight": Weight("embed.weight", split=VOCAB),
+        "lm_head.weight": Weight("lm_head.weight", when="not tie_word_embeddings", split=VOCAB),
+        "lm_head.bias": Weight("lm_head.bias", when="lm_head_bias", split=VOCAB),
         **weight_and_bias({"model.final_layernorm": "final_norm"}),
     }
     layer_weights = {
-        **fused("qkv.weight", ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"]),
+        **fused("qkv.weight", ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+                splits=QKV_SPLITS),
         **fused("qkv.bias", ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"],
-                when="has_bias"),
-        **weight_and_bias({"self_attn.dense": "o", "mlp.fc1": "up", "mlp.fc2": "down"}, bias_when="has_bias"),
+                when="has_bias", splits=QKV_SPLITS),
+        **weight_and_bias({"mlp.fc1": "up"}, bias_when="has_bias", split=COLUMN),
+        **weight_and_bias({"self_attn.dense": "o", "mlp.fc2": "down"}, bias_when="has_bias", split=ROW),
         **weight_and_bias({"input_layernorm": "attn_norm"}),
         **weight_and_bias({"self_attn.q_layernorm": "q_norm", "self_attn.k_layernorm": "k_norm"}, when="qk_norm"),
     }
@@ -122,3 +151,6 @@ class PhiForCausalLM(LayerNormDecoderLM):
             parallel=True, mlp_norm=False, has_bias=True, rotary_dim=int(head_dim * factor),
             qk_norm=bool(getattr(config, "qk_layernorm", False)), lm_head_bias=True,
         )
+
+    def tensor_parallel_sizes(self) -> dict[str, int]:
+        return {"intermediate_size": self.config.intermediate_size}

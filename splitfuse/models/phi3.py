@@ -7,10 +7,15 @@ import torch
 
 from splitfuse.models.llama import LlamaForCausalLM
 from splitfuse.models.rope import longrope_cos_sin, rope_cos_sin
+from splitfuse.models.weight_tables import FUSED_QKV, GATE_UP, Weight
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
-    """Llama with fused checkpoint matrices; rope: default or longrope, optionally partial."""
+    """Llama with fused checkpoint matrices; rope: default or longrope, optionally partial. Tensor
+    parallel as Llama: each rank reads its rows of q, k and v (and of gate and up) from the fused
+    matrices, so they split as Llama's separate ones do."""
+
+    supports_tensor_parallel = True
 
     # longrope as transformers runs it: a sequence is rotated with the short factors while it holds
     # at most original_max_position_embeddings tokens and with the long ones after; when it grows
@@ -19,8 +24,8 @@ class Phi3ForCausalLM(LlamaForCausalLM):
 
     layer_weights = {
         **LlamaForCausalLM.layer_weights,
-        "self_attn.qkv_proj.weight": "qkv.weight",  # already fused in the checkpoint
-        "mlp.gate_up_proj.weight": "gate_up.weight",
+        "self_attn.qkv_proj.weight": Weight("qkv.weight", split=FUSED_QKV),  # already fused in the checkpoint
+        "mlp.gate_up_proj.weight": Weight("gate_up.weight", split=GATE_UP),
     }
 
     def __init__(self, config, backend, dtype: torch.dtype, max_model_len: int) -> None:

@@ -17,9 +17,14 @@ COLUMN = "column"  # output features (dim 0) split evenly: q, gate, up
 KV_COLUMN = "kv_column"  # dim 0 split by KV heads, a head replicated where there are fewer than ranks
 ROW = "row"  # input features (dim 1) split evenly: o, down (their outputs are all-reduced)
 VOCAB = "vocab"  # vocabulary rows (dim 0) split in ceil(V / ranks) ranges: embedding, lm_head
-# every expert stacked in one tensor: its gate and up halves cannot be sliced as one range, so
-# tensor parallelism refuses it (per-expert tensors, what save_pretrained writes, split instead)
-STACKED_EXPERTS = "stacked_experts"
+# matrices fused in the checkpoint, each part split on its own (a rank reads several ranges):
+FUSED_QKV = "fused_qkv"  # rows [q | k | v]: q as COLUMN, k and v as KV_COLUMN (Phi-3, Falcon 7B)
+GROUPED_QKV = "grouped_qkv"  # rows per KV head [its queries, k, v] (Falcon 40B and per-head Falcon)
+GATE_UP = "gate_up"  # rows [gate | up], each half as COLUMN (Phi-3)
+# every expert stacked in one tensor (transformers' in-memory layout): gate_up [E, 2I, H] and down
+# [E, H, I], split along I like the per-expert tensors
+STACKED_GATE_UP = "stacked_gate_up"
+STACKED_DOWN = "stacked_down"
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,7 @@ class Weight:
     # None: always. Else a model attribute that must be true ("not attr": false); an attribute that
     # is a method is called with the layer index, so a per-layer weight can depend on its layer.
     when: str | None = None
-    split: str | None = None  # COLUMN, KV_COLUMN, ROW, VOCAB or STACKED_EXPERTS: how tensor parallelism slices it
+    split: str | None = None  # how tensor parallelism slices it: COLUMN, ROW, ... above (None: whole)
 
 
 def fused(name: str, checkpoint_names: Iterable[str], when: str | None = None,
@@ -46,13 +51,15 @@ def fused(name: str, checkpoint_names: Iterable[str], when: str | None = None,
 
 
 def weight_and_bias(modules: Mapping[str, str], when: str | None = None,
-                    bias_when: str | None = None) -> dict[str, Weight]:
+                    bias_when: str | None = None, split: str | None = None) -> dict[str, Weight]:
     """{checkpoint name: Weight} for `.weight` and `.bias` of each module (checkpoint -> our name);
-    both held under `when`, the bias under `bias_when` where given."""
+    both held under `when`, the bias under `bias_when` where given. `split`: the weights' tensor-
+    parallel split; a COLUMN bias is split alike, a ROW bias stays whole (see CausalLM.row_biases)."""
+    bias_split = split if split in (COLUMN, KV_COLUMN, VOCAB) else None
     table = {}
     for hf, ours in modules.items():
-        table[f"{hf}.weight"] = Weight(f"{ours}.weight", when=when)
-        table[f"{hf}.bias"] = Weight(f"{ours}.bias", when=bias_when or when)
+        table[f"{hf}.weight"] = Weight(f"{ours}.weight", when=when, split=split)
+        table[f"{hf}.bias"] = Weight(f"{ours}.bias", when=bias_when or when, split=bias_split)
     return table
 
 

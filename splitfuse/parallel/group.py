@@ -40,10 +40,12 @@ class WorkerSpec:
     distributed_backend: str
     init_method: str
     world_size: int
-    on_cpu: bool  # every rank runs on the one CPU device; else rank r takes device r
+    on_cpu: bool  # every rank runs on the one CPU device; else rank r takes device first_device + r
+    first_device: int  # rank 0's device index (a replica's ranks take the devices after its first)
+    num_threads: int  # torch threads of each rank: as many as rank 0 has
 
     def device_index(self, rank: int) -> int:
-        return 0 if self.on_cpu else rank
+        return 0 if self.on_cpu else self.first_device + rank
 
 
 class TensorParallelGroup:
@@ -59,8 +61,9 @@ class TensorParallelGroup:
 
         size = config.tensor_parallel_size
         self.shard = Shard(0, size)
-        self._spec = WorkerSpec(str(model), backend.name, config, type(backend).distributed_backend(),
-                                f"tcp://127.0.0.1:{_free_port()}", size, backend.device.type == "cpu")
+        self._spec = WorkerSpec(str(model), backend.name, config, process_group_backend(backend),
+                                f"tcp://127.0.0.1:{_free_port()}", size, backend.device.type == "cpu",
+                                backend.device.index or 0, torch.get_num_threads())
         context = multiprocessing.get_context("spawn")  # a fork would copy this process's threads and state
         self.workers: list[multiprocessing.Process] = []
         self._pipes = []
@@ -163,6 +166,14 @@ class TensorParallelGroup:
         except (EOFError, OSError):
             pass
         return message
+
+
+def process_group_backend(backend) -> str:
+    """The process group's backend: the accelerator's for its device tensors (the all-reduces), with
+    gloo beside it for the host tensors (each step's metadata, the KV block count)."""
+    name = type(backend).distributed_backend()
+    device = backend.device.type
+    return name if device == "cpu" or name == "gloo" else f"cpu:gloo,{device}:{name}"
 
 
 def agree_num_kv_blocks(num_blocks: int) -> int:

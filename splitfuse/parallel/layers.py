@@ -21,11 +21,11 @@ def vocab_embedding(backend, shard: Shard, input_ids: torch.Tensor, weight: torc
     return shard.all_reduce(hidden.masked_fill(outside.unsqueeze(-1), 0))
 
 
-def vocab_logits(backend, shard: Shard, hidden: torch.Tensor, weight: torch.Tensor,
-                 vocab_size: int) -> torch.Tensor | None:
-    """Logits [N, V] of hidden [N, H] on rank 0, gathered from every rank's vocabulary rows; None on
-    the other ranks."""
-    logits = backend.linear(hidden, weight)
+def vocab_logits(backend, shard: Shard, hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int,
+                 bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Logits [N, V] of hidden [N, H] on rank 0, gathered from every rank's vocabulary rows (and
+    bias entries); None on the other ranks."""
+    logits = backend.linear(hidden, weight, bias)
     if shard.size == 1:
         return logits
     # gather needs equal parts: the last rank's shorter range is padded, and the padding cut off

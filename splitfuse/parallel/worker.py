@@ -24,6 +24,7 @@ def worker_main(rank: int, spec, pipe) -> None:
 
 
 def _serve(rank: int, spec, pipe) -> None:
+    import torch
     import torch.distributed as dist
 
     from splitfuse.assembly import kv_cache_size
@@ -34,6 +35,7 @@ def _serve(rank: int, spec, pipe) -> None:
     from splitfuse.parallel.step_meta import receive_step
 
     config = spec.config
+    torch.set_num_threads(spec.num_threads)  # a spawned process starts with a thread per core
     backend = create_backend(spec.backend, spec.device_index(rank))
     model = load_model(spec.model, backend, config.dtype, config.max_model_len, config.trust_remote_code,
                        shard=Shard(rank, spec.world_size)).model

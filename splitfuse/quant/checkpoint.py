@@ -14,7 +14,11 @@ import torch
 from splitfuse.models.base import CausalLM
 from splitfuse.quant.awq import SUPPORTED as AWQ_SUPPORTED
 from splitfuse.quant.awq import read_awq_config
+from splitfuse.quant.compressed_tensors import SUPPORTED as COMPRESSED_TENSORS_SUPPORTED
+from splitfuse.quant.compressed_tensors import read_compressed_tensors_config
 from splitfuse.quant.experts import ExpertWeights
+from splitfuse.quant.fp8 import SUPPORTED as FP8_SUPPORTED
+from splitfuse.quant.fp8 import read_fp8_config
 from splitfuse.quant.gptq import SUPPORTED as GPTQ_SUPPORTED
 from splitfuse.quant.gptq import ActOrderWeight, read_gptq_config
 from splitfuse.quant.packed import Int4Checkpoint, UnsupportedQuantization
@@ -26,8 +30,10 @@ log = logging.getLogger("splitfuse")
 READERS: dict[str, Callable[[Mapping], Int4Checkpoint]] = {
     "gptq": read_gptq_config,
     "awq": read_awq_config,
+    "compressed-tensors": read_compressed_tensors_config,
+    "fp8": read_fp8_config,
 }
-SUPPORTED = f"{GPTQ_SUPPORTED}; {AWQ_SUPPORTED}"
+SUPPORTED = f"{GPTQ_SUPPORTED}; {AWQ_SUPPORTED}; compressed-tensors: {COMPRESSED_TENSORS_SUPPORTED}; {FP8_SUPPORTED}"
 
 __all__ = ["READERS", "UnsupportedQuantization", "load_quantized_weights", "read_quantization_config"]
 
@@ -45,30 +51,34 @@ def read_quantization_config(config: Mapping | None) -> Int4Checkpoint | None:
 
 
 def concat_rows(weights: list[QuantizedWeight]) -> QuantizedWeight:
-    """Portable int4 matrices stacked along output features (fused q/k/v, gate/up)."""
+    """Quantized matrices of one format stacked along output features (fused q/k/v, gate/up)."""
     first = weights[0]
     if len(weights) == 1:
         return first
-    if any(w.group_size != first.group_size or w.shape[1] != first.shape[1] for w in weights):
-        raise UnsupportedQuantization("quantized parts fused into one matrix differ in group_size or in_features: "
-                                      + ", ".join(f"{w.shape} g={w.group_size}" for w in weights))
+    key = lambda w: (w.format, w.group_size, w.shape[1], w.input_quant)  # noqa: E731
+    if any(key(w) != key(first) for w in weights):
+        raise UnsupportedQuantization("quantized parts fused into one matrix differ in format, group_size, "
+                                      "in_features or input quantization: "
+                                      + ", ".join(f"{w.format} {w.shape} g={w.group_size} input {w.input_quant}"
+                                                  for w in weights))
     orders = [getattr(w, "input_order", None) for w in weights]
     if any(o is None for o in orders) != all(o is None for o in orders) or (
             orders[0] is not None and any(not torch.equal(o, orders[0]) for o in orders)):
         raise UnsupportedQuantization("act-order parts fused into one matrix (q/k/v or gate/up) order their input "
                                       "features differently (g_idx); only a shared order is supported")
-    cat = lambda field: torch.cat([getattr(w, field) for w in weights])  # noqa: E731
+    cat = lambda field: None if getattr(first, field) is None else torch.cat(  # noqa: E731
+        [getattr(w, field) for w in weights])
     fields = (first.format, cat("data"), cat("scales"), cat("zeros"), first.group_size,
-              (sum(w.shape[0] for w in weights), first.shape[1]), first.dtype, first.layout)
+              (sum(w.shape[0] for w in weights), first.shape[1]), first.dtype, first.layout, first.input_quant)
     return QuantizedWeight(*fields) if orders[0] is None else ActOrderWeight(*fields, input_order=orders[0])
 
 
-def split_quantized_layers(named_tensors: Iterable[tuple[str, torch.Tensor]], parts: tuple[str, ...],
-                           layers: dict[str, dict[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Pass plain tensors through; collect `<module>.<part>` (part in `parts`) into `layers`."""
+def split_quantized_layers(named_tensors: Iterable[tuple[str, torch.Tensor]],
+                           claims: Callable[[str, torch.Tensor], bool], layers: dict[str, dict[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass plain tensors through; collect `<module>.<part>` the format claims into `layers`."""
     for name, tensor in named_tensors:
         module, _, part = name.rpartition(".")
-        if part in parts:
+        if claims(part, tensor):
             layers.setdefault(module, {})[part] = tensor
         else:
             yield name, tensor
@@ -83,7 +93,7 @@ def load_quantized_weights(model, named_tensors: Iterable[tuple[str, torch.Tenso
         raise UnsupportedQuantization(f"{label} checkpoints of {type(model).__name__} are not supported: its loader "
                                       "rearranges loaded matrices, which quantized ones do not allow yet")
     layers: dict[str, dict[str, torch.Tensor]] = {}
-    plain = list(split_quantized_layers(named_tensors, fmt.parts, layers))  # small: embeddings, norms, head
+    plain = list(split_quantized_layers(named_tensors, fmt.claims, layers))  # small: embeddings, norms, head
     fused: dict[str, dict[int, QuantizedWeight]] = {}
     counts: dict[str, int] = {}
     for module, parts in layers.items():
@@ -115,5 +125,6 @@ def load_quantized_weights(model, named_tensors: Iterable[tuple[str, torch.Tenso
             model.weights[ours] = prepare(concat_rows(ordered))
     model.load_weights(plain)
     model.quantization = fmt.describe()
-    log.info("%s int4 checkpoint: %d quantized matrices (from %d layers), the rest in %s", label, len(fused),
+    kind = f"{label} int4" if isinstance(fmt, Int4Checkpoint) else label
+    log.info("%s checkpoint: %d quantized matrices (from %d layers), the rest in %s", kind, len(fused),
              len(layers), str(model.dtype).replace("torch.", ""))

@@ -33,6 +33,10 @@ class Int4Checkpoint(abc.ABC):
     parts: ClassVar[tuple[str, ...]]  # every `<module>.<part>` tensor a quantized layer may hold
     required_parts: ClassVar[tuple[str, ...]]
 
+    def claims(self, part: str, tensor: torch.Tensor) -> bool:
+        """Whether checkpoint tensor `<module>.<part>` belongs to a quantized layer."""
+        return part in self.parts
+
     @abc.abstractmethod
     def layer_weight(self, module: str, parts: Mapping[str, torch.Tensor], dtype: torch.dtype) -> QuantizedWeight:
         """One layer's tensors -> its QuantizedWeight [N, K] (shapes checked)."""

@@ -7,6 +7,10 @@ Formats (weight [N, K]: N output features, K input features):
   group (asymmetric, as GPTQ/AWQ W4A16): w = (q - zero) * scale. Portable layout: two values per
   byte [N, K/2] uint8, even k in the low nibble. A backend may repack into its kernel's layout
   (`Backend.prepare_linear_weight`), recorded in `layout`.
+- "fp8": float8_e4m3fn data [N, K], float32 scales [N, ceil(K / group_size)]: w = data * scale
+  (per channel: group_size = K; block-wise checkpoints repeat each block's scale over its rows).
+  No torch CPU kernel multiplies float8: the reference dequantizes to the compute dtype.
+`input_quant`, when set, fake-quantizes the activations before the matmul (W8A8 checkpoints).
 `dequantize()` is the reference every kernel is checked against.
 """
 
@@ -18,15 +22,18 @@ from typing import ClassVar
 
 import torch
 
-FORMATS = ("int8", "int4")
+from splitfuse.quant.activations import InputQuantizer
+
+FORMATS = ("int8", "int4", "fp8")
 INT4_GROUP_SIZES = (128, 64, 32)  # preferred first: the largest that divides K
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class QuantizedWeight:
     """A weight-only quantized [N, K] matrix: packed data, scales, zero points and how to read them."""
 
-    format: str  # "int8" | "int4"
+    format: str  # "int8" | "int4" | "fp8"
     data: torch.Tensor  # int8 [N, K]; int4 "rows": uint8 [N, K/2]; other layouts: the backend's own
     scales: torch.Tensor  # int8: [N]; int4 "rows": [N, K / group_size] float32
     zeros: torch.Tensor | None  # int4 "rows": uint8 [N, K / group_size]; int8: None
@@ -34,6 +41,7 @@ class QuantizedWeight:
     shape: tuple[int, int]  # (N, K) of the float matrix
     dtype: torch.dtype  # the float dtype it was quantized from; dequantize() gives this by default
     layout: str = "rows"  # "rows" = the portable layout above; else a backend's (see DEQUANTIZERS)
+    input_quant: InputQuantizer | None = None  # activations quantized before the matmul (W8A8), or None
 
     # layout -> function(weight, dtype) -> [N, K]; backends that repack register their layout here
     DEQUANTIZERS: ClassVar[dict[str, Callable[["QuantizedWeight", torch.dtype], torch.Tensor]]] = {}
@@ -55,6 +63,9 @@ class QuantizedWeight:
             return self.DEQUANTIZERS[self.layout](self, dtype)
         if self.format == "int8":
             return (self.data.float() * self.scales.float()[:, None]).to(dtype)
+        if self.format == "fp8":
+            scales = self.scales.float().repeat_interleave(self.group_size, dim=1)[:, :self.shape[1]]
+            return (self.data.float() * scales).to(dtype)
         q = unpack_int4(self.data).float()
         zeros = self.zeros.float().repeat_interleave(self.group_size, dim=1)
         scales = self.scales.float().repeat_interleave(self.group_size, dim=1)
@@ -112,11 +123,20 @@ def quantize_int4(weight: torch.Tensor, group_size: int | None = None) -> Quanti
     return QuantizedWeight("int4", pack_int4(q), scales, zeros.to(torch.uint8), group_size, (N, K), weight.dtype)
 
 
-QUANTIZERS: dict[str, Callable[[torch.Tensor], QuantizedWeight]] = {"int8": quantize_int8, "int4": quantize_int4}
+def quantize_fp8(weight: torch.Tensor) -> QuantizedWeight:
+    """Symmetric per-output-channel float8_e4m3fn: scale = max|row| / 448 (the format's largest value)."""
+    w = _check_matrix(weight).float()
+    scales = (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    data = (w / scales).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return QuantizedWeight("fp8", data, scales, None, w.shape[1], tuple(w.shape), weight.dtype)
+
+
+QUANTIZERS: dict[str, Callable[[torch.Tensor], QuantizedWeight]] = {
+    "int8": quantize_int8, "int4": quantize_int4, "fp8": quantize_fp8}
 
 
 def quantize(weight: torch.Tensor, format: str) -> QuantizedWeight:
-    """`weight` [N, K] quantized to `format` ("int8" or "int4") on its own device."""
+    """`weight` [N, K] quantized to `format` ("int8", "int4" or "fp8") on its own device."""
     if format not in QUANTIZERS:
         raise ValueError(f"quantization format {format!r} is not supported; expected one of {list(QUANTIZERS)}")
     return QUANTIZERS[format](weight)

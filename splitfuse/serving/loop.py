@@ -133,6 +133,10 @@ class EngineLoop:
             outputs: Outputs = [(out.request_id, out) for out in self.engine.step()]
         except StepError as exc:  # the engine has aborted the requests it failed on; the others went on
             log.exception("engine step failed")
+            if self.engine.parallel is not None:
+                # its ranks are out of step (or one died): it cannot step again, so the loop stops
+                # and its front end fails over (a replica exits; a lone engine turns unavailable)
+                raise
             error = EngineError(f"the engine failed on this request: {exc}")
             outputs = [(out.request_id, out) for out in exc.outputs] + [(rid, error) for rid in exc.request_ids]
         self.sink.outputs(outputs, self.engine.stats())

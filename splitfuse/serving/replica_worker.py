@@ -99,8 +99,11 @@ class ProcessEngine:
         """Start a fresh process; wait_ready() then waits for its engine."""
         ctx = multiprocessing.get_context("spawn")  # fork would copy the parent's threads and torch state
         parent, child = ctx.Pipe()
-        self.process = ctx.Process(target=replica_main, name=f"splitfuse-replica-{self.index}", daemon=True,
-                                   args=(child, *self.args))
+        config = self.args[2]
+        # a daemonic process may not start children, and a tensor-parallel replica starts its worker
+        # ranks; a replica exits on its own once its pipe closes, daemonic or not
+        self.process = ctx.Process(target=replica_main, name=f"splitfuse-replica-{self.index}",
+                                   daemon=config.tensor_parallel_size == 1, args=(child, *self.args))
         self.process.start()
         child.close()  # only the child holds its end, so its death reads as EOF here
         self.conn = parent

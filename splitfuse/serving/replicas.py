@@ -184,9 +184,10 @@ class _Replica:
                 "outstanding_tokens": outstanding, **vars(self.stats)}
 
 
-def replica_devices(device_count: int, replicas: int) -> list[int]:
-    """Device index of each replica: one device each while they last, then round robin."""
-    return [index % max(device_count, 1) for index in range(replicas)]
+def replica_devices(device_count: int, replicas: int, tensor_parallel_size: int = 1) -> list[int]:
+    """First device index of each replica, whose tensor-parallel ranks take that many devices from
+    it: disjoint devices while they last, then round robin."""
+    return [index * tensor_parallel_size % max(device_count, 1) for index in range(replicas)]
 
 
 @dataclass(frozen=True)
@@ -197,14 +198,15 @@ class ReplicaPlacement:
     devices: list[int]
 
 
-def place_replicas(backend: str | None, replicas: int, cpu_count: int | None = None) -> ReplicaPlacement:
+def place_replicas(backend: str | None, replicas: int, cpu_count: int | None = None,
+                   tensor_parallel_size: int = 1) -> ReplicaPlacement:
     """Ask the backend class (named, SPLITFUSE_BACKEND, or auto) where it runs: replicas on the CPU
-    share its cores evenly, replicas on devices spread over them."""
+    share its cores evenly (each rank of each), replicas on devices spread over them."""
     cls = backend_class(backend)
     threads = None
     if cls.device_type() == "cpu":
-        threads = max(1, (cpu_count or os.cpu_count() or 1) // replicas)
-    return ReplicaPlacement(threads, replica_devices(cls.device_count(), replicas))
+        threads = max(1, (cpu_count or os.cpu_count() or 1) // (replicas * tensor_parallel_size))
+    return ReplicaPlacement(threads, replica_devices(cls.device_count(), replicas, tensor_parallel_size))
 
 
 class ReplicaPool(EngineFront):
@@ -222,7 +224,7 @@ class ReplicaPool(EngineFront):
         self.closing = False
         self.retries = 0  # requests resent after their replica died
         if engines is None:
-            placement = place_replicas(backend, replicas)
+            placement = place_replicas(backend, replicas, tensor_parallel_size=config.tensor_parallel_size)
             # The pool alone limits the queue, so a replica never turns away what the pool admitted.
             engines = lambda index: ProcessEngine(index, (model, backend, config, sys.maxsize,  # noqa: E731
                                                           placement.threads, placement.devices[index]))
