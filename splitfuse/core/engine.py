@@ -39,10 +39,13 @@ class AdmissionError(ValueError):
 
 
 class StepError(RuntimeError):
-    """A step failed; the requests that were in it (`request_ids`) are aborted, the others go on."""
+    """A step failed for the requests `request_ids` (now aborted); `outputs` are those of the
+    requests of the same step that went on."""
 
-    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+    def __init__(self, request_ids: list[str], cause: BaseException,
+                 outputs: list[RequestOutput] | None = None) -> None:
         self.request_ids = list(request_ids)
+        self.outputs = list(outputs or [])
         super().__init__(f"{type(cause).__name__}: {cause}")
 
 
@@ -250,6 +253,8 @@ class Engine:
         self._in_step = []
         try:
             return self._step()
+        except StepError:
+            raise  # the failing sequences are isolated and aborted already
         except Exception as exc:
             failed = [seq.request_id for seq in self._in_step or self.scheduler.running]
             for request_id in failed:
@@ -265,8 +270,40 @@ class Engine:
         self._in_step = [item.sequence for item in plan.items]
         if not plan:
             return []
-        sampled = [item.sequence for item in plan.items if item.samples]
-        tokens, logprobs = self._forward(plan, sampled)
+        done, failed = self._forward_isolating(plan)
+        outputs = [out for part, tokens, logprobs in done for out in self._apply(part, tokens, logprobs)]
+        if failed:
+            for seq, _ in failed:
+                self.abort(seq.request_id)
+            raise StepError([seq.request_id for seq, _ in failed], failed[0][1], outputs) from failed[0][1]
+        return outputs
+
+    def _forward_isolating(self, plan: StepPlan):
+        """([(part, tokens, logprobs)], [(sequence, error)]): when the forward raises, halves of the
+        batch run again until each failing sequence is alone (bisection), so one bad request fails
+        alone. A rerun writes the same K/V at the same positions, so the others' tokens do not change."""
+        # Draw counters advance before a pass can still fail: restored, so a rerun draws the same
+        # samples (scored prompt positions are skipped on a rerun by prompt_rows itself).
+        draws = [item.sequence.num_draws for item in plan.items]
+        try:
+            tokens, logprobs = self._forward(plan, [item.sequence for item in plan.items if item.samples])
+            return [(plan, tokens, logprobs)], []
+        except Exception as exc:
+            if self.parallel is not None:
+                raise  # the ranks may be out of step: no rerun is safe
+            for item, num_draws in zip(plan.items, draws):
+                item.sequence.num_draws = num_draws
+            if len(plan.items) == 1:
+                return [], [(plan.items[0].sequence, exc)]
+        half = len(plan.items) // 2
+        done, failed = [], []
+        for items in (plan.items[:half], plan.items[half:]):
+            part_done, part_failed = self._forward_isolating(StepPlan(plan.step, items))
+            done += part_done
+            failed += part_failed
+        return done, failed
+
+    def _apply(self, plan: StepPlan, tokens: list[int], logprobs) -> list[RequestOutput]:
         results = self.scheduler.apply(plan, tokens)
         self.constraints.advance(results)
         outputs = []

@@ -6,10 +6,25 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Unknown fields are ignored, as OpenAI does, so clients sending newer options still work.
 _LENIENT = ConfigDict(extra="ignore")
+
+_INT64 = 2**63
+
+
+def _valid_unicode(value):
+    """value unchanged; ValueError naming the place of a lone surrogate (JSON allows "\\ud800",
+    but no tokenizer can encode it)."""
+    texts = [value] if isinstance(value, str) else [v for v in value or () if isinstance(v, str)]
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"contains a lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}: "
+                             "send valid Unicode text") from None
+    return value
 
 
 class SamplingFields(BaseModel):
@@ -23,7 +38,7 @@ class SamplingFields(BaseModel):
     top_k: int | None = Field(None, ge=0)
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-_INT64, lt=_INT64)  # OpenAI's int64
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     ignore_eos: bool = False
@@ -37,12 +52,16 @@ class SamplingFields(BaseModel):
     guided_grammar: str | None = None
     structured_outputs: dict[str, Any] | None = None
 
+    _stop_is_unicode = field_validator("stop")(_valid_unicode)
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)  # 0 with echo: score the prompt, generate nothing
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+
+    _prompt_is_unicode = field_validator("prompt")(_valid_unicode)
 
 
 class ChatMessage(BaseModel):
@@ -58,6 +77,18 @@ class ChatMessage(BaseModel):
         """The message as chat templates read it: text content, tool fields where given."""
         extra = {"tool_calls": self.tool_calls, "tool_call_id": self.tool_call_id, "name": self.name}
         return {"role": self.role, "content": self.text(), **{k: v for k, v in extra.items() if v is not None}}
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, content):
+        """Text parts carry a string `text`; all text is valid Unicode."""
+        if isinstance(content, list):
+            for index, part in enumerate(content):
+                if part.get("type") == "text" and not isinstance(part.get("text"), str):
+                    raise ValueError(f"content part {index} has type 'text' but its 'text' is "
+                                     f"{type(part.get('text')).__name__}, not a string")
+                _valid_unicode(part.get("text"))
+        return _valid_unicode(content)
 
     def text(self) -> str:
         """Content as plain text; list content keeps its text parts."""
