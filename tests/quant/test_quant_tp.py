@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
 import splitfuse
 from splitfuse.backends.cpu import CpuBackend
@@ -18,6 +20,7 @@ from splitfuse.quant import QuantizedWeight, quantize_model
 from splitfuse.testing.parity import make_prompts
 from splitfuse.testing.tiny_model import make_tiny_model
 from test_awq import write_awq_checkpoint
+from test_compressed_tensors import SCHEMES, write_compressed_tensors_checkpoint
 from test_gptq import write_float_checkpoint, write_gptq_checkpoint
 from test_gptq_act_order import write_act_order_checkpoint
 from test_quantization import _divergence
@@ -108,3 +111,22 @@ def test_what_a_rank_cannot_cut_is_refused_by_name(tiny_model_dir, tmp_path):
             "layout 'act_order' (act-order) spreads each group over all its input features, so tensor "
             "parallelism cannot split them; use tensor_parallel_size=1")):
         _rank_model(tmp_path / "act_order", 1)
+
+
+@pytest.mark.parametrize("scheme", ["int8-w8a16-channel-naive", "int4-w4a16-group32", "fp8-w8a16-channel",
+                                    "fp8-w8a8-static-tensor"])
+def test_each_rank_of_a_compressed_tensors_checkpoint_holds_its_slices(tiny_model_dir, tmp_path, scheme):
+    path = write_compressed_tensors_checkpoint(Path(tiny_model_dir("llama")), tmp_path / scheme, *SCHEMES[scheme])
+    with torch.no_grad():  # the library's own decompression is the float model
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(
+            dequantize=True)).save_pretrained(tmp_path / "float")
+    _assert_ranks_hold_the_float_models_slices(path, tmp_path / "float")
+
+
+def test_dynamically_quantized_activations_of_a_row_parallel_matrix_are_refused(tiny_model_dir, tmp_path):
+    path = write_compressed_tensors_checkpoint(Path(tiny_model_dir("llama")), tmp_path / "w8a8",
+                                               *SCHEMES["fp8-w8a8-dynamic-token"])
+    with pytest.raises(ModelLoadError, match=re.escape(
+            "compressed-tensors layer 'model.layers.0.mlp.down_proj': this rank's input features 0..64 of 128: its "
+            "activations are quantized per token (dynamic), which a rank cannot do on its slice")):
+        _rank_model(path, 0)
