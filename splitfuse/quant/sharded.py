@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from splitfuse.parallel.sharding import Slices
+from splitfuse.quant.gptq import ACT_ORDER_LAYOUT
 from splitfuse.quant.packed import UnsupportedQuantization
 from splitfuse.quant.weights import QuantizedWeight
 
@@ -45,14 +46,14 @@ def _columns(weight: QuantizedWeight, start: int, stop: int, label: str, module:
     """Input features start..stop of a row-parallel matrix, or refuse where they split what one rank needs whole."""
     N, K = weight.shape
     where = f"{label} layer {module!r}: this rank's input features {start}..{stop} of {K}"
-    if weight.layout != "rows":  # act-order: a group's features are scattered over every rank's range
+    if weight.layout == ACT_ORDER_LAYOUT:  # a group's features are scattered over every rank's range
         raise UnsupportedQuantization(f"{where}: a matrix in layout {weight.layout!r} (act-order) spreads each "
                                       "group over all its input features, so tensor parallelism cannot split "
                                       "them; use tensor_parallel_size=1")
     if weight.input_quant is not None and weight.input_quant.strategy != "tensor":
         raise UnsupportedQuantization(f"{where}: its activations are quantized per {weight.input_quant.strategy} "
                                       "(dynamic), which a rank cannot do on its slice; use tensor_parallel_size=1")
-    pack = 2 if weight.format == "int4" else 1  # int4 "rows": two values per byte
+    pack = 2 if weight.format == "int4" else 1  # int4 "rows": two values per byte (other layouts: one)
     group = weight.group_size
     if group >= K:  # one scale per row: valid for any range of it
         scales, zeros, group = weight.scales, weight.zeros, stop - start

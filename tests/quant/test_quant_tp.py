@@ -113,8 +113,8 @@ def test_what_a_rank_cannot_cut_is_refused_by_name(tiny_model_dir, tmp_path):
         _rank_model(tmp_path / "act_order", 1)
 
 
-@pytest.mark.parametrize("scheme", ["int8-w8a16-channel-naive", "int4-w4a16-group32", "fp8-w8a16-channel",
-                                    "fp8-w8a8-static-tensor"])
+@pytest.mark.parametrize("scheme", ["int8-w8a16-channel-naive", "int8-w8a16-group32-packed", "int4-w4a16-group32",
+                                    "fp8-w8a16-channel", "fp8-w8a8-static-tensor"])
 def test_each_rank_of_a_compressed_tensors_checkpoint_holds_its_slices(tiny_model_dir, tmp_path, scheme):
     path = write_compressed_tensors_checkpoint(Path(tiny_model_dir("llama")), tmp_path / scheme, *SCHEMES[scheme])
     with torch.no_grad():  # the library's own decompression is the float model
