@@ -45,14 +45,6 @@ class EngineConfig(BaseModel):
                              f"{list(Quantization.__args__)} or None")
         return value
 
-    @model_validator(mode="after")
-    def _quantization_on_one_rank(self) -> "EngineConfig":
-        # each rank would quantize its own slices with their own scales: not checked yet
-        if self.quantization and self.tensor_parallel_size > 1:
-            raise ValueError(f"quantization={self.quantization!r} with tensor_parallel_size="
-                             f"{self.tensor_parallel_size} is not supported yet: use one of them")
-        return self
-
 
 class StructuredOutputsParams(BaseModel):
     """One constraint on a request's output (vLLM's names): a JSON schema, any JSON object, a regex,
