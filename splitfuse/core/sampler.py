@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from splitfuse.config import is_greedy
@@ -155,12 +156,45 @@ def filter_logits(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: list
         index = torch.tensor(p_rows, dtype=torch.int64, device=scaled.device)
         limits = torch.tensor([1 - top_ps[r] for r in p_rows], dtype=torch.float32, device=scaled.device)
         part = scaled.index_select(0, index)
-        sorted_logits, order = torch.sort(part, dim=-1, descending=False)
-        drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= limits[:, None]
-        drop_sorted[:, -1] = False
-        drop = drop_sorted.scatter(1, order, drop_sorted)
-        scaled.index_copy_(0, index, part.masked_fill(drop, float("-inf")))
+        scaled.index_copy_(0, index, part.masked_fill(_top_p_drop(part, limits), float("-inf")))
     return scaled
+
+
+def _top_p_drop(part: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
+    """Which tokens of rows part [R, V] top-p drops: those whose ascending cumulative softmax mass
+    is <= the row's limit (1 - top_p), never the most likely.
+
+    The mass depends only on the sorted values, so a values-only sort (numpy's, many times faster
+    than torch.sort's values and indices) gives the cutoff value; every token below it is dropped.
+    Only a row whose cutoff value repeats needs the order the sort put its ties in (or a NaN row):
+    those rows take torch.sort as before, so every row keeps exactly the tokens it kept."""
+    vocab = part.shape[-1]
+    sorted_logits = _sorted_values(part)
+    num_dropped = _drop_sorted(sorted_logits, limits).sum(-1, keepdim=True)
+    drop = part < sorted_logits.gather(1, num_dropped)
+    tie_or_nan = ((vocab - drop.sum(-1, keepdim=True)) != vocab - num_dropped).squeeze(1)
+    tie_or_nan |= sorted_logits[:, -1].isnan()
+    if bool(tie_or_nan.any()):
+        rows = tie_or_nan.nonzero().squeeze(1)
+        tied = part.index_select(0, rows)
+        sorted_tied, order = torch.sort(tied, dim=-1, descending=False)
+        drop_tied = _drop_sorted(sorted_tied, limits.index_select(0, rows))
+        drop.index_copy_(0, rows, drop_tied.scatter(1, order, drop_tied))
+    return drop
+
+
+def _drop_sorted(sorted_logits: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
+    """HF's top-p rule on ascending rows: drop while the cumulative mass is <= the limit; keep the last."""
+    drop = sorted_logits.softmax(-1).cumsum(-1) <= limits[:, None]
+    drop[:, -1] = False
+    return drop
+
+
+def _sorted_values(rows: torch.Tensor) -> torch.Tensor:
+    """rows [R, V] sorted ascending along V, values only."""
+    if rows.device.type == "cpu":
+        return torch.from_numpy(np.sort(rows.contiguous().numpy(), axis=-1))
+    return torch.sort(rows, dim=-1).values
 
 
 def _filtered_probs(row_logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
