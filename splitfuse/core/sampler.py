@@ -99,15 +99,15 @@ _NOISE_ELEMENTS = 1 << 15
 def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """logits [S', V] float32 -> next token ids [S'] int64; every sampled row in one pass."""
     logits = apply_suppression(logits, batch)
-    greedy = logits.argmax(dim=-1)
     if batch.all_greedy:
-        return greedy
+        return logits.argmax(dim=-1)
     rows = [row for row in range(logits.shape[0]) if not batch.is_greedy_row(row)]
+    all_sampled = len(rows) == logits.shape[0]
     index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
-    drawn = _draw(logits.index_select(0, index), [batch.temperatures[r] for r in rows],
+    drawn = _draw(logits if all_sampled else logits.index_select(0, index), [batch.temperatures[r] for r in rows],
                   [batch.top_ks[r] for r in rows], [batch.top_ps[r] for r in rows],
                   [batch.seed_of(r) for r in rows], [batch.counters[r] for r in rows])
-    return greedy.index_copy(0, index, drawn)
+    return drawn if all_sampled else logits.argmax(dim=-1).index_copy(0, index, drawn)
 
 
 def _draw(logits: torch.Tensor, temperatures: list[float], top_ks: list[int], top_ps: list[float],
@@ -142,22 +142,37 @@ def filter_logits(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: list
     """Logits [R, V] / each row's temperature, with -inf at the tokens its top-k and top-p drop
     (HF's rules); rows with different settings in one pass."""
     scaled = logits / temperatures[:, None]
-    vocab = scaled.shape[-1]
+    num_rows, vocab = scaled.shape
     k_rows = [row for row, k in enumerate(top_ks) if 0 < k < vocab]
     if k_rows:
-        index = torch.tensor(k_rows, dtype=torch.int64, device=scaled.device)
-        ks = torch.tensor([top_ks[r] for r in k_rows], dtype=torch.int64, device=scaled.device)
-        part = scaled.index_select(0, index)
-        kth = torch.topk(part, max(top_ks[r] for r in k_rows), dim=-1).values.gather(1, (ks - 1)[:, None])
-        scaled.index_copy_(0, index, part.masked_fill(part < kth, float("-inf")))  # ties at the kth stay
+        kth = torch.full((num_rows, 1), float("-inf"), device=scaled.device)  # -inf: the row keeps all
+        kth[k_rows] = _kth_largest(scaled, k_rows, [top_ks[r] for r in k_rows])
+        scaled.masked_fill_(scaled < kth, float("-inf"))  # ties at the kth stay
     p_rows = [row for row, p in enumerate(top_ps) if p < 1.0]
     if p_rows:
         # Keep the smallest set of most likely tokens whose mass reaches top_p (HF's rule).
-        index = torch.tensor(p_rows, dtype=torch.int64, device=scaled.device)
         limits = torch.tensor([1 - top_ps[r] for r in p_rows], dtype=torch.float32, device=scaled.device)
-        part = scaled.index_select(0, index)
-        scaled.index_copy_(0, index, part.masked_fill(_top_p_drop(part, limits), float("-inf")))
+        if len(p_rows) == num_rows:
+            scaled.masked_fill_(_top_p_drop(scaled, limits), float("-inf"))
+        else:
+            index = torch.tensor(p_rows, dtype=torch.int64, device=scaled.device)
+            part = scaled.index_select(0, index)
+            scaled.index_copy_(0, index, part.masked_fill_(_top_p_drop(part, limits), float("-inf")))
     return scaled
+
+
+def _kth_largest(scaled: torch.Tensor, rows: list[int], ks: list[int]) -> torch.Tensor:
+    """The k-th largest value [len(rows), 1] of each given row of scaled [R, V], k per row."""
+    if scaled.device.type != "cpu":
+        part = scaled[rows]
+        ks_t = torch.tensor(ks, dtype=torch.int64, device=scaled.device)
+        return torch.topk(part, max(ks), dim=-1).values.gather(1, (ks_t - 1)[:, None])
+    # numpy's partition finds a k-th value in linear time, several times faster than torch.topk
+    vocab = scaled.shape[-1]
+    positions = [vocab - k for k in ks]
+    part = scaled.numpy()[rows]  # a copy, partitioned in place
+    part.partition(sorted(set(positions)), axis=-1)
+    return torch.from_numpy(part[np.arange(len(rows)), positions][:, None])
 
 
 def _top_p_drop(part: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
