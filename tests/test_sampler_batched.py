@@ -103,3 +103,22 @@ def test_top_p_keeps_what_the_rowwise_filter_kept_on_many_random_rows():
     got = filter_logits(logits, torch.full((200,), 0.8), [0] * 200, top_ps)
     for row in range(200):
         assert torch.equal(got[row], rowwise_filtered(logits[row], 0.8, 0, top_ps[row])), f"row {row}"
+
+
+def test_rows_with_infinite_and_nan_logits_filter_and_draw_as_the_rowwise_sampler():
+    logits = torch.randn(6, 60, generator=torch.Generator().manual_seed(6)) * 2
+    logits[0, :5] = float("inf")
+    logits[1, 10:] = float("-inf")
+    logits[2, 7] = float("nan")
+    logits[3, :] = float("-inf")
+    logits[4, 3:9] = logits[4, 2]  # ties
+    batch = SamplingBatch([0.7] * 6, [5, 0, 20, 3, 4, 0], [0.9, 0.8, 1.0, 0.5, 0.9, 0.3], seeds=list(range(6)),
+                          counters=[2] * 6, suppressed=[[] for _ in range(6)])
+    got = filter_logits(logits, torch.full((6,), 0.7), batch.top_ks, batch.top_ps)
+    drawn = sample_tokens(logits, batch).tolist()
+    for row in range(6):
+        want = rowwise_filtered(logits[row], 0.7, batch.top_ks[row], batch.top_ps[row])
+        torch.testing.assert_close(got[row], want, rtol=0, atol=0, equal_nan=True, msg=f"row {row}")
+        if row != 3:  # a row with no finite logit has nothing to draw (the rowwise argmax says 0)
+            assert drawn[row] == rowwise_draw(logits[row], 0.7, batch.top_ks[row], batch.top_ps[row], row, 2), \
+                f"row {row}"

@@ -121,7 +121,14 @@ def _draw(logits: torch.Tensor, temperatures: list[float], top_ks: list[int], to
     rows cost what they keep."""
     device, (num_rows, vocab) = logits.device, logits.shape
     temps = torch.tensor(temperatures, dtype=torch.float32, device=device)
-    row, token = (filter_logits(logits, temps, top_ks, top_ps) > float("-inf")).nonzero(as_tuple=True)
+    scaled = logits / temps[:, None]
+    threshold, tied_rows, tied_filtered = _filter_plan(scaled, top_ks, top_ps)
+    # >= the lowest float: a token also needs a logit above -inf (the only float below it), as
+    # filter_logits(...) > -inf asks; a NaN is never kept
+    kept = scaled >= threshold.clamp_min(-torch.finfo(torch.float32).max)
+    if tied_rows is not None:
+        kept.index_copy_(0, tied_rows, tied_filtered > float("-inf"))
+    row, token = kept.nonzero(as_tuple=True)
     keys = logits[row, token] * (1.0 / temps)[row]  # the kernel's float32 1 / T
     row_cpu, token_cpu = row.cpu(), token.cpu()
     seed = torch.tensor([seed_to_int64(s) for s in seeds], dtype=torch.int64)[row_cpu]
@@ -142,23 +149,52 @@ def filter_logits(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: list
     """Logits [R, V] / each row's temperature, with -inf at the tokens its top-k and top-p drop
     (HF's rules); rows with different settings in one pass."""
     scaled = logits / temperatures[:, None]
+    threshold, tied_rows, tied_filtered = _filter_plan(scaled, top_ks, top_ps)
+    scaled.masked_fill_(scaled < threshold, float("-inf"))
+    return scaled if tied_rows is None else scaled.index_copy_(0, tied_rows, tied_filtered)
+
+
+def _filter_plan(scaled: torch.Tensor, top_ks: list[int], top_ps: list[float]):
+    """How top-k and top-p filter scaled [R, V] (logits / T): (threshold [R, 1], tied rows, their
+    filtered values). A row drops the tokens below its threshold (-inf: none), except the tied rows
+    (int64 ids or None), whose filtered rows [n, V] are given whole.
+
+    top-k's threshold is the k-th largest value (ties at it stay). top-p's is the value where the
+    row's ascending cumulative mass passes 1 - top_p, found from a values-only sort (the mass
+    depends only on the sorted values); only a row whose cutoff value repeats across it needs the
+    order its sort put the ties in (or a row with NaN): those take torch.sort as before, so every
+    row keeps exactly the tokens it kept."""
     num_rows, vocab = scaled.shape
+    threshold = torch.full((num_rows, 1), float("-inf"), device=scaled.device)
     k_rows = [row for row, k in enumerate(top_ks) if 0 < k < vocab]
     if k_rows:
-        kth = torch.full((num_rows, 1), float("-inf"), device=scaled.device)  # -inf: the row keeps all
-        kth[k_rows] = _kth_largest(scaled, k_rows, [top_ks[r] for r in k_rows])
-        scaled.masked_fill_(scaled < kth, float("-inf"))  # ties at the kth stay
+        kth = _kth_largest(scaled, k_rows, [top_ks[r] for r in k_rows])
+        threshold[k_rows] = torch.where(kth.isnan(), float("-inf"), kth)  # part < NaN drops nothing
     p_rows = [row for row, p in enumerate(top_ps) if p < 1.0]
-    if p_rows:
-        # Keep the smallest set of most likely tokens whose mass reaches top_p (HF's rule).
-        limits = torch.tensor([1 - top_ps[r] for r in p_rows], dtype=torch.float32, device=scaled.device)
-        if len(p_rows) == num_rows:
-            scaled.masked_fill_(_top_p_drop(scaled, limits), float("-inf"))
-        else:
-            index = torch.tensor(p_rows, dtype=torch.int64, device=scaled.device)
-            part = scaled.index_select(0, index)
-            scaled.index_copy_(0, index, part.masked_fill_(_top_p_drop(part, limits), float("-inf")))
-    return scaled
+    if not p_rows:
+        return threshold, None, None
+    # Keep the smallest set of most likely tokens whose mass reaches top_p (HF's rule), among
+    # the tokens top-k kept.
+    index = torch.tensor(p_rows, dtype=torch.int64, device=scaled.device)
+    limits = torch.tensor([1 - top_ps[r] for r in p_rows], dtype=torch.float32, device=scaled.device)
+    part = scaled.index_select(0, index)
+    if k_rows:
+        part.masked_fill_(part < threshold.index_select(0, index), float("-inf"))
+    sorted_part = _sorted_values(part)
+    num_dropped = _drop_sorted(sorted_part, limits).sum(-1, keepdim=True)
+    cutoff = sorted_part.gather(1, num_dropped)
+    threshold.index_copy_(0, index, torch.maximum(threshold.index_select(0, index), cutoff))
+    # a cutoff value also just below the cutoff position: the sort's tie order decides
+    before = sorted_part.gather(1, (num_dropped - 1).clamp_min(0))
+    tied = ((num_dropped > 0) & (before == cutoff)).squeeze(1) | sorted_part[:, -1].isnan()
+    if not bool(tied.any()):
+        return threshold, None, None
+    tied_in_part = tied.nonzero().squeeze(1)
+    tied_part = part.index_select(0, tied_in_part)
+    sorted_tied, order = torch.sort(tied_part, dim=-1, descending=False)
+    drop = _drop_sorted(sorted_tied, limits.index_select(0, tied_in_part))
+    return threshold, index.index_select(0, tied_in_part), tied_part.masked_fill_(drop.scatter(1, order, drop),
+                                                                                  float("-inf"))
 
 
 def _kth_largest(scaled: torch.Tensor, rows: list[int], ks: list[int]) -> torch.Tensor:
@@ -173,29 +209,6 @@ def _kth_largest(scaled: torch.Tensor, rows: list[int], ks: list[int]) -> torch.
     part = scaled.numpy()[rows]  # a copy, partitioned in place
     part.partition(sorted(set(positions)), axis=-1)
     return torch.from_numpy(part[np.arange(len(rows)), positions][:, None])
-
-
-def _top_p_drop(part: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
-    """Which tokens of rows part [R, V] top-p drops: those whose ascending cumulative softmax mass
-    is <= the row's limit (1 - top_p), never the most likely.
-
-    The mass depends only on the sorted values, so a values-only sort (numpy's, many times faster
-    than torch.sort's values and indices) gives the cutoff value; every token below it is dropped.
-    Only a row whose cutoff value repeats needs the order the sort put its ties in (or a NaN row):
-    those rows take torch.sort as before, so every row keeps exactly the tokens it kept."""
-    vocab = part.shape[-1]
-    sorted_logits = _sorted_values(part)
-    num_dropped = _drop_sorted(sorted_logits, limits).sum(-1, keepdim=True)
-    drop = part < sorted_logits.gather(1, num_dropped)
-    tie_or_nan = ((vocab - drop.sum(-1, keepdim=True)) != vocab - num_dropped).squeeze(1)
-    tie_or_nan |= sorted_logits[:, -1].isnan()
-    if bool(tie_or_nan.any()):
-        rows = tie_or_nan.nonzero().squeeze(1)
-        tied = part.index_select(0, rows)
-        sorted_tied, order = torch.sort(tied, dim=-1, descending=False)
-        drop_tied = _drop_sorted(sorted_tied, limits.index_select(0, rows))
-        drop.index_copy_(0, rows, drop_tied.scatter(1, order, drop_tied))
-    return drop
 
 
 def _drop_sorted(sorted_logits: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
