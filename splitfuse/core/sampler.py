@@ -181,7 +181,9 @@ def _filter_plan(scaled: torch.Tensor, top_ks: list[int], top_ps: list[float]):
     if k_rows:
         part.masked_fill_(part < threshold.index_select(0, index), float("-inf"))
     sorted_part = _sorted_values(part)
-    num_dropped = _drop_sorted(sorted_part, limits).sum(-1, keepdim=True)
+    # _drop_sorted's count by bisection: the cumulative mass never decreases along a sorted row
+    cumulative = sorted_part.softmax(-1).cumsum(-1)
+    num_dropped = torch.searchsorted(cumulative, limits[:, None], right=True).clamp_max_(vocab - 1)
     cutoff = sorted_part.gather(1, num_dropped)
     threshold.index_copy_(0, index, torch.maximum(threshold.index_select(0, index), cutoff))
     # a cutoff value also just below the cutoff position: the sort's tie order decides
