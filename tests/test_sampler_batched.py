@@ -122,3 +122,15 @@ def test_rows_with_infinite_and_nan_logits_filter_and_draw_as_the_rowwise_sample
         if row != 3:  # a row with no finite logit has nothing to draw (the rowwise argmax says 0)
             assert drawn[row] == rowwise_draw(logits[row], 0.7, batch.top_ks[row], batch.top_ps[row], row, 2), \
                 f"row {row}"
+
+
+def test_torch_sort_and_topk_path_for_other_devices_draws_the_same_tokens(monkeypatch):
+    import splitfuse.core.sampler as sampler
+
+    logits, batch = mixed_batch(40, 300, 7)
+    numpy_path = sample_tokens(logits, batch)
+    temps = torch.tensor([t or 1.0 for t in batch.temperatures])
+    numpy_filtered = filter_logits(logits, temps, batch.top_ks, batch.top_ps)
+    monkeypatch.setattr(sampler, "_NUMPY_DEVICES", ())  # as on a device numpy cannot read
+    assert torch.equal(sample_tokens(logits, batch), numpy_path)
+    assert torch.equal(filter_logits(logits, temps, batch.top_ks, batch.top_ps), numpy_filtered)

@@ -144,6 +144,10 @@ def _draw(logits: torch.Tensor, temperatures: list[float], top_ks: list[int], to
         0, row[at_best], token[at_best], "amin")
 
 
+# where numpy's sort and partition can read the logits in place; elsewhere torch's do the same job
+_NUMPY_DEVICES = ("cpu",)
+
+
 def filter_logits(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: list[int],
                   top_ps: list[float]) -> torch.Tensor:
     """Logits [R, V] / each row's temperature, with -inf at the tokens its top-k and top-p drop
@@ -201,7 +205,7 @@ def _filter_plan(scaled: torch.Tensor, top_ks: list[int], top_ps: list[float]):
 
 def _kth_largest(scaled: torch.Tensor, rows: list[int], ks: list[int]) -> torch.Tensor:
     """The k-th largest value [len(rows), 1] of each given row of scaled [R, V], k per row."""
-    if scaled.device.type != "cpu":
+    if scaled.device.type not in _NUMPY_DEVICES:
         part = scaled[rows]
         ks_t = torch.tensor(ks, dtype=torch.int64, device=scaled.device)
         return torch.topk(part, max(ks), dim=-1).values.gather(1, (ks_t - 1)[:, None])
@@ -222,7 +226,7 @@ def _drop_sorted(sorted_logits: torch.Tensor, limits: torch.Tensor) -> torch.Ten
 
 def _sorted_values(rows: torch.Tensor) -> torch.Tensor:
     """rows [R, V] sorted ascending along V, values only."""
-    if rows.device.type == "cpu":
+    if rows.device.type in _NUMPY_DEVICES:
         return torch.from_numpy(np.sort(rows.contiguous().numpy(), axis=-1))
     return torch.sort(rows, dim=-1).values
 
