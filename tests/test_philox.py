@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitfuse.core.philox import exponential, noise_offsets, randint, seed_to_int64
+from splitfuse.core.philox import exponential, noise_offsets, philox, randint, seed_to_int64
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
@@ -74,3 +74,11 @@ def test_exponential_has_mean_one_and_is_positive():
     assert abs(e.double().var().item() - 1.0) < 0.05
     # one draw's offsets are counter * vocab + token: draws never share noise
     assert noise_offsets(2, 5).tolist() == [10, 11, 12, 13, 14]
+
+
+def test_a_column_of_seeds_broadcasts_against_one_row_of_offsets():
+    offsets = torch.tensor(OFFSETS, dtype=torch.int64)
+    seeds = torch.tensor([seed_to_int64(s) for s in SEEDS], dtype=torch.int64)[:, None]
+    words = philox(seeds, offsets)
+    assert [w.shape for w in words] == [(len(SEEDS), len(OFFSETS))] * 4
+    assert [w.tolist() for w in words] == [[philox(s, offsets)[i].tolist() for s in SEEDS] for i in range(4)]

@@ -81,3 +81,56 @@ def test_noise_made_in_blocks_changes_no_draw(monkeypatch):
     whole = sample_tokens(logits, batch)
     monkeypatch.setattr(sampler, "_NOISE_ELEMENTS", 777)  # blocks that split rows
     assert torch.equal(sample_tokens(logits, batch), whole)
+
+
+def test_top_p_cutoff_inside_a_run_of_ties_keeps_what_the_rowwise_filter_kept():
+    # ten equal logits under one large one: top-p 0.96 drops six of the ten tied tokens, so which
+    # six is the sort's tie order; a row without ties at its cutoff rides along in the same batch
+    tied = torch.tensor([0.0] * 10 + [5.0])
+    plain = torch.tensor([float(i) / 3 for i in range(11)])
+    logits = torch.stack([tied, plain, tied.flip(0)])
+    got = filter_logits(logits, torch.ones(3), [0, 0, 0], [0.96, 0.96, 0.9])
+    for row, top_p in enumerate([0.96, 0.96, 0.9]):
+        want = rowwise_filtered(logits[row], 1.0, 0, top_p)
+        assert torch.equal(got[row], want), f"row {row}"
+    assert 0 < int((got[0] == float("-inf")).sum()) < 10  # the cutoff does split the ties
+
+
+def test_top_p_keeps_what_the_rowwise_filter_kept_on_many_random_rows():
+    logits = torch.randn(200, 3000, generator=torch.Generator().manual_seed(5)) * 4
+    logits[::7] = logits[::7].round()  # many ties, some at the cutoff
+    top_ps = [[0.05, 0.5, 0.9, 0.95, 0.99][r % 5] for r in range(200)]
+    got = filter_logits(logits, torch.full((200,), 0.8), [0] * 200, top_ps)
+    for row in range(200):
+        assert torch.equal(got[row], rowwise_filtered(logits[row], 0.8, 0, top_ps[row])), f"row {row}"
+
+
+def test_rows_with_infinite_and_nan_logits_filter_and_draw_as_the_rowwise_sampler():
+    logits = torch.randn(6, 60, generator=torch.Generator().manual_seed(6)) * 2
+    logits[0, :5] = float("inf")
+    logits[1, 10:] = float("-inf")
+    logits[2, 7] = float("nan")
+    logits[3, :] = float("-inf")
+    logits[4, 3:9] = logits[4, 2]  # ties
+    batch = SamplingBatch([0.7] * 6, [5, 0, 20, 3, 4, 0], [0.9, 0.8, 1.0, 0.5, 0.9, 0.3], seeds=list(range(6)),
+                          counters=[2] * 6, suppressed=[[] for _ in range(6)])
+    got = filter_logits(logits, torch.full((6,), 0.7), batch.top_ks, batch.top_ps)
+    drawn = sample_tokens(logits, batch).tolist()
+    for row in range(6):
+        want = rowwise_filtered(logits[row], 0.7, batch.top_ks[row], batch.top_ps[row])
+        torch.testing.assert_close(got[row], want, rtol=0, atol=0, equal_nan=True, msg=f"row {row}")
+        if row != 3:  # a row with no finite logit has nothing to draw (the rowwise argmax says 0)
+            assert drawn[row] == rowwise_draw(logits[row], 0.7, batch.top_ks[row], batch.top_ps[row], row, 2), \
+                f"row {row}"
+
+
+def test_torch_sort_and_topk_path_for_other_devices_draws_the_same_tokens(monkeypatch):
+    import splitfuse.core.sampler as sampler
+
+    logits, batch = mixed_batch(40, 300, 7)
+    numpy_path = sample_tokens(logits, batch)
+    temps = torch.tensor([t or 1.0 for t in batch.temperatures])
+    numpy_filtered = filter_logits(logits, temps, batch.top_ks, batch.top_ps)
+    monkeypatch.setattr(sampler, "_NUMPY_DEVICES", ())  # as on a device numpy cannot read
+    assert torch.equal(sample_tokens(logits, batch), numpy_path)
+    assert torch.equal(filter_logits(logits, temps, batch.top_ks, batch.top_ps), numpy_filtered)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from splitfuse.config import is_greedy
@@ -98,15 +99,15 @@ _NOISE_ELEMENTS = 1 << 15
 def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """logits [S', V] float32 -> next token ids [S'] int64; every sampled row in one pass."""
     logits = apply_suppression(logits, batch)
-    greedy = logits.argmax(dim=-1)
     if batch.all_greedy:
-        return greedy
+        return logits.argmax(dim=-1)
     rows = [row for row in range(logits.shape[0]) if not batch.is_greedy_row(row)]
+    all_sampled = len(rows) == logits.shape[0]
     index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
-    drawn = _draw(logits.index_select(0, index), [batch.temperatures[r] for r in rows],
+    drawn = _draw(logits if all_sampled else logits.index_select(0, index), [batch.temperatures[r] for r in rows],
                   [batch.top_ks[r] for r in rows], [batch.top_ps[r] for r in rows],
                   [batch.seed_of(r) for r in rows], [batch.counters[r] for r in rows])
-    return greedy.index_copy(0, index, drawn)
+    return drawn if all_sampled else logits.argmax(dim=-1).index_copy(0, index, drawn)
 
 
 def _draw(logits: torch.Tensor, temperatures: list[float], top_ks: list[int], top_ps: list[float],
@@ -120,7 +121,14 @@ def _draw(logits: torch.Tensor, temperatures: list[float], top_ks: list[int], to
     rows cost what they keep."""
     device, (num_rows, vocab) = logits.device, logits.shape
     temps = torch.tensor(temperatures, dtype=torch.float32, device=device)
-    row, token = (filter_logits(logits, temps, top_ks, top_ps) > float("-inf")).nonzero(as_tuple=True)
+    scaled = logits / temps[:, None]
+    threshold, tied_rows, tied_filtered = _filter_plan(scaled, top_ks, top_ps)
+    # >= the lowest float: a token also needs a logit above -inf (the only float below it), as
+    # filter_logits(...) > -inf asks; a NaN is never kept
+    kept = scaled >= threshold.clamp_min(-torch.finfo(torch.float32).max)
+    if tied_rows is not None:
+        kept.index_copy_(0, tied_rows, tied_filtered > float("-inf"))
+    row, token = kept.nonzero(as_tuple=True)
     keys = logits[row, token] * (1.0 / temps)[row]  # the kernel's float32 1 / T
     row_cpu, token_cpu = row.cpu(), token.cpu()
     seed = torch.tensor([seed_to_int64(s) for s in seeds], dtype=torch.int64)[row_cpu]
@@ -136,31 +144,91 @@ def _draw(logits: torch.Tensor, temperatures: list[float], top_ks: list[int], to
         0, row[at_best], token[at_best], "amin")
 
 
+# where numpy's sort and partition can read the logits in place; elsewhere torch's do the same job
+_NUMPY_DEVICES = ("cpu",)
+
+
 def filter_logits(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: list[int],
                   top_ps: list[float]) -> torch.Tensor:
     """Logits [R, V] / each row's temperature, with -inf at the tokens its top-k and top-p drop
     (HF's rules); rows with different settings in one pass."""
     scaled = logits / temperatures[:, None]
-    vocab = scaled.shape[-1]
+    threshold, tied_rows, tied_filtered = _filter_plan(scaled, top_ks, top_ps)
+    scaled.masked_fill_(scaled < threshold, float("-inf"))
+    return scaled if tied_rows is None else scaled.index_copy_(0, tied_rows, tied_filtered)
+
+
+def _filter_plan(scaled: torch.Tensor, top_ks: list[int], top_ps: list[float]):
+    """How top-k and top-p filter scaled [R, V] (logits / T): (threshold [R, 1], tied rows, their
+    filtered values). A row drops the tokens below its threshold (-inf: none), except the tied rows
+    (int64 ids or None), whose filtered rows [n, V] are given whole.
+
+    top-k's threshold is the k-th largest value (ties at it stay). top-p's is the value where the
+    row's ascending cumulative mass passes 1 - top_p, found from a values-only sort (the mass
+    depends only on the sorted values); only a row whose cutoff value repeats across it needs the
+    order its sort put the ties in (or a row with NaN): those take torch.sort as before, so every
+    row keeps exactly the tokens it kept."""
+    num_rows, vocab = scaled.shape
+    threshold = torch.full((num_rows, 1), float("-inf"), device=scaled.device)
     k_rows = [row for row, k in enumerate(top_ks) if 0 < k < vocab]
     if k_rows:
-        index = torch.tensor(k_rows, dtype=torch.int64, device=scaled.device)
-        ks = torch.tensor([top_ks[r] for r in k_rows], dtype=torch.int64, device=scaled.device)
-        part = scaled.index_select(0, index)
-        kth = torch.topk(part, max(top_ks[r] for r in k_rows), dim=-1).values.gather(1, (ks - 1)[:, None])
-        scaled.index_copy_(0, index, part.masked_fill(part < kth, float("-inf")))  # ties at the kth stay
+        kth = _kth_largest(scaled, k_rows, [top_ks[r] for r in k_rows])
+        threshold[k_rows] = torch.where(kth.isnan(), float("-inf"), kth)  # part < NaN drops nothing
     p_rows = [row for row, p in enumerate(top_ps) if p < 1.0]
-    if p_rows:
-        # Keep the smallest set of most likely tokens whose mass reaches top_p (HF's rule).
-        index = torch.tensor(p_rows, dtype=torch.int64, device=scaled.device)
-        limits = torch.tensor([1 - top_ps[r] for r in p_rows], dtype=torch.float32, device=scaled.device)
-        part = scaled.index_select(0, index)
-        sorted_logits, order = torch.sort(part, dim=-1, descending=False)
-        drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= limits[:, None]
-        drop_sorted[:, -1] = False
-        drop = drop_sorted.scatter(1, order, drop_sorted)
-        scaled.index_copy_(0, index, part.masked_fill(drop, float("-inf")))
-    return scaled
+    if not p_rows:
+        return threshold, None, None
+    # Keep the smallest set of most likely tokens whose mass reaches top_p (HF's rule), among
+    # the tokens top-k kept.
+    index = torch.tensor(p_rows, dtype=torch.int64, device=scaled.device)
+    limits = torch.tensor([1 - top_ps[r] for r in p_rows], dtype=torch.float32, device=scaled.device)
+    part = scaled.index_select(0, index)
+    if k_rows:
+        part.masked_fill_(part < threshold.index_select(0, index), float("-inf"))
+    sorted_part = _sorted_values(part)
+    # _drop_sorted's count by bisection: the cumulative mass never decreases along a sorted row
+    cumulative = sorted_part.softmax(-1).cumsum(-1)
+    num_dropped = torch.searchsorted(cumulative, limits[:, None], right=True).clamp_max_(vocab - 1)
+    cutoff = sorted_part.gather(1, num_dropped)
+    threshold.index_copy_(0, index, torch.maximum(threshold.index_select(0, index), cutoff))
+    # a cutoff value also just below the cutoff position: the sort's tie order decides
+    before = sorted_part.gather(1, (num_dropped - 1).clamp_min(0))
+    tied = ((num_dropped > 0) & (before == cutoff)).squeeze(1) | sorted_part[:, -1].isnan()
+    if not bool(tied.any()):
+        return threshold, None, None
+    tied_in_part = tied.nonzero().squeeze(1)
+    tied_part = part.index_select(0, tied_in_part)
+    sorted_tied, order = torch.sort(tied_part, dim=-1, descending=False)
+    drop = _drop_sorted(sorted_tied, limits.index_select(0, tied_in_part))
+    return threshold, index.index_select(0, tied_in_part), tied_part.masked_fill_(drop.scatter(1, order, drop),
+                                                                                  float("-inf"))
+
+
+def _kth_largest(scaled: torch.Tensor, rows: list[int], ks: list[int]) -> torch.Tensor:
+    """The k-th largest value [len(rows), 1] of each given row of scaled [R, V], k per row."""
+    if scaled.device.type not in _NUMPY_DEVICES:
+        part = scaled[rows]
+        ks_t = torch.tensor(ks, dtype=torch.int64, device=scaled.device)
+        return torch.topk(part, max(ks), dim=-1).values.gather(1, (ks_t - 1)[:, None])
+    # numpy's partition finds a k-th value in linear time, several times faster than torch.topk
+    vocab = scaled.shape[-1]
+    positions = [vocab - k for k in ks]
+    part = scaled.numpy()[rows]  # a copy, partitioned in place
+    part.partition(sorted(set(positions)), axis=-1)
+    return torch.from_numpy(part[np.arange(len(rows)), positions][:, None])
+
+
+def _drop_sorted(sorted_logits: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
+    """HF's top-p rule on ascending rows: drop while the cumulative mass is <= the limit; keep the last."""
+    drop = sorted_logits.softmax(-1).cumsum(-1) <= limits[:, None]
+    drop[:, -1] = False
+    return drop
+
+
+def _sorted_values(rows: torch.Tensor) -> torch.Tensor:
+    """rows [R, V] sorted ascending along V, values only."""
+    if rows.device.type in _NUMPY_DEVICES:
+        return torch.from_numpy(np.sort(rows.contiguous().numpy(), axis=-1))
+    return torch.sort(rows, dim=-1).values
 
 
 def _filtered_probs(row_logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
