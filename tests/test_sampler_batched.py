@@ -119,9 +119,9 @@ def test_rows_with_infinite_and_nan_logits_filter_and_draw_as_the_rowwise_sample
     for row in range(6):
         want = rowwise_filtered(logits[row], 0.7, batch.top_ks[row], batch.top_ps[row])
         torch.testing.assert_close(got[row], want, rtol=0, atol=0, equal_nan=True, msg=f"row {row}")
-        if row != 3:  # a row with no finite logit has nothing to draw (the rowwise argmax says 0)
-            assert drawn[row] == rowwise_draw(logits[row], 0.7, batch.top_ks[row], batch.top_ps[row], row, 2), \
-                f"row {row}"
+        assert drawn[row] == rowwise_draw(logits[row], 0.7, batch.top_ks[row], batch.top_ps[row], row, 2), \
+            f"row {row}"
+    assert drawn[3] == 0  # nothing to draw from: the argmax, a real token id, never the vocabulary size
 
 
 def test_torch_sort_and_topk_path_for_other_devices_draws_the_same_tokens(monkeypatch):

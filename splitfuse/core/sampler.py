@@ -140,8 +140,12 @@ def _draw(logits: torch.Tensor, temperatures: list[float], top_ks: list[int], to
     keys = (keys - log_noise.to(device)).clamp_min(_LOWEST_KEY)
     best = torch.full((num_rows,), float("-inf"), device=device).scatter_reduce(0, row, keys, "amax")
     at_best = keys == best[row]
-    return torch.full((num_rows,), vocab, dtype=torch.int64, device=device).scatter_reduce(
+    drawn = torch.full((num_rows,), vocab, dtype=torch.int64, device=device).scatter_reduce(
         0, row[at_best], token[at_best], "amin")
+    # a row that keeps nothing (every logit -inf or NaN) takes its argmax, as greedy would, never
+    # the out-of-range id `vocab`
+    empty = drawn == vocab
+    return torch.where(empty, logits.argmax(dim=-1), drawn) if bool(empty.any()) else drawn
 
 
 # where numpy's sort and partition can read the logits in place; elsewhere torch's do the same job
