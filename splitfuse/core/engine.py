@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from splitfuse.config import EngineConfig, SamplingParams
-from splitfuse.core.batch import build_batch
+from splitfuse.core.batch import BlockTables, build_batch
 from splitfuse.core.detokenizer import IncrementalDetokenizer
 from splitfuse.core.kv_blocks import BlockManager
 from splitfuse.core.logprobs import (
@@ -111,6 +111,7 @@ class Engine:
         self._ids = itertools.count()
         self._num_steps = 0
         self._in_step: list[Sequence] = []  # the sequences of the step now running
+        self._block_tables = BlockTables()  # rows grow with the sequences, step to step
 
     # ---- requests --------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
@@ -274,7 +275,7 @@ class Engine:
         return outputs
 
     def _forward(self, plan: StepPlan, sampled: list[Sequence]):
-        host_meta = build_batch(plan, self.blocks.block_size)
+        host_meta = build_batch(plan, self.blocks.block_size, self._block_tables)
         if self.parallel is not None:
             self.parallel.broadcast_step(host_meta)
         meta = self.backend.prepare_batch(host_meta)
