@@ -7,6 +7,7 @@ built on the CPU with plain torch and handed to the backend, which moves it to i
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from operator import attrgetter
 
 import numpy as np
 import torch
@@ -72,25 +73,27 @@ class BlockTables:
         if len(self._row_of) > len(sequences):
             self._drop_finished()
         row_of, rows = self._row_of, []
-        max_blocks = 0
-        for seq in sequences:
-            table = seq.block_table
-            num_blocks = len(table)
+        block_tables = list(map(_block_table, sequences))
+        lengths = list(map(len, block_tables))
+        for seq, table, num_blocks in zip(sequences, block_tables, lengths):
             entry = row_of.get(seq)
-            if entry is None:
-                entry = row_of[seq] = [self._take_row(), table, 0]
-            elif entry[1] is not table or entry[2] > num_blocks:  # a new table: start the row over
-                self._rows[entry[0]] = 0
-                entry[1], entry[2] = table, 0
-            if entry[2] != num_blocks:
-                if num_blocks > self._rows.shape[1]:
-                    self._widen(num_blocks)
-                self._rows[entry[0], entry[2]:num_blocks] = table[entry[2]:]
-                entry[2] = num_blocks
+            if entry is None or entry[1] is not table or entry[2] != num_blocks:
+                entry = self._update(seq, table, num_blocks, entry)
             rows.append(entry[0])
-            if num_blocks > max_blocks:
-                max_blocks = num_blocks
-        return np.array(rows, dtype=np.int64), max_blocks
+        return np.array(rows, dtype=np.int64), max(lengths)
+
+    def _update(self, seq: Sequence, table: list[int], num_blocks: int, entry: list | None) -> list:
+        """Bring seq's row up to date: copy in the blocks appended since, or all of a new table."""
+        if entry is None:
+            entry = self._row_of[seq] = [self._take_row(), table, 0]
+        elif entry[1] is not table or entry[2] > num_blocks:  # a new table: start the row over
+            self._rows[entry[0]] = 0
+            entry[1], entry[2] = table, 0
+        if num_blocks > self._rows.shape[1]:
+            self._widen(num_blocks)
+        self._rows[entry[0], entry[2]:num_blocks] = table[entry[2]:]
+        entry[2] = num_blocks
+        return entry
 
     def gather(self, rows: np.ndarray, max_blocks: int) -> np.ndarray:
         """[len(rows), max_blocks] int32: the tables of those rows, padded with 0."""
@@ -117,6 +120,15 @@ class BlockTables:
             self._free_rows.append(row)
 
 
+# Per-item fields read in C through map(), faster than attribute access in a Python loop.
+_sequence = attrgetter("sequence")
+_num_tokens = attrgetter("num_tokens")
+_samples = attrgetter("samples")
+_num_computed = attrgetter("num_computed")
+_token_ids = attrgetter("token_ids")
+_block_table = attrgetter("block_table")
+
+
 def build_batch(plan: StepPlan, block_size: int, tables: BlockTables | None = None) -> BatchMeta:
     """Flatten a scheduled step into BatchMeta (CPU tensors).
 
@@ -126,19 +138,16 @@ def build_batch(plan: StepPlan, block_size: int, tables: BlockTables | None = No
     items = plan.items
     if not items:
         raise ValueError("plan has no items: build_batch needs at least one scheduled sequence")
-    input_ids: list[int] = []
-    starts: list[int] = []
-    counts: list[int] = []
-    seq_lens: list[int] = []
-    samples: list[bool] = []
-    for item in items:
-        seq = item.sequence
-        start = seq.num_computed
-        input_ids += seq.token_ids[start:start + item.num_tokens]
-        starts.append(start)
-        counts.append(item.num_tokens)
-        seq_lens.append(len(seq.token_ids))
-        samples.append(item.samples)
+    seqs = list(map(_sequence, items))
+    counts = list(map(_num_tokens, items))
+    starts = list(map(_num_computed, seqs))
+    token_lists = list(map(_token_ids, seqs))
+    if max(counts) == 1:  # decode-only: one token each, no slices to make
+        input_ids = list(map(list.__getitem__, token_lists, starts))
+    else:
+        input_ids = []
+        for tokens, start, count in zip(token_lists, starts, counts):
+            input_ids += tokens[start:start + count]
     num_seqs, num_tokens = len(items), len(input_ids)
     start_a = np.array(starts, dtype=np.int64)
     count_a = np.array(counts, dtype=np.int64)
@@ -149,7 +158,7 @@ def build_batch(plan: StepPlan, block_size: int, tables: BlockTables | None = No
     # a token's position: its index in the batch, less where its sequence's tokens begin, plus its start
     positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(start_a - query_start[:-1], count_a)
     tables = tables if tables is not None else BlockTables()
-    rows, max_blocks = tables.rows_for([item.sequence for item in items])
+    rows, max_blocks = tables.rows_for(seqs)
     block_tables = tables.gather(rows, max_blocks)
     slot_mapping = block_tables[token_seq, positions // block_size].astype(np.int64) * block_size \
         + positions % block_size
@@ -157,14 +166,14 @@ def build_batch(plan: StepPlan, block_size: int, tables: BlockTables | None = No
     query_start_host = query_start.tolist()
     context_lens_host = context_lens.tolist()
     return BatchMeta(
-        input_ids=torch.tensor(input_ids, dtype=torch.int64),
+        input_ids=torch.from_numpy(np.array(input_ids, dtype=np.int64)),
         positions=torch.from_numpy(positions),
         query_start=torch.from_numpy(query_start.astype(np.int32)),
         context_lens=torch.from_numpy(context_lens.astype(np.int32)),
         block_tables=torch.from_numpy(block_tables),
         slot_mapping=torch.from_numpy(slot_mapping),
         token_seq=torch.from_numpy(token_seq),
-        sample_index=torch.from_numpy(query_start[1:][np.array(samples, dtype=bool)] - 1),
+        sample_index=torch.from_numpy(query_start[1:][np.fromiter(map(_samples, items), dtype=bool, count=num_seqs)] - 1),
         num_tokens=num_tokens,
         num_seqs=num_seqs,
         max_query_len=max_query_len,
@@ -173,5 +182,5 @@ def build_batch(plan: StepPlan, block_size: int, tables: BlockTables | None = No
         is_decode_only=max_query_len == 1,
         query_start_host=query_start_host,
         context_lens_host=context_lens_host,
-        seq_lens=torch.from_numpy(np.array(seq_lens, dtype=np.int32)),
+        seq_lens=torch.from_numpy(np.fromiter(map(len, token_lists), dtype=np.int32, count=num_seqs)),
     )
