@@ -141,3 +141,24 @@ def test_kept_block_tables_follow_growth_recompute_and_finish(case, data):
 
 def plan_of(items):
     return StepPlan(step=0, items=list(items))
+
+
+def test_kept_block_tables_over_a_run_of_decodes():
+    """The same sequences decoding step after step: tables gain blocks, one is released and given
+    a new list (recompute), one is replaced by a new list; every step equals the reference."""
+    block_size = 2
+    seqs = [seq(range(100 * i, 100 * i + 3 + i), 2 + i, [10 * i + b for b in range(2 + i // 2)]) for i in range(3)]
+    tables = BlockTables()
+    for step in range(8):
+        plan = StepPlan(step, [PlanItem(s, 1, True) for s in seqs])
+        assert_matches_reference(build_batch(plan, block_size, tables), plan, block_size)
+        for s in seqs:
+            s.num_computed += 1
+            s.token_ids.append(step)
+            if len(s.block_table) * block_size < len(s.token_ids):
+                s.block_table.append(50 + 10 * step + len(s.block_table))
+        if step == 3:  # as the scheduler recomputes: the old list emptied in place, a new one filled
+            seqs[0].block_table.clear()
+            seqs[0].block_table = [90 + b for b in range(-(-len(seqs[0].token_ids) // block_size))]
+        if step == 5:
+            seqs[1].block_table = [b + 500 for b in seqs[1].block_table]

@@ -7,7 +7,7 @@ built on the CPU with plain torch and handed to the backend, which moves it to i
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from operator import attrgetter
+from operator import attrgetter, is_
 
 import numpy as np
 import torch
@@ -67,20 +67,31 @@ class BlockTables:
         self._free_rows: list[int] = []
         # sequence -> [row, the list its row mirrors, how many of its blocks the row holds]
         self._row_of: dict[Sequence, list] = {}
+        self._last: tuple | None = None  # (sequences, their tables, lengths, rows) of the last call
 
     def rows_for(self, sequences: list[Sequence]) -> tuple[np.ndarray, int]:
         """(row of each sequence in `rows`, the longest table's length), rows brought up to date."""
         if len(self._row_of) > len(sequences):
             self._drop_finished()
-        row_of, rows = self._row_of, []
         block_tables = list(map(_block_table, sequences))
-        lengths = list(map(len, block_tables))
-        for seq, table, num_blocks in zip(sequences, block_tables, lengths):
-            entry = row_of.get(seq)
-            if entry is None or entry[1] is not table or entry[2] != num_blocks:
-                entry = self._update(seq, table, num_blocks, entry)
-            rows.append(entry[0])
-        return np.array(rows, dtype=np.int64), max(lengths)
+        lengths = np.fromiter(map(len, block_tables), dtype=np.int64, count=len(sequences))
+        last = self._last
+        if last is not None and sequences == last[0] and all(map(is_, block_tables, last[1])):
+            # The same sequences with the same tables as last step (a run of decodes): only the
+            # tables that gained a block need copying.
+            for i in np.flatnonzero(lengths != last[2]).tolist():
+                self._update(sequences[i], block_tables[i], int(lengths[i]), self._row_of[sequences[i]])
+            rows = last[3]
+        else:
+            row_of, row_list = self._row_of, []
+            for seq, table, num_blocks in zip(sequences, block_tables, lengths.tolist()):
+                entry = row_of.get(seq)
+                if entry is None or entry[1] is not table or entry[2] != num_blocks:
+                    entry = self._update(seq, table, num_blocks, entry)
+                row_list.append(entry[0])
+            rows = np.array(row_list, dtype=np.int64)
+        self._last = (sequences, block_tables, lengths, rows)
+        return rows, int(lengths.max())
 
     def _update(self, seq: Sequence, table: list[int], num_blocks: int, entry: list | None) -> list:
         """Bring seq's row up to date: copy in the blocks appended since, or all of a new table."""
