@@ -102,6 +102,7 @@ class PhaseTimer:
         self._wrap(eng, "_logits", "lm_head + logits")
         self._wrap(eng.backend, "sample", "backend.sample")
         self._wrap(eng.scheduler, "apply", "Scheduler.apply")
+        self._detokenizer_add = IncrementalDetokenizer.add  # a class attribute: put back by close()
         self._wrap(IncrementalDetokenizer, "add", "apply: detokenize")
         linear = eng.backend.linear
         lm_head = [False]
@@ -123,6 +124,11 @@ class PhaseTimer:
         eng._logits = timed_logits
         eng.backend.linear = timed_linear
         engine_mod.build_batch = self._build_batch
+
+    def close(self) -> None:
+        """Undo the wraps that outlive this engine (module and class attributes)."""
+        IncrementalDetokenizer.add = self._detokenizer_add
+        engine_mod.build_batch = build_batch
 
     def _wrap(self, owner, name: str, label: str) -> None:
         inner = getattr(owner, name)
@@ -176,7 +182,8 @@ def check_equal(a: BatchMeta, b: BatchMeta) -> None:
 
 def run(num_seqs: int, args) -> None:
     rng = random.Random(args.seed)
-    longest = args.prompt_len + args.rounds * 2 * args.steps + 2
+    fill_steps = -(-num_seqs * args.prompt_len // max(args.token_budget, num_seqs)) + 2  # the first ones decode meanwhile
+    longest = args.prompt_len + fill_steps + args.rounds * 2 * args.steps + 2  # KV for all: no preemption
     config = EngineConfig(token_budget=max(args.token_budget, num_seqs), max_seqs=num_seqs, dtype="float32",
                           num_kv_blocks=num_seqs * -(-longest // 16) + 16, kv_block_size=16)
     eng = build_engine(default_model_dir(), backend="cpu", config=config)
@@ -215,7 +222,7 @@ def run(num_seqs: int, args) -> None:
         before, now = statistics.median(timer.mixed["before"]), statistics.median(timer.mixed["now"])
         print(f"build_batch on the {len(timer.mixed['now'])} mixed steps of the fill (same plans, outputs checked "
               f"equal): before {before:.0f} µs, now {now:.0f} µs, now / before {now / before:.2f}")
-    engine_mod.build_batch = build_batch
+    timer.close()
 
 
 def main() -> int:
