@@ -182,7 +182,8 @@ def check_equal(a: BatchMeta, b: BatchMeta) -> None:
 
 def run(num_seqs: int, args) -> None:
     rng = random.Random(args.seed)
-    fill_steps = -(-num_seqs * args.prompt_len // max(args.token_budget, num_seqs)) + 2  # the first ones decode meanwhile
+    # the first sequences admitted decode while the others' prompts are filled in
+    fill_steps = -(-num_seqs * args.prompt_len // max(args.token_budget, num_seqs)) + 2
     longest = args.prompt_len + fill_steps + args.rounds * 2 * args.steps + 2  # KV for all: no preemption
     config = EngineConfig(token_budget=max(args.token_budget, num_seqs), max_seqs=num_seqs, dtype="float32",
                           num_kv_blocks=num_seqs * -(-longest // 16) + 16, kv_block_size=16)

@@ -125,10 +125,13 @@ class BlockTables:
         self._rows = wider
 
     def _drop_finished(self) -> None:
-        for seq in [s for s in self._row_of if s.status is Status.FINISHED]:
+        finished = [s for s in self._row_of if s.status is Status.FINISHED]
+        for seq in finished:
             row = self._row_of.pop(seq)[0]
             self._rows[row] = 0
             self._free_rows.append(row)
+        if finished:
+            self._last = None  # its rows may have been freed
 
 
 # Per-item fields read in C through map(), faster than attribute access in a Python loop.
@@ -174,6 +177,7 @@ def build_batch(plan: StepPlan, block_size: int, tables: BlockTables | None = No
     slot_mapping = block_tables[token_seq, positions // block_size].astype(np.int64) * block_size \
         + positions % block_size
     max_query_len = max(counts)
+    samples = np.fromiter(map(_samples, items), dtype=bool, count=num_seqs)
     query_start_host = query_start.tolist()
     context_lens_host = context_lens.tolist()
     return BatchMeta(
@@ -184,7 +188,7 @@ def build_batch(plan: StepPlan, block_size: int, tables: BlockTables | None = No
         block_tables=torch.from_numpy(block_tables),
         slot_mapping=torch.from_numpy(slot_mapping),
         token_seq=torch.from_numpy(token_seq),
-        sample_index=torch.from_numpy(query_start[1:][np.fromiter(map(_samples, items), dtype=bool, count=num_seqs)] - 1),
+        sample_index=torch.from_numpy(query_start[1:][samples] - 1),
         num_tokens=num_tokens,
         num_seqs=num_seqs,
         max_query_len=max_query_len,
