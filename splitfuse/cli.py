@@ -189,6 +189,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _host_list(value: str) -> frozenset[str] | None:
+    """--allowed-hosts: a comma list of names; "*" allows any Host."""
+    names = frozenset(name.strip().lower() for name in value.split(",") if name.strip())
+    return None if "*" in names else names
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from splitfuse.serving.server import run
 
@@ -211,7 +217,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 2
     run(args.model, host=args.host, port=args.port, backend=args.backend, api_key=args.api_key,
         chat_template=template, max_waiting=args.max_waiting, served_model_name=args.served_model_name,
-        replicas=args.replicas, ray_address=args.ray, **_picked(args, EngineConfig))
+        replicas=args.replicas, ray_address=args.ray, drain_timeout=args.drain_timeout,
+        client_timeout_s=args.client_timeout,
+        **({} if args.allowed_hosts is None else {"allowed_hosts": _host_list(args.allowed_hosts)}),
+        **_picked(args, EngineConfig))
     return 0
 
 
@@ -311,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the replicas as Ray actors: ADDRESS omitted starts Ray here, 'auto' joins the "
                           "cluster this machine is in (`ray start`), or a Ray address (needs splitfuse[ray])")
     srv.add_argument("--served-model-name", default=None, help="model name in the API (default: directory name)")
+    srv.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                     help="Host header names to answer, comma-separated, '*' for any (default: the loopback "
+                          "names when bound to loopback, else any); guards against DNS rebinding")
+    srv.add_argument("--client-timeout", type=float, default=30.0, metavar="S",
+                     help="seconds a client may pause sending its body or reading its reply")
+    srv.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                     help="on SIGTERM/SIGINT, seconds running requests have to finish before they get 503")
     _add_model_fields(srv, EngineConfig, "engine")
     srv.set_defaults(func=cmd_serve)
 

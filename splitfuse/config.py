@@ -45,12 +45,33 @@ class EngineConfig(BaseModel):
                              f"{list(Quantization.__args__)} or None")
         return value
 
+
+class StructuredOutputsParams(BaseModel):
+    """One constraint on a request's output (vLLM's names): a JSON schema, any JSON object, a regex,
+    one of some strings, or an EBNF grammar. Exactly one is given."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    # `json` to callers (vLLM's name); the attribute may not shadow BaseModel.json
+    json_schema: dict[str, Any] | str | None = Field(None, alias="json", description="a JSON schema (dict or text)")
+    json_object: bool = Field(False, description="any JSON object")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = Field(None, description="an EBNF (GBNF) grammar whose start rule is `root`")
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _schema_of_a_model_class(cls, value):
+        # a pydantic model class stands for its JSON schema
+        return value.model_json_schema() if isinstance(value, type) and issubclass(value, BaseModel) else value
+
     @model_validator(mode="after")
-    def _quantization_on_one_rank(self) -> "EngineConfig":
-        # each rank would quantize its own slices with their own scales: not checked yet
-        if self.quantization and self.tensor_parallel_size > 1:
-            raise ValueError(f"quantization={self.quantization!r} with tensor_parallel_size="
-                             f"{self.tensor_parallel_size} is not supported yet: use one of them")
+    def _exactly_one(self) -> "StructuredOutputsParams":
+        given = [name for name in ("json_schema", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given = [name.replace("json_schema", "json") for name in given] + (["json_object"] if self.json_object else [])
+        if len(given) != 1:
+            raise ValueError("structured_outputs needs exactly one of json, json_object, regex, choice, grammar; "
+                             f"got {given or 'none'}")
         return self
 
 
@@ -71,6 +92,7 @@ class SamplingParams(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=20, description="top alternatives to return per token")
     prompt_logprobs: int | None = Field(
         None, ge=0, le=20, description="log-probabilities of the prompt's tokens, with this many top alternatives each")
+    structured_outputs: StructuredOutputsParams | None = Field(None, description="constrain the output to a grammar")
 
     @field_validator("stop", mode="before")
     @classmethod

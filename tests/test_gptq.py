@@ -15,9 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import splitfuse
-from splitfuse.backends.cpu import CpuBackend
-from splitfuse.models.loader import ModelLoadError, load_model
-from splitfuse.parallel.shard import Shard
+from splitfuse.models.loader import ModelLoadError
 from splitfuse.quant import QuantizedWeight
 from splitfuse.testing.parity import make_prompts
 from splitfuse.testing.tiny_model import make_tiny_model
@@ -219,13 +217,6 @@ def test_a_quantized_checkpoint_with_on_the_fly_quantization_is_refused(tiny_mod
     with pytest.raises(ModelLoadError, match=re.escape("quantization='int4' was given for a checkpoint already "
                                                       "quantized (quantization_config.quant_method='gptq')")):
         splitfuse.pipeline(tmp_path / "model", backend="cpu", quantization="int4", kv_cache_gib=0.01)
-
-
-def test_a_quantized_checkpoint_is_refused_with_tensor_parallelism(tiny_model_dir, tmp_path):
-    write_gptq_checkpoint(tiny_model_dir("llama"), tmp_path / "model", 32)
-    with pytest.raises(ModelLoadError, match=re.escape("tensor_parallel_size=2 with a quantized checkpoint "
-                                                      "(quant_method='gptq') is not supported")):
-        load_model(tmp_path / "model", CpuBackend(), shard=Shard(rank=0, size=2))
 
 
 def test_gptq_checkpoint_of_a_model_that_rearranges_its_matrices_is_refused(tmp_path):

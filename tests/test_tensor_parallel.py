@@ -259,7 +259,3 @@ def test_closing_the_pipeline_stops_its_workers(tiny_model_dir):
     pipe.close()
     assert wait_gone(pids) == []
 
-
-def test_quantization_with_several_ranks_is_refused_by_name():
-    with pytest.raises(ValidationError, match="quantization='int8' with tensor_parallel_size=2 is not supported"):
-        EngineConfig(quantization="int8", tensor_parallel_size=2)

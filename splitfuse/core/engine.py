@@ -10,6 +10,7 @@ import torch
 
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.core.batch import BlockTables, build_batch
+from splitfuse.core.constraints import Constraints
 from splitfuse.core.detokenizer import IncrementalDetokenizer
 from splitfuse.core.kv_blocks import BlockManager
 from splitfuse.core.logprobs import (
@@ -38,10 +39,13 @@ class AdmissionError(ValueError):
 
 
 class StepError(RuntimeError):
-    """A step failed; the requests that were in it (`request_ids`) are aborted, the others go on."""
+    """A step failed for the requests `request_ids` (now aborted); `outputs` are those of the
+    requests of the same step that went on."""
 
-    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+    def __init__(self, request_ids: list[str], cause: BaseException,
+                 outputs: list[RequestOutput] | None = None) -> None:
         self.request_ids = list(request_ids)
+        self.outputs = list(outputs or [])
         super().__init__(f"{type(cause).__name__}: {cause}")
 
 
@@ -112,6 +116,8 @@ class Engine:
         self._num_steps = 0
         self._in_step: list[Sequence] = []  # the sequences of the step now running
         self._block_tables = BlockTables()  # rows grow with the sequences, step to step
+        self.constraints = Constraints(tokenizer, model.vocab_size, eos_token_ids,  # structured outputs
+                                       overlap=torch.device(backend.device).type != "cpu")
 
     # ---- requests --------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
@@ -158,6 +164,8 @@ class Engine:
         seq.stop_token_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self.eos_token_ids
         )
+        if params.structured_outputs is not None and not seq.stop_token_ids:
+            seq.stop_token_ids = self.eos_token_ids  # a grammar ends the output: its end must stop it
         if self.tokenizer is not None:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
         self.requests[request_id] = seq
@@ -184,6 +192,10 @@ class Engine:
                 f"prompt + max_new_tokens needs {longest} tokens of KV cache but it holds {capacity}: "
                 "lower max_new_tokens or give the cache more blocks (num_kv_blocks / kv_cache_gib)"
             )
+        try:
+            self.constraints.check(params)
+        except ValueError as exc:
+            raise AdmissionError(str(exc)) from None
 
     def _too_long_advice(self) -> str:
         """What can be done about a prompt that does not fit: raising max_model_len only helps below
@@ -242,6 +254,8 @@ class Engine:
         self._in_step = []
         try:
             return self._step()
+        except StepError:
+            raise  # the failing sequences are isolated and aborted already
         except Exception as exc:
             failed = [seq.request_id for seq in self._in_step or self.scheduler.running]
             for request_id in failed:
@@ -257,10 +271,44 @@ class Engine:
         self._in_step = [item.sequence for item in plan.items]
         if not plan:
             return []
-        sampled = [item.sequence for item in plan.items if item.samples]
-        tokens, logprobs = self._forward(plan, sampled)
+        done, failed = self._forward_isolating(plan)
+        outputs = [out for part, tokens, logprobs in done for out in self._apply(part, tokens, logprobs)]
+        if failed:
+            for seq, _ in failed:
+                self.abort(seq.request_id)
+            raise StepError([seq.request_id for seq, _ in failed], failed[0][1], outputs) from failed[0][1]
+        return outputs
+
+    def _forward_isolating(self, plan: StepPlan):
+        """([(part, tokens, logprobs)], [(sequence, error)]): when the forward raises, halves of the
+        batch run again until each failing sequence is alone (bisection), so one bad request fails
+        alone. A rerun writes the same K/V at the same positions, so the others' tokens do not change."""
+        # Draw counters advance before a pass can still fail: restored, so a rerun draws the same
+        # samples (scored prompt positions are skipped on a rerun by prompt_rows itself).
+        draws = [item.sequence.num_draws for item in plan.items]
+        try:
+            tokens, logprobs = self._forward(plan, [item.sequence for item in plan.items if item.samples])
+            return [(plan, tokens, logprobs)], []
+        except Exception as exc:
+            if self.parallel is not None:
+                raise  # the ranks may be out of step: no rerun is safe
+            for item, num_draws in zip(plan.items, draws):
+                item.sequence.num_draws = num_draws
+            if len(plan.items) == 1:
+                return [], [(plan.items[0].sequence, exc)]
+        half = len(plan.items) // 2
+        done, failed = [], []
+        for items in (plan.items[:half], plan.items[half:]):
+            part_done, part_failed = self._forward_isolating(StepPlan(plan.step, items))
+            done += part_done
+            failed += part_failed
+        return done, failed
+
+    def _apply(self, plan: StepPlan, tokens: list[int], logprobs) -> list[RequestOutput]:
+        results = self.scheduler.apply(plan, tokens)
+        self.constraints.advance(results)
         outputs = []
-        for result, logprob in zip(self.scheduler.apply(plan, tokens), logprobs):
+        for result, logprob in zip(results, logprobs):
             seq = result.sequence
             if logprob is not None:
                 seq.logprobs.append(logprob)
@@ -279,10 +327,11 @@ class Engine:
         if self.parallel is not None:
             self.parallel.broadcast_step(host_meta)
         meta = self.backend.prepare_batch(host_meta)
+        self.constraints.begin(sampled)  # the grammars' CPU work runs beside the forward pass
         hidden = self.backend.forward(self.model, meta, self.kv_cache)
         logits = self._logits(hidden, meta.sample_index, prompt_rows(plan))
         batch = self._sampling_batch(sampled)
-        tokens = self.backend.sample(logits, batch)
+        tokens = self.backend.sample(self.constraints.mask(logits, batch), batch)
         for seq in sampled:
             seq.num_draws += 1
         logprobs = self._logprobs(logits, tokens, sampled, batch.num_logprobs)

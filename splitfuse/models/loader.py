@@ -72,7 +72,7 @@ def load_model(path: str | Path, backend, dtype: str = "auto", max_model_len: in
             f"architecture {architectures or '(none given)'} is not supported; supported: "
             + ", ".join(registry.names())
         )
-    quantized = _checkpoint_quantization(hf_config, quantization, shard)
+    quantized = _checkpoint_quantization(hf_config, quantization)
     files = _safetensors_files(path)
     limit = getattr(hf_config, "max_position_embeddings", None) or 4096
     if max_model_len and max_model_len > limit:
@@ -116,7 +116,7 @@ def _safetensors_files(path: Path) -> list[Path]:
     raise ModelLoadError(f"{str(path)!r} has no *.safetensors weight files")
 
 
-def _checkpoint_quantization(hf_config, quantization: str | None, shard: Shard) -> Int4Checkpoint | None:
+def _checkpoint_quantization(hf_config, quantization: str | None) -> Int4Checkpoint | None:
     """The checkpoint's quantization format (None: not quantized), or refuse what cannot be served."""
     config = getattr(hf_config, "quantization_config", None)
     if config is None:
@@ -127,9 +127,6 @@ def _checkpoint_quantization(hf_config, quantization: str | None, shard: Shard) 
     if quantization:
         raise ModelLoadError(f"quantization={quantization!r} was given for a checkpoint already quantized "
                              f"(quantization_config.quant_method={method!r}); leave quantization unset")
-    if shard.size > 1:
-        raise ModelLoadError(f"tensor_parallel_size={shard.size} with a quantized checkpoint (quant_method="
-                             f"{method!r}) is not supported; use tensor_parallel_size=1")
     try:
         return read_quantization_config(config)
     except UnsupportedQuantization as exc:

@@ -27,7 +27,7 @@ def _serve(rank: int, spec, pipe) -> None:
     import torch
     import torch.distributed as dist
 
-    from splitfuse.assembly import kv_cache_size
+    from splitfuse.assembly import kv_cache_size, prepare_weights
     from splitfuse.backends.selection import create_backend
     from splitfuse.models.loader import load_model
     from splitfuse.parallel.group import agree_num_kv_blocks
@@ -38,7 +38,8 @@ def _serve(rank: int, spec, pipe) -> None:
     torch.set_num_threads(spec.num_threads)  # a spawned process starts with a thread per core
     backend = create_backend(spec.backend, spec.device_index(rank))
     model = load_model(spec.model, backend, config.dtype, config.max_model_len, config.trust_remote_code,
-                       shard=Shard(rank, spec.world_size)).model
+                       shard=Shard(rank, spec.world_size), quantization=config.quantization).model
+    prepare_weights(model, backend, config)  # on-the-fly quantization of this rank's slices, as rank 0 does
     pipe.send("ready")
     dist.init_process_group(spec.distributed_backend, init_method=spec.init_method, rank=rank,
                             world_size=spec.world_size)

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 import torch
 
 from splitfuse.models.base import CausalLM
+from splitfuse.parallel.shard import SINGLE
+from splitfuse.parallel.sharding import Slices
 from splitfuse.quant.awq import SUPPORTED as AWQ_SUPPORTED
 from splitfuse.quant.awq import read_awq_config
 from splitfuse.quant.compressed_tensors import SUPPORTED as COMPRESSED_TENSORS_SUPPORTED
@@ -22,6 +24,7 @@ from splitfuse.quant.fp8 import read_fp8_config
 from splitfuse.quant.gptq import SUPPORTED as GPTQ_SUPPORTED
 from splitfuse.quant.gptq import ActOrderWeight, read_gptq_config
 from splitfuse.quant.packed import Int4Checkpoint, UnsupportedQuantization
+from splitfuse.quant.sharded import shard_quantized
 from splitfuse.quant.weights import QuantizedWeight
 
 log = logging.getLogger("splitfuse")
@@ -84,6 +87,16 @@ def split_quantized_layers(named_tensors: Iterable[tuple[str, torch.Tensor]],
             yield name, tensor
 
 
+def _rank_slices(model, name: str, shape) -> Slices | None:
+    """This tensor-parallel rank's slices of checkpoint tensor `name` of `shape` (None: all of it)."""
+    return model.checkpoint_slice(name, list(shape)) if getattr(model, "shard", SINGLE).size > 1 else None
+
+
+def _rank_slice(model, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    slices = _rank_slices(model, name, tensor.shape)
+    return tensor if slices is None else slices.read(tensor)
+
+
 def load_quantized_weights(model, named_tensors: Iterable[tuple[str, torch.Tensor]], fmt: Int4Checkpoint,
                            backend) -> None:
     """Load a quantized checkpoint into `model`: quantized layers become QuantizedWeights (fused as
@@ -93,8 +106,9 @@ def load_quantized_weights(model, named_tensors: Iterable[tuple[str, torch.Tenso
         raise UnsupportedQuantization(f"{label} checkpoints of {type(model).__name__} are not supported: its loader "
                                       "rearranges loaded matrices, which quantized ones do not allow yet")
     layers: dict[str, dict[str, torch.Tensor]] = {}
-    plain = list(split_quantized_layers(named_tensors, fmt.claims, layers))  # small: embeddings, norms, head
-    fused: dict[str, dict[int, QuantizedWeight]] = {}
+    plain = [(name, _rank_slice(model, name, tensor))  # small: embeddings, norms, head
+             for name, tensor in split_quantized_layers(named_tensors, fmt.claims, layers)]
+    fused: dict[str, dict[int, list[QuantizedWeight]]] = {}
     counts: dict[str, int] = {}
     for module, parts in layers.items():
         try:
@@ -108,21 +122,25 @@ def load_quantized_weights(model, named_tensors: Iterable[tuple[str, torch.Tenso
             raise UnsupportedQuantization(f"{label} layer {module!r} ({ours}): only the decoder layers' "
                                           "matrices can be quantized")
         index, count = part or (0, 1)
-        fused.setdefault(ours, {})[index] = fmt.layer_weight(module, parts, model.dtype)
+        weight = fmt.layer_weight(module, parts, model.dtype)
+        slices = _rank_slices(model, f"{module}.weight", weight.shape)  # as the float matrix would be cut
+        fused.setdefault(ours, {})[index] = [weight] if slices is None else shard_quantized(weight, slices, label,
+                                                                                             module)
         counts[ours] = count
     for ours, parts in fused.items():
         if len(parts) != counts[ours]:
             raise UnsupportedQuantization(f"{label} checkpoint holds {len(parts)} of the {counts[ours]} quantized "
                                           f"parts of {ours}")
         prepare = lambda w: backend.prepare_linear_weight(w.to(backend.device))  # noqa: E731
-        ordered = [parts[i] for i in range(counts[ours])]
+        ordered = [parts[i] for i in range(counts[ours])]  # each: this rank's pieces of that part
+        joined = lambda group: concat_rows([piece for pieces in group for piece in pieces])  # noqa: E731
         if ".experts." in ours:  # per expert e: its parts e * slots .. (e + 1) * slots
             slots = counts[ours] // model.num_experts
-            experts = ExpertWeights(tuple(concat_rows(ordered[e * slots:(e + 1) * slots])
+            experts = ExpertWeights(tuple(joined(ordered[e * slots:(e + 1) * slots])
                                           for e in range(model.num_experts)))
             model.weights[ours] = experts.map(prepare)
         else:
-            model.weights[ours] = prepare(concat_rows(ordered))
+            model.weights[ours] = prepare(joined(ordered))
     model.load_weights(plain)
     model.quantization = fmt.describe()
     kind = f"{label} int4" if isinstance(fmt, Int4Checkpoint) else label

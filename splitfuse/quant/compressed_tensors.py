@@ -7,8 +7,8 @@ Per linear layer `<module>` (weight [N, K]), by format:
   [N, 1] (channel) or [ceil(N/bn), ceil(K/bk)] (block): w = weight * scale; W8A8 adds the input's
   FP8 quantization (dynamic per token or per group of K, or static per tensor from `input_scale`),
   emulated as splitfuse.quant.activations describes.
-- int-quantized / naive-quantized INT8: `weight` int8 [N, K], `weight_scale` [1] or [N, 1]:
-  w = weight * scale (symmetric, weight-only).
+- int-quantized / naive-quantized INT8: `weight` int8 [N, K], `weight_scale` [1], [N, 1] or, per
+  group of K, [N, K / group_size]: w = weight * scale (symmetric, weight-only).
 - pack-quantized INT4/INT8: `weight_packed` int32 [N, ceil(K * bits / 32)], value k of row n in bits
   bits*(k % (32/bits)) of word k // (32/bits), stored as q + 2^(bits-1); `weight_shape` [N, K];
   `weight_scale` [N, K / group_size]; asymmetric: `weight_zero_point` [N, G] packed the same way
@@ -29,17 +29,29 @@ from splitfuse.quant.fp8 import FP8_DTYPE, fp8_weight, require_parts
 from splitfuse.quant.packed import UnsupportedQuantization, int4_weight, unpack_nibbles
 from splitfuse.quant.weights import QuantizedWeight
 
+INT8_GROUPS_LAYOUT = "int8_groups"  # int8 [N, K] with float32 scales [N, K / group_size]; no backend kernel yet
+
+
+def dequantize_int8_groups(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """[N, K]: each int8 value times its group's scale."""
+    scales = weight.scales.float().repeat_interleave(weight.group_size, dim=1)
+    return (weight.data.float() * scales).to(dtype)
+
+
+QuantizedWeight.DEQUANTIZERS[INT8_GROUPS_LAYOUT] = dequantize_int8_groups
+
 SUPPORTED = ("formats float-quantized and naive-quantized (FP8 weights per tensor, channel or block; "
              "activations none, FP8 dynamic per token or group, or FP8 static per tensor), int-quantized and "
-             "naive-quantized (INT8 weights per tensor or channel, weight-only), pack-quantized (INT4 weights per "
-             "group or channel, symmetric or asymmetric; INT8 per tensor or channel, symmetric; weight-only)")
+             "naive-quantized (INT8 weights per tensor, channel or group, weight-only), pack-quantized (INT4 "
+             "weights per group or channel, symmetric or asymmetric; INT8 per tensor, channel or group, symmetric; "
+             "weight-only)")
 PARTS = ("weight_packed", "weight_shape", "weight_scale", "weight_zero_point", "input_scale", "input_zero_point",
          "weight_g_idx", "weight_global_scale", "input_global_scale")
 QUANTIZED_WEIGHT_DTYPES = (FP8_DTYPE, torch.int8)
 # (weights type, num_bits) -> formats that store it, strategies splitfuse reads
 WEIGHT_SCHEMES = {
     ("float", 8): (("float-quantized", "naive-quantized"), ("tensor", "channel", "block")),
-    ("int", 8): (("int-quantized", "naive-quantized", "pack-quantized"), ("tensor", "channel")),
+    ("int", 8): (("int-quantized", "naive-quantized", "pack-quantized"), ("tensor", "channel", "group")),
     ("int", 4): (("pack-quantized",), ("group", "channel")),
 }
 INPUT_STRATEGIES = {False: ("tensor",), True: ("token", "group")}  # dynamic -> strategies
@@ -116,7 +128,7 @@ class CompressedTensorsConfig:
         if weight.dtype != torch.int8:
             raise UnsupportedQuantization(f"compressed-tensors layer {module!r}: weight is {weight.dtype}, expected "
                                           "int8 for INT8 weights")
-        return QuantizedWeight("int8", weight, _row_scales(module, scale, scheme, N), None, K, (N, K), dtype)
+        return _int8_weight(module, weight, scale, scheme, dtype)
 
 
 def read_compressed_tensors_config(config: Mapping) -> CompressedTensorsConfig:
@@ -220,6 +232,32 @@ def _input_quant(module: str, parts: Mapping[str, torch.Tensor], scheme: Scheme,
     return InputQuantizer(scheme.input_strategy, group_size=scheme.input_group_size)
 
 
+def _groups(module: str, scale: torch.Tensor, scheme: Scheme, N: int, K: int) -> tuple[int, int]:
+    """(group size, groups) of a per-group (or per-channel: one group) layer, its weight_scale checked."""
+    group_size = scheme.group_size or K
+    if K % group_size:
+        raise UnsupportedQuantization(f"compressed-tensors layer {module!r}: group_size {group_size} does not divide "
+                                      f"its in_features {K}")
+    groups = K // group_size
+    if tuple(scale.shape) != (N, groups):
+        raise UnsupportedQuantization(f"compressed-tensors layer {module!r}: weight_scale has shape "
+                                      f"{tuple(scale.shape)}, expected {(N, groups)} for weight_shape {[N, K]} and "
+                                      f"group_size {group_size}")
+    return group_size, groups
+
+
+def _int8_weight(module: str, q: torch.Tensor, scale: torch.Tensor, scheme: Scheme,
+                 dtype: torch.dtype) -> QuantizedWeight:
+    """Symmetric INT8 values [N, K] and their scales -> the "int8" QuantizedWeight: one scale per row
+    (per tensor or channel), or per group of K in the INT8_GROUPS_LAYOUT."""
+    N, K = q.shape
+    if scheme.strategy != "group":
+        return QuantizedWeight("int8", q, _row_scales(module, scale, scheme, N), None, K, (N, K), dtype)
+    group_size, _ = _groups(module, scale, scheme, N, K)
+    return QuantizedWeight("int8", q.contiguous(), scale.float().contiguous(), None, group_size, (N, K), dtype,
+                           layout=INT8_GROUPS_LAYOUT)
+
+
 def unpack_bytes(packed: torch.Tensor) -> torch.Tensor:
     """int32 [R, W] holding four 8-bit values each, lowest bits first -> int64 [R, 4 W] (0..255)."""
     shifts = torch.arange(0, 32, 8, dtype=torch.int64)
@@ -243,17 +281,10 @@ def _packed_weight(module: str, parts: Mapping[str, torch.Tensor], scheme: Schem
     # stored values q + offset, 0 .. 2^bits - 1
     q = (unpack_bytes(packed) if bits == 8 else unpack_nibbles(packed, dim=1))[:, :K]
     if bits == 8:
-        return QuantizedWeight("int8", (q - offset).to(torch.int8), _row_scales(module, scale, scheme, N), None,
-                               K, (N, K), dtype)
-    group_size = scheme.group_size or K
-    if K % group_size or K % 2:
-        raise UnsupportedQuantization(f"compressed-tensors layer {module!r}: group_size {group_size} does not divide "
-                                      f"its in_features {K} (or {K} is odd)")
-    groups = K // group_size
-    if tuple(scale.shape) != (N, groups):
-        raise UnsupportedQuantization(f"compressed-tensors layer {module!r}: weight_scale has shape "
-                                      f"{tuple(scale.shape)}, expected {(N, groups)} for weight_shape {[N, K]} and "
-                                      f"group_size {group_size}")
+        return _int8_weight(module, (q - offset).to(torch.int8), scale, scheme, dtype)
+    if K % 2:
+        raise UnsupportedQuantization(f"compressed-tensors layer {module!r}: its in_features {K} is odd")
+    group_size, groups = _groups(module, scale, scheme, N, K)
     if scheme.symmetric:
         zeros = torch.full((N, groups), offset, dtype=torch.int64)
     else:

@@ -28,9 +28,14 @@ from splitfuse.serving.bridge import (
     Replayed,
     RequestGroup,
 )
-from splitfuse.serving.chat import render_chat
+from splitfuse.serving.disconnect import unless_disconnected
+from splitfuse.serving.errors import GroupTooLarge
 from splitfuse.serving.guard import Guard
+from splitfuse.serving.internal_errors import InternalErrors
 from splitfuse.serving.metrics import Metrics, Tracker
+from splitfuse.serving.structured import ConstraintRequestError, request_constraint
+from splitfuse.serving.tools import ToolPlan, ToolStream, reply, tool_plan
+from splitfuse.serving.tokenize_async import PromptTooLong, Tokenizing
 from splitfuse.serving.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -54,6 +59,12 @@ from splitfuse.serving.protocol import (
 # The browser playground's page, script and styles (package data).
 _STATIC = Path(__file__).parent / "static"
 
+# nginx's status for a client that closed its connection first; nobody reads the reply.
+CLIENT_CLOSED = 499
+
+# Seconds a client told 429 waits before retrying: about how long a few requests take to finish.
+RETRY_AFTER_S = "1"
+
 # SamplingParams names back to the OpenAI names a client sent, for 400s that name the field.
 _OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 
@@ -62,13 +73,15 @@ class APIError(Exception):
     """An error to answer with OpenAI's error JSON."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
 
 def _error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
+    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
+                        headers=exc.headers)
 
 
 def _sse(payload) -> str:
@@ -85,6 +98,7 @@ class _Handlers:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.metrics = Metrics(engine)
+        self.tokenizing = Tokenizing(tokenizer, engine.max_model_len)
         self.created = int(time.time())
 
     # ---- request to engine -----------------------------------------------------------------
@@ -93,11 +107,14 @@ class _Handlers:
             raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
                            "invalid_request_error", "model", "model_not_found")
 
-    def encode(self, prompt: str | list[int]) -> list[int]:
+    async def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise APIError(400, "this model has no tokenizer: send prompts as token ids", param="prompt")
-            return self.tokenizer(prompt)["input_ids"]
+            try:
+                return await self.tokenizing.encode(prompt)
+            except PromptTooLong as exc:
+                raise APIError(400, str(exc), param="prompt", code="context_length_exceeded") from None
         return list(prompt)
 
     def budget(self, prompt_ids: list[int], max_tokens: int | None, param: str) -> int:
@@ -105,6 +122,10 @@ class _Handlers:
         limit = self.engine.max_model_len
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", param=param)
+        if len(prompt_ids) >= limit:  # no room for even one completion token
+            raise APIError(400, f"this model's maximum context length is {limit} tokens, but the prompt alone has "
+                           f"{len(prompt_ids)}; shorten the prompt to at most {limit - 1} tokens",
+                           param=param, code="context_length_exceeded")
         if max_tokens is None:
             max_tokens = limit - len(prompt_ids)
         if len(prompt_ids) + max_tokens > limit or max_tokens < 1:
@@ -115,7 +136,7 @@ class _Handlers:
         return max_tokens
 
     def params(self, req: SamplingFields, max_tokens: int, logprobs: int | None, choice: int,
-               prompt_logprobs: int | None = None) -> SamplingParams:
+               prompt_logprobs: int | None = None, constraint=None) -> SamplingParams:
         if req.min_tokens > max_tokens:  # checked here so the 400 names the client's field
             raise APIError(400, f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens})",
                            param="min_tokens")
@@ -123,7 +144,7 @@ class _Handlers:
                        min_new_tokens=req.min_tokens, ignore_eos=req.ignore_eos, stop=req.stop, logprobs=logprobs,
                        prompt_logprobs=prompt_logprobs,
                        # Each of the n choices gets its own seed, so seeded choices differ yet are reproducible.
-                       seed=None if req.seed is None else req.seed + choice)
+                       seed=None if req.seed is None else req.seed + choice, structured_outputs=constraint)
         try:
             return resolve_sampling(self.engine.sampling_defaults, None, request)
         except ValidationError as exc:
@@ -132,11 +153,29 @@ class _Handlers:
             param = _OPENAI_NAMES.get(name, name)
             raise APIError(400, f"{param or 'request'}: {err['msg']}", param=param) from None
 
+    @staticmethod
+    def constraint(req: SamplingFields, tools: ToolPlan | None = None):
+        """The request's output constraint (response_format, guided_*, or its tools); 400 naming
+        the field when it is invalid or there are two."""
+        try:
+            constraint = request_constraint(req)
+        except ConstraintRequestError as exc:
+            raise APIError(400, str(exc), param=exc.param) from None
+        if tools is not None and tools.constraint is not None:
+            if constraint is not None:
+                raise APIError(400, "tool_choice: a required or named tool call cannot be combined with "
+                                    "response_format or guided_* fields", param="tool_choice")
+            return tools.constraint
+        return constraint
+
     async def submit(self, requests: list[tuple[list[int], SamplingParams]], param: str) -> RequestGroup:
         try:
             group = await self.engine.submit(requests)
         except QueueFull as exc:
-            raise APIError(429, str(exc), "rate_limit_error", None, "queue_full") from None
+            raise APIError(429, str(exc), "rate_limit_error", None, "queue_full",
+                           headers={"Retry-After": RETRY_AFTER_S}) from None
+        except GroupTooLarge as exc:
+            raise APIError(400, str(exc), param="n", code="too_many_choices") from None
         except EngineStopped as exc:
             raise APIError(503, str(exc), "server_error", None, "unavailable") from None
         except ValueError as exc:
@@ -210,14 +249,16 @@ class _Handlers:
                            "prompt (give logprobs too)", param="max_tokens")
         # echo with logprobs: the prompt tokens' log-probabilities too (OpenAI's legacy completions)
         prompt_logprobs = req.logprobs if req.echo else None
-        encoded = [self.encode(p) for p in prompts]
+        encoded = [await self.encode(p) for p in prompts]
+        constraint = self.constraint(req)
         requests, echoes = [], []
         for prompt, ids in zip(prompts, encoded):
             # max_tokens 0: the step that ends the prompt samples a token anyway; it is dropped
             max_tokens = self.budget(ids, 1 if score_only else req.max_tokens, "prompt")
-            echo = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) if req.echo else ""
+            echo = (prompt if isinstance(prompt, str) else await self.tokenizing.decode(ids)) if req.echo else ""
             for choice in range(req.n):
-                requests.append((ids, self.params(req, max_tokens, req.logprobs, choice, prompt_logprobs)))
+                requests.append((ids, self.params(req, max_tokens, req.logprobs, choice, prompt_logprobs,
+                                                  constraint)))
                 echoes.append(echo)
         tracker = self.metrics.tracker([len(ids) for ids in encoded], req.n)
         group = await self.submit(requests, "prompt")
@@ -225,7 +266,9 @@ class _Handlers:
             group = _PromptOnly(group)
         if req.stream:
             return self._stream(self._completion_chunks(group, tracker, req, echoes, [ids for ids, _ in requests]))
-        outputs = await self.collect(group, tracker, len(requests))
+        outputs = await unless_disconnected(raw, self.collect(group, tracker, len(requests)))
+        if outputs is None:
+            return Response(status_code=CLIENT_CLOSED)
         choices = []
         for index, outs in enumerate(outputs):
             text = echoes[index] + "".join(o.new_text for o in outs)
@@ -268,43 +311,64 @@ class _Handlers:
     # ---- /v1/chat/completions --------------------------------------------------------------
     async def chat(self, req: ChatRequest, raw: Request):
         self.check_model(req.model)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages = [m.template_fields() for m in req.messages]
         try:
-            ids = render_chat(self.tokenizer, messages, self.chat_template)
+            tools = tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls)
+        except ConstraintRequestError as exc:
+            raise APIError(400, str(exc), param=exc.param) from None
+        constraint = self.constraint(req, tools)
+        try:
+            ids = await self.tokenizing.encode_chat(messages, self.chat_template, tools.tools if tools else None)
+        except PromptTooLong as exc:
+            raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
         max_tokens = self.budget(ids, req.max_completion_tokens or req.max_tokens, "messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
-        requests = [(ids, self.params(req, max_tokens, top, choice)) for choice in range(req.n)]
+        requests = [(ids, self.params(req, max_tokens, top, choice, constraint=constraint)) for choice in range(req.n)]
         tracker = self.metrics.tracker([len(ids)], req.n)
         group = await self.submit(requests, "messages")
         if req.stream:
-            return self._stream(self._chat_chunks(group, tracker, req))
-        outputs = await self.collect(group, tracker, len(requests))
+            return self._stream(self._chat_chunks(group, tracker, req, tools))
+        outputs = await unless_disconnected(raw, self.collect(group, tracker, len(requests)))
+        if outputs is None:
+            return Response(status_code=CLIENT_CLOSED)
         choices = []
         for index, outs in enumerate(outputs):
             lps = [lp for o in outs for lp in o.new_logprobs]
+            content, calls, finish_reason = "".join(o.new_text for o in outs), None, outs[-1].finish_reason
+            if tools is not None:
+                content, calls, finish_reason = reply(tools, content, finish_reason)
             choices.append(ChatChoice(
-                index=index, message=AssistantMessage(content="".join(o.new_text for o in outs)),
-                finish_reason=outs[-1].finish_reason, logprobs=self.chat_logprobs(lps) if req.logprobs else None))
+                index=index, message=AssistantMessage(content=content, tool_calls=calls or None),
+                finish_reason=finish_reason, logprobs=self.chat_logprobs(lps) if req.logprobs else None))
         return ChatResponse(model=self.model_name, choices=choices, usage=tracker.usage())
 
-    async def _chat_chunks(self, group, tracker, req) -> AsyncIterator[str]:
+    async def _chat_chunks(self, group, tracker, req, tools: ToolPlan | None = None) -> AsyncIterator[str]:
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         # OpenAI opens each choice with a chunk carrying only the role.
         for index in range(req.n):
             yield _sse(ChatChunk(**head, choices=[ChatChunkChoice(index=index, delta=ChatDelta(role="assistant",
                                                                                                  content=""))]))
+        streams = [ToolStream(tools) for _ in range(req.n)] if tools is not None else None
         try:
             async for index, out in group:
                 tracker.token(index, out)
-                if out.new_text or (req.logprobs and out.new_logprobs):
+                finish_reason = out.finish_reason
+                if streams is not None:  # tool calls: content and calls as the plan lets them out
+                    deltas = streams[index].feed(out.new_text)
+                    if out.finished:
+                        last, finish_reason = streams[index].finish(out.finish_reason)
+                        deltas += last
+                    for delta in deltas:
+                        yield _sse(ChatChunk(**head, choices=[ChatChunkChoice(index=index, delta=ChatDelta(**delta))]))
+                elif out.new_text or (req.logprobs and out.new_logprobs):
                     yield _sse(ChatChunk(**head, choices=[ChatChunkChoice(
                         index=index, delta=ChatDelta(content=out.new_text),
                         logprobs=self.chat_logprobs(out.new_logprobs) if req.logprobs else None)]))
                 if out.finished:
                     yield _sse(ChatChunk(**head, choices=[ChatChunkChoice(
-                        index=index, delta=ChatDelta(), finish_reason=out.finish_reason)]))
+                        index=index, delta=ChatDelta(), finish_reason=finish_reason)]))
         finally:
             group.abort()
         if _include_usage(req):
@@ -350,13 +414,25 @@ class _PromptOnly:
         self.group.abort()
 
 
+def _unparsable_body(cause: BaseException | None) -> tuple[str, str] | None:
+    """(message, code) saying why FastAPI could not parse a body as JSON, where it says only that it could not."""
+    if isinstance(cause, UnicodeDecodeError):
+        return (f"the request body is not valid UTF-8: byte 0x{cause.object[cause.start]:02x} at offset "
+                f"{cause.start}; send JSON encoded as UTF-8", "invalid_encoding")
+    if isinstance(cause, RecursionError):
+        return "the request body's JSON is nested too deeply to parse; flatten it", "invalid_json"
+    return None
+
+
 def _include_usage(req) -> bool:
     return bool((req.stream_options or {}).get("include_usage"))
 
 
 def create_app(engine: EngineFront, model_name: str, tokenizer, api_key: str | None = None,
-               chat_template: str | None = None, max_body_bytes: int = 4 * 1024 * 1024) -> FastAPI:
-    """The OpenAI-compatible app over `engine`; /v1/* needs `api_key` when one is set."""
+               chat_template: str | None = None, max_body_bytes: int = 4 * 1024 * 1024,
+               allowed_hosts: frozenset[str] | None = None, client_timeout_s: float = 30.0) -> FastAPI:
+    """The OpenAI-compatible app over `engine`; /v1/* needs `api_key` when one is set; a Host outside
+    `allowed_hosts` (None: any) is refused."""
     handlers = _Handlers(engine, model_name, tokenizer, chat_template)
     app = FastAPI(title="splitfuse", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.handlers = handlers
@@ -371,20 +447,22 @@ def create_app(engine: EngineFront, model_name: str, tokenizer, api_key: str | N
         # OpenAI answers 400 naming the field where FastAPI would answer 422.
         err = exc.errors()[0]
         if err.get("type") == "json_invalid":
-            return _error_response(APIError(400, f"malformed JSON body: {err.get('msg')}", code="invalid_json"))
+            where = err.get("loc", ("body", "?"))[-1]
+            why = (err.get("ctx") or {}).get("error", err.get("msg"))
+            return _error_response(APIError(400, f"malformed JSON body at character {where}: {why}",
+                                            code="invalid_json"))
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         param = loc[0] if loc else None
         where = ".".join(loc) or "body"
-        return _error_response(APIError(400, f"{where}: {err.get('msg')}", param=param))
+        message = str(err.get("msg")).removeprefix("Value error, ")  # pydantic's prefix for our own checks
+        return _error_response(APIError(400, f"{where}: {message}", param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error_response(APIError(exc.status_code, str(exc.detail), kind))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        return _error_response(APIError(500, f"internal error: {exc}", "server_error"))
+        message, code = _unparsable_body(exc.__cause__) or (str(exc.detail), None)
+        # 405's Allow header (and any other the exception carries) goes to the client.
+        return _error_response(APIError(exc.status_code, message, kind, code=code, headers=exc.headers))
 
     @app.get("/health")
     async def health():
@@ -424,5 +502,7 @@ def create_app(engine: EngineFront, model_name: str, tokenizer, api_key: str | N
     app.mount("/static", StaticFiles(directory=_STATIC), name="static")
 
     # Outermost, so oversized or unauthenticated requests are turned away before parsing.
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(InternalErrors)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts,
+                       client_timeout_s=client_timeout_s)
     return app

@@ -7,6 +7,10 @@ class QueueFull(RuntimeError):
     """Too many requests are waiting; the client should retry later (HTTP 429)."""
 
 
+class GroupTooLarge(ValueError):
+    """A request with more completions (prompts x n) than the engine could ever queue (HTTP 400)."""
+
+
 class EngineStopped(RuntimeError):
     """The engine is draining or stopped and takes no new requests (HTTP 503)."""
 

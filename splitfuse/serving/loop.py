@@ -4,7 +4,8 @@ AsyncEngine runs it in a thread fed from a condition variable (bridge.py); a rep
 fed from a pipe (replica_worker.py). Commands are small picklable dataclasses, so they cross the
 pipe as they are. The loop keeps these promises for both:
 - a group of requests is admitted all or none (the sink hears `admitted(group_id, error)`);
-- more than `max_waiting` waiting requests turn a group away with QueueFull;
+- a group that would leave more than `max_waiting` requests the scheduler cannot admit now is
+  turned away with QueueFull; one larger than the engine could ever queue, with GroupTooLarge;
 - after Close the loop takes no new group (EngineStopped); with drain it finishes what it holds,
   without drain it aborts it (each request gets EngineClosed), then it returns;
 - a failed step fails only the requests that were in it (EngineError); the loop goes on.
@@ -19,7 +20,8 @@ from typing import Protocol
 from splitfuse.config import SamplingParams
 from splitfuse.core.engine import Engine, EngineStats, StepError
 from splitfuse.core.request import RequestOutput
-from splitfuse.serving.errors import EngineClosed, EngineError, EngineStopped, QueueFull
+from splitfuse.serving.errors import EngineClosed, EngineError, EngineStopped, GroupTooLarge, QueueFull
+from splitfuse.serving.limits import backlog, most_queued
 
 log = logging.getLogger("splitfuse.serving")
 
@@ -112,9 +114,14 @@ class EngineLoop:
         """Queue the group all or none; the error (if any) goes back to the waiting caller."""
         if self.stopping:
             return EngineStopped("the engine is shutting down")
-        waiting = self.engine.num_waiting
-        if waiting + len(requests) > self.max_waiting:
-            return QueueFull(f"{waiting} requests are waiting (max_waiting={self.max_waiting}); retry later")
+        most = most_queued(self.engine, self.max_waiting)
+        if len(requests) > most:
+            return GroupTooLarge(f"this request asks for {len(requests)} completions (prompts x n) but the server "
+                                 f"queues at most {most} at once; send fewer prompts or a smaller n")
+        waiting = backlog(self.engine, [ids for ids, _, _ in requests])
+        if waiting > self.max_waiting:
+            return QueueFull(f"{waiting} requests would wait for capacity (max_waiting={self.max_waiting}); "
+                             "retry later")
         try:
             self.engine.add_requests(requests)
         except Exception as exc:  # noqa: BLE001 - an admission error belongs to its caller, not this loop
@@ -124,12 +131,12 @@ class EngineLoop:
     def step(self) -> None:
         try:
             outputs: Outputs = [(out.request_id, out) for out in self.engine.step()]
-        except StepError as exc:  # the engine has aborted the requests of the failed step
+        except StepError as exc:  # the engine has aborted the requests it failed on; the others went on
             log.exception("engine step failed")
             if self.engine.parallel is not None:
                 # its ranks are out of step (or one died): it cannot step again, so the loop stops
                 # and its front end fails over (a replica exits; a lone engine turns unavailable)
                 raise
             error = EngineError(f"the engine failed on this request: {exc}")
-            outputs = [(rid, error) for rid in exc.request_ids]
+            outputs = [(out.request_id, out) for out in exc.outputs] + [(rid, error) for rid in exc.request_ids]
         self.sink.outputs(outputs, self.engine.stats())

@@ -34,6 +34,8 @@ class Metrics:
         Gauge("splitfuse_kv_blocks_total", "KV cache blocks in all", registry=r).set_function(
             lambda: engine.stats.kv_blocks_total)
         r.register(_FaultCounters(engine))
+        r.register(_EngineCounter("splitfuse_preemptions", "sequences preempted (KV full) and recomputed",
+                                  lambda: engine.stats.preemptions))
         self.ttft = Histogram("splitfuse_time_to_first_token_seconds", "request arrival to first token",
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("splitfuse_inter_token_latency_seconds", "time between a request's tokens",
@@ -66,6 +68,16 @@ class _FaultCounters:
                                   value=self.engine.restarts)
         yield CounterMetricFamily("splitfuse_requests_retried",
                                   "requests resent to another replica after theirs died", value=self.engine.retries)
+
+
+class _EngineCounter:
+    """A counter the engine keeps (its published stats), read at scrape time."""
+
+    def __init__(self, name: str, documentation: str, read) -> None:
+        self.name, self.documentation, self.read = name, documentation, read
+
+    def collect(self):
+        yield CounterMetricFamily(self.name, self.documentation, value=self.read())
 
 
 class Tracker:

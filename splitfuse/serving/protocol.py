@@ -6,10 +6,25 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Unknown fields are ignored, as OpenAI does, so clients sending newer options still work.
 _LENIENT = ConfigDict(extra="ignore")
+
+_INT64 = 2**63
+
+
+def _valid_unicode(value):
+    """value unchanged; ValueError naming the place of a lone surrogate (JSON allows "\\ud800",
+    but no tokenizer can encode it)."""
+    texts = [value] if isinstance(value, str) else [v for v in value or () if isinstance(v, str)]
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"contains a lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}: "
+                             "send valid Unicode text") from None
+    return value
 
 
 class SamplingFields(BaseModel):
@@ -23,12 +38,21 @@ class SamplingFields(BaseModel):
     top_k: int | None = Field(None, ge=0)
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-_INT64, lt=_INT64)  # OpenAI's int64
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     user: str | None = None
+    # Output constraints: OpenAI's response_format, or vLLM's names for the same (one at most).
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
+
+    _stop_is_unicode = field_validator("stop")(_valid_unicode)
 
 
 class CompletionRequest(SamplingFields):
@@ -37,12 +61,34 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
 
+    _prompt_is_unicode = field_validator("prompt")(_valid_unicode)
+
 
 class ChatMessage(BaseModel):
     model_config = _LENIENT
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+    name: str | None = None
+
+    def template_fields(self) -> dict:
+        """The message as chat templates read it: text content, tool fields where given."""
+        extra = {"tool_calls": self.tool_calls, "tool_call_id": self.tool_call_id, "name": self.name}
+        return {"role": self.role, "content": self.text(), **{k: v for k, v in extra.items() if v is not None}}
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, content):
+        """Text parts carry a string `text`; all text is valid Unicode."""
+        if isinstance(content, list):
+            for index, part in enumerate(content):
+                if part.get("type") == "text" and not isinstance(part.get("text"), str):
+                    raise ValueError(f"content part {index} has type 'text' but its 'text' is "
+                                     f"{type(part.get('text')).__name__}, not a string")
+                _valid_unicode(part.get("text"))
+        return _valid_unicode(content)
 
     def text(self) -> str:
         """Content as plain text; list content keeps its text parts."""
@@ -59,6 +105,9 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # "none" | "auto" | "required" | a named function
+    parallel_tool_calls: bool = True
 
 
 class PromptTokensDetails(BaseModel):
@@ -120,6 +169,7 @@ class ChatLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -141,6 +191,7 @@ class ChatResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # each with its "index" among the reply's calls
 
 
 class ChatChunkChoice(BaseModel):

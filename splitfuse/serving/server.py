@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -16,11 +14,17 @@ from pathlib import Path
 
 from splitfuse.config import EngineConfig
 from splitfuse.serving.bridge import AsyncEngine, EngineFront
+from splitfuse.serving.guard import default_allowed_hosts
 
 log = logging.getLogger("splitfuse.serving")
 
 _SERVER_OPTIONS = ("api_key", "chat_template", "max_waiting", "served_model_name", "max_body_bytes", "replicas",
-                   "ray_address")
+                   "ray_address", "allowed_hosts", "client_timeout_s")
+
+# uvicorn's limits on a client: idle keep-alive seconds, bytes of headers (h11's incomplete event),
+# and h11 with a deadline for the request head.
+_UVICORN_LIMITS = {"timeout_keep_alive": 5, "h11_max_incomplete_event_size": 16 * 1024,
+                   "http": "splitfuse.serving.http_protocol:HeaderTimeoutH11Protocol"}
 
 
 def _read_template(chat_template: str | None) -> str | None:
@@ -33,7 +37,7 @@ def _read_template(chat_template: str | None) -> str | None:
 def build_app(model: str | os.PathLike | None = None, backend: str | None = "auto", *, api_key: str | None = None,
               chat_template: str | None = None, max_waiting: int = 1024, served_model_name: str | None = None,
               max_body_bytes: int = 4 * 1024 * 1024, replicas: int = 1, ray_address: str | None = None,
-              **engine_kwargs):
+              allowed_hosts: frozenset[str] | None = None, client_timeout_s: float = 30.0, **engine_kwargs):
     """Load the model and return (FastAPI app, engine front); engine_kwargs are EngineConfig fields.
 
     replicas=1 steps the engine in a thread of this process (AsyncEngine); more start that many
@@ -65,7 +69,8 @@ def build_app(model: str | os.PathLike | None = None, backend: str | None = "aut
             model = default_model_dir()
         served_model_name = Path(model).resolve().name
     app = create_app(async_engine, served_model_name, async_engine.tokenizer, api_key=api_key,
-                     chat_template=_read_template(chat_template), max_body_bytes=max_body_bytes)
+                     chat_template=_read_template(chat_template), max_body_bytes=max_body_bytes,
+                     allowed_hosts=allowed_hosts, client_timeout_s=client_timeout_s)
     return app, async_engine
 
 
@@ -95,8 +100,11 @@ class ServerHandle:
     _thread: threading.Thread
 
     def terminate(self, timeout: float = 30.0) -> None:
-        """Stop taking requests, let running ones finish, then stop uvicorn and the engine thread."""
-        self.engine.close(drain=True, timeout=timeout)
+        """Stop taking requests, let running ones finish within timeout (the rest get 503), then stop
+        uvicorn and the engine thread."""
+        from splitfuse.serving.drain import drain
+
+        drain(self.engine, timeout)
         self._server.should_exit = True
         self._thread.join(timeout)
 
@@ -112,6 +120,7 @@ def serve(model: str | os.PathLike | None = None, host: str = "127.0.0.1", port:
     """Serve `model` from a background thread; port 0 picks a free port; returns once /health answers."""
     import uvicorn
 
+    kwargs.setdefault("allowed_hosts", default_allowed_hosts(host))
     # Bind first: a busy port fails before the model loads, and port 0 resolves to a real port.
     sock = bind_socket(host, port)
     try:
@@ -122,7 +131,7 @@ def serve(model: str | os.PathLike | None = None, host: str = "127.0.0.1", port:
     bound_port = sock.getsockname()[1]
     family = sock.family
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",
-                                           timeout_graceful_shutdown=30))
+                                           timeout_graceful_shutdown=30, **_UVICORN_LIMITS))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="splitfuse-http", daemon=True)
     thread.start()
     url = f"http://{'[' + host + ']' if family == socket.AF_INET6 else host}:{bound_port}"
@@ -148,31 +157,20 @@ def browser_url(host: str, port: int) -> str:
 
 
 def run(model: str | None, host: str = "127.0.0.1", port: int = 8000, backend: str | None = "auto",
-        **kwargs) -> None:
-    """Serve in the foreground until SIGINT/SIGTERM: uvicorn finishes open requests, then the engine drains."""
+        drain_timeout: float = 30.0, **kwargs) -> None:
+    """Serve in the foreground until SIGINT/SIGTERM; then running requests have drain_timeout
+    seconds to finish, the rest are answered 503, and run() returns."""
     import uvicorn
 
-    class DrainingServer(uvicorn.Server):
-        """uvicorn re-raises a caught SIGTERM after its shutdown, killing the process before the engine
-        drains; here the signal only asks for shutdown, and run() returns normally."""
+    from splitfuse.serving.drain import DrainingServer
 
-        @contextlib.contextmanager
-        def capture_signals(self):
-            if threading.current_thread() is not threading.main_thread():
-                yield
-                return
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
+    class AnnouncingServer(DrainingServer):
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets=sockets)
             if self.started:  # said once it listens, never before a failure
                 log.warning("serving %s on %s; playground: %s/", app.state.handlers.model_name, url, url)
 
+    kwargs.setdefault("allowed_hosts", default_allowed_hosts(host))
     sock = bind_socket(host, port)
     try:
         app, engine = build_app(model, backend, **kwargs)
@@ -180,7 +178,8 @@ def run(model: str | None, host: str = "127.0.0.1", port: int = 8000, backend: s
         sock.close()
         raise
     url = browser_url(host, sock.getsockname()[1])
-    server = DrainingServer(uvicorn.Config(app, log_level="info", lifespan="off", timeout_graceful_shutdown=60))
+    server = AnnouncingServer(uvicorn.Config(app, log_level="info", lifespan="off", **_UVICORN_LIMITS),
+                              engine, drain_timeout)
     try:
         server.run(sockets=[sock])
     finally:

@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM, CompressedTensorsConfig  # noqa: 
 FP8 = dict(num_bits=8, type="float", symmetric=True)
 FP8_TOKEN = QuantizationArgs(**FP8, strategy="token", dynamic=True)
 INT4_GROUP32 = QuantizationArgs(num_bits=4, strategy="group", group_size=32)
+INT8_GROUP32 = QuantizationArgs(num_bits=8, strategy="group", group_size=32)  # llm-compressor's W8A16, per group
 
 
 def _one_group(weights: QuantizationArgs, inputs: QuantizationArgs | None = None) -> dict[str, QuantizationScheme]:
@@ -49,6 +50,8 @@ SCHEMES = {
         QuantizationArgs(**FP8, strategy="group", group_size=32, dynamic=True)), None),
     "int8-w8a16-channel-naive": (_one_group(QuantizationArgs(num_bits=8, strategy="channel")), "naive-quantized"),
     "int8-w8a16-channel-packed": (_one_group(QuantizationArgs(num_bits=8, strategy="channel")), "pack-quantized"),
+    "int8-w8a16-group32-naive": (_one_group(INT8_GROUP32), "naive-quantized"),
+    "int8-w8a16-group32-packed": (_one_group(INT8_GROUP32), "pack-quantized"),
     "int4-w4a16-group32": (_one_group(INT4_GROUP32), None),
     "int4-w4a16-group32-asymmetric": (_one_group(QuantizationArgs(num_bits=4, strategy="group", group_size=32,
                                                                   symmetric=False)), None),
@@ -199,7 +202,8 @@ def test_checkpoint_loads_as_the_library_decompresses_it_and_each_linear_matches
 
 # each weight format and each input quantization once (every scheme's layers are compared above)
 @pytest.mark.parametrize("name", ["fp8-w8a16-channel", "fp8-w8a8-dynamic-token", "fp8-w8a8-static-tensor",
-                                  "fp8-block-w8a8-dynamic-group", "int8-w8a16-channel-naive", "int4-w4a16-group32",
+                                  "fp8-block-w8a8-dynamic-group", "int8-w8a16-channel-naive",
+                                  "int8-w8a16-group32-packed", "int4-w4a16-group32",
                                   "mixed-fp8-w8a8-attention-int4-mlp"])
 def test_greedy_tokens_equal_transformers_on_the_same_checkpoint(checkpoint, hf_oracle, name):
     path = checkpoint(name)
@@ -306,8 +310,10 @@ REFUSED = [
      "weights={'type': 'float', 'num_bits': 4} (compressed-tensors) is not supported"),
     ("fp8-w8a16-channel", ("config", lambda c: _group(c).update(format="marlin-24")),
      "format='marlin-24' (compressed-tensors) is not supported"),
-    ("int8-w8a16-channel-packed", ("config", lambda c: _group(c)["weights"].update(strategy="group", group_size=32)),
-     "weights.strategy='group' (compressed-tensors) is not supported; expected one of ['tensor', 'channel']"),
+    ("int8-w8a16-channel-packed", ("config", lambda c: _group(c)["weights"].update(
+        strategy="block", block_structure=[32, 32])),
+     "weights.strategy='block' (compressed-tensors) is not supported; expected one of ['tensor', 'channel', "
+     "'group']"),
     ("fp8-w8a8-dynamic-token", ("config", lambda c: _group(c)["input_activations"].update(strategy="tensor")),
      "input_activations={'dynamic': True, 'strategy': 'tensor'} (compressed-tensors) is not supported"),
     ("int8-w8a16-channel-naive", ("config", lambda c: _group(c).update(input_activations={

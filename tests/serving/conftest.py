@@ -23,3 +23,17 @@ def fail_once(monkeypatch):
         monkeypatch.setattr(owner, name, broken_once)
 
     return install
+
+
+@pytest.fixture(scope="module")
+def demo_client(request):
+    """An openai client of the demo model served on cpu in fp32 as "demo"; a test module's
+    CHAT_TEMPLATE, if it sets one, is the server's chat template."""
+    import openai
+
+    import splitfuse
+
+    handle = splitfuse.serve(None, backend="cpu", dtype="float32", served_model_name="demo",
+                             chat_template=getattr(request.module, "CHAT_TEMPLATE", None))
+    yield openai.OpenAI(base_url=handle.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    handle.terminate()

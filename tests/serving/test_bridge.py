@@ -78,9 +78,9 @@ def test_cancelled_task_aborts_its_request(engine):
 
 
 def test_queue_limit_raises_queue_full(engine):
-    engine.max_waiting = 0
+    engine.max_waiting = 0  # three 500-token prompts need 96 of the 64 KV blocks: one would wait
     with pytest.raises(QueueFull):
-        asyncio.run(_collect(engine, [1, 2]))
+        asyncio.run(engine.submit([(list(range(1, 501)), SamplingParams(max_new_tokens=2))] * 3))
 
 
 def test_failed_step_fails_its_requests_and_the_loop_goes_on(engine, fail_once):

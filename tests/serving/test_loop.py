@@ -87,9 +87,10 @@ def test_groups_are_admitted_all_or_none_and_run_to_the_end(engine):
 
 
 def test_a_full_queue_turns_the_group_away(engine):
-    sink, _ = run(engine, [group(0, [1, 5]), group(1, [1, 6], [1, 7])], max_waiting=2)
+    # max_seqs=1: group 0 takes the one slot, so both of group 1 would wait.
+    sink, _ = run(engine, [group(0, [1, 5]), group(1, [1, 6], [1, 7])], max_waiting=1)
     assert sink.admissions[0] is None
-    assert isinstance(sink.admissions[1], QueueFull) and "max_waiting=2" in str(sink.admissions[1])
+    assert isinstance(sink.admissions[1], QueueFull) and "max_waiting=1" in str(sink.admissions[1])
     assert list(sink.results) == ["g0-0"]
 
 

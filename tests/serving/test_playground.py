@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import jsonschema
 import pytest
 
 import splitfuse
@@ -237,3 +239,29 @@ def test_sampling_fields_default_to_the_models_own_values(page, server):
     _wait_finished(page)
     # nothing typed, nothing sent: the server applies the model's generation_config.json
     assert sent and not {"temperature", "top_p", "top_k"} & set(sent[0])
+
+
+@needs_chromium
+def test_json_schema_box_constrains_the_reply(page, server):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+              "required": ["ok", "n"]}
+    _open(page, server)
+    page.fill("#json_schema", json.dumps(schema))
+    _fill(page, max_tokens=40, temperature=1.0)
+    page.click("#send")
+    assert _wait_finished(page) == "finished: stop"
+    jsonschema.validate(json.loads(_output(page)), schema)
+
+
+@needs_chromium
+def test_json_schema_box_reports_bad_json_and_bad_schemas(page, server):
+    _open(page, server)
+    _fill(page, max_tokens=8)
+    page.fill("#json_schema", "{not json")
+    page.click("#send")
+    page.wait_for_selector("#error:not([hidden])")
+    assert page.text_content("#error").startswith("JSON schema: not valid JSON")
+    page.fill("#json_schema", '{"type": "objec"}')
+    page.click("#send")
+    page.wait_for_function("document.getElementById('error').textContent.startsWith('400: ')")
+    assert "response_format: Unsupported type" in page.text_content("#error") and _output(page) == ""

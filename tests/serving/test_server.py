@@ -238,14 +238,14 @@ def test_body_over_the_limit_is_413(server):
     assert chunked.status_code == 413
 
 
-def test_full_queue_is_429(client, server):
+def test_max_waiting_counts_only_what_cannot_be_admitted(client, server):
+    """With free slots and KV a request is admitted even when no request may wait; the 429 of a
+    real backlog is tested in tests/reliability/test_burst.py."""
     server.engine.max_waiting = 0
     try:
-        with pytest.raises(openai.RateLimitError):
-            client.completions.create(model="llama", prompt=PROMPT, max_tokens=2)
+        assert client.completions.create(model="llama", prompt=PROMPT, max_tokens=2).choices
     finally:
         server.engine.max_waiting = 1024
-    assert client.completions.create(model="llama", prompt=PROMPT, max_tokens=2).choices
 
 
 def test_engine_failure_fails_only_that_request(client, server, fail_once):

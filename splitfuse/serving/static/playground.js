@@ -71,6 +71,17 @@ function stopStrings() {
     .filter((s) => s !== "");
 }
 
+// The JSON-schema box: empty means unconstrained; text that is not JSON is reported before sending.
+function jsonSchema() {
+  const text = $("json_schema").value.trim();
+  if (!text) return undefined;
+  try {
+    return JSON.parse(text);
+  } catch (err) {
+    throw new Error(`JSON schema: not valid JSON (${err.message})`);
+  }
+}
+
 function requestBody(mode) {
   const body = {
     model: modelName ?? undefined, // undefined fields are left out, so the server's defaults apply
@@ -84,6 +95,8 @@ function requestBody(mode) {
   };
   const stop = stopStrings();
   if (stop.length) body.stop = stop;
+  const schema = jsonSchema();
+  if (schema) body.response_format = { type: "json_schema", json_schema: { name: "playground", schema } };
   const prompt = $("prompt").value;
   if (mode === "chat") body.messages = [{ role: "user", content: prompt }];
   else body.prompt = prompt;
@@ -143,8 +156,9 @@ async function generate(event) {
   const timing = { start: performance.now(), first: null, last: null, tokensAtFirst: 0 };
   let chunks = 0, finish = null, usage = null;
   try {
+    const body = JSON.stringify(requestBody(mode));
     const reply = await fetch(path, {
-      method: "POST", headers: headers(), body: JSON.stringify(requestBody(mode)), signal: controller.signal,
+      method: "POST", headers: headers(), body, signal: controller.signal,
     });
     if (!reply.ok) throw new Error(await errorMessage(reply));
     for await (const batch of eventBatches(reply)) {
