@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from splitfuse.config import EngineConfig, SamplingParams
-from splitfuse.core.batch import build_batch
+from splitfuse.core.batch import BlockTables, build_batch
 from splitfuse.core.constraints import Constraints
 from splitfuse.core.detokenizer import IncrementalDetokenizer
 from splitfuse.core.kv_blocks import BlockManager
@@ -115,6 +115,7 @@ class Engine:
         self._ids = itertools.count()
         self._num_steps = 0
         self._in_step: list[Sequence] = []  # the sequences of the step now running
+        self._block_tables = BlockTables()  # rows grow with the sequences, step to step
         self.constraints = Constraints(tokenizer, model.vocab_size, eos_token_ids,  # structured outputs
                                        overlap=torch.device(backend.device).type != "cpu")
 
@@ -322,7 +323,7 @@ class Engine:
         return outputs
 
     def _forward(self, plan: StepPlan, sampled: list[Sequence]):
-        host_meta = build_batch(plan, self.blocks.block_size)
+        host_meta = build_batch(plan, self.blocks.block_size, self._block_tables)
         if self.parallel is not None:
             self.parallel.broadcast_step(host_meta)
         meta = self.backend.prepare_batch(host_meta)

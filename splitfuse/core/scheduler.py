@@ -225,6 +225,7 @@ class Scheduler:
         (for a model whose cached K/V go stale at some length)."""
         self.running.remove(seq)
         self.blocks.release(seq.block_table)
+        seq.block_table = []  # a new list: kept block-table rows (batch.BlockTables) start over
         seq.num_computed = 0
         seq.num_registered_blocks = 0
         seq.status = Status.WAITING
