@@ -20,8 +20,8 @@ from typing import Protocol
 from splitfuse.config import SamplingParams
 from splitfuse.core.engine import Engine, EngineStats, StepError
 from splitfuse.core.request import RequestOutput
-from splitfuse.serving.errors import EngineClosed, EngineError, EngineStopped, GroupTooLarge, QueueFull
-from splitfuse.serving.limits import backlog, most_queued
+from splitfuse.serving.errors import EngineClosed, EngineError, EngineStopped
+from splitfuse.serving.limits import backlog, refusal
 
 log = logging.getLogger("splitfuse.serving")
 
@@ -114,14 +114,10 @@ class EngineLoop:
         """Queue the group all or none; the error (if any) goes back to the waiting caller."""
         if self.stopping:
             return EngineStopped("the engine is shutting down")
-        most = most_queued(self.engine, self.max_waiting)
-        if len(requests) > most:
-            return GroupTooLarge(f"this request asks for {len(requests)} completions (prompts x n) but the server "
-                                 f"queues at most {most} at once; send fewer prompts or a smaller n")
         waiting = backlog(self.engine, [ids for ids, _, _ in requests])
-        if waiting > self.max_waiting:
-            return QueueFull(f"{waiting} requests would wait for capacity (max_waiting={self.max_waiting}); "
-                             "retry later")
+        error = refusal(len(requests), self.engine.scheduler.max_seqs, waiting, self.max_waiting)
+        if error is not None:
+            return error
         try:
             self.engine.add_requests(requests)
         except Exception as exc:  # noqa: BLE001 - an admission error belongs to its caller, not this loop

@@ -5,7 +5,9 @@ The HTTP process keeps the tokenizer; each replica owns one Engine, in a local p
 handle's launch / wait_ready / send / receive / join. Each request group goes to the live replica
 with the fewest outstanding tokens (prompt tokens not yet computed + new tokens not yet generated),
 counted here as outputs arrive. Round robin (MII) ignores that one long prompt can cost as much as
-many short ones. One queue limit covers the pool: at most max_waiting requests without an output yet.
+many short ones. One queue limit covers the pool, by the single engine's rules (limits.py): a group
+that would leave more than max_waiting requests that no replica could admit now is refused
+(QueueFull), one larger than a replica could ever queue too (GroupTooLarge).
 
 When a replica dies, no request is lost that has not sent its client anything:
 - a group none of whose requests has produced an output is resent to another live replica, and its
@@ -30,7 +32,8 @@ from splitfuse.backends.selection import backend_class
 from splitfuse.config import EngineConfig
 from splitfuse.core.engine import EngineStats
 from splitfuse.serving.bridge import EngineFront, Replayed
-from splitfuse.serving.errors import EngineStopped, QueueFull, ReplicaLost
+from splitfuse.serving.errors import EngineStopped, ReplicaLost
+from splitfuse.serving.limits import blocks_for, refusal, unadmitted
 from splitfuse.serving.loop import Abort, AddGroup, Close
 from splitfuse.serving.replica_worker import ProcessEngine
 from splitfuse.serving.routes import Route, Routes, call_soon, settle
@@ -82,6 +85,12 @@ class _Resent:
                                                              f"request over ({error}); retry")))
 
 
+def _tokens_held(route: Route) -> int:
+    """Tokens a started request holds KV for: its prompt and what it has generated so far."""
+    ids, params = route.request
+    return len(ids) + params.max_new_tokens - route.new_left
+
+
 class _Replica:
     """Front-end half of one replica: its engine handle, a reader thread, the routes of its requests.
 
@@ -93,6 +102,7 @@ class _Replica:
         self.state = "starting"
         self.routing = Routes(pool.lock)
         self.stats = EngineStats()
+        self.settings = None  # EngineSettings its engine reported once ready (launched again: anew)
         self.assigned = 0
         self.restarts = 0
         self.thread: threading.Thread | None = None
@@ -109,6 +119,20 @@ class _Replica:
     def load(self) -> ReplicaLoad:
         """The router's view; the caller holds the pool's lock."""
         return ReplicaLoad(self.index, self.alive, self.routing.outstanding(), self.assigned)
+
+    def backlog(self, max_seqs: int, new_prompts: Sequence[list[int]] = ()) -> int:
+        """Its requests without an output (then new_prompts) beyond what its free slots and KV blocks
+        would admit now; the caller holds the pool's lock.
+
+        Counted from its routes, which are current, rather than its published stats, which lag a burst:
+        a started request holds a slot and the blocks of its prompt and tokens so far (a shared prefix
+        counts once per request, so the estimate errs towards refusing)."""
+        size = self.settings.block_size
+        started = [route for route in self.routes.values() if route.started]
+        held = sum(blocks_for(_tokens_held(route), size) for route in started)
+        lengths = [len(route.request[0]) for route in self.routes.values() if not route.started]
+        return unadmitted(lengths + [len(ids) for ids in new_prompts], max_seqs - len(started),
+                          self.settings.num_kv_blocks - held, size)
 
     def start_reader(self) -> None:
         self.thread = threading.Thread(target=self._serve, name=f"splitfuse-replica-{self.index}", daemon=True)
@@ -155,7 +179,7 @@ class _Replica:
     def _relaunch(self) -> bool:
         try:
             self.engine.launch()
-            self.engine.wait_ready(self.pool.start_timeout)
+            self.settings = self.engine.wait_ready(self.pool.start_timeout)["settings"]
         except Exception as exc:  # noqa: BLE001 - reported, and the replica stays out of rotation
             with self.pool.lock:
                 self.state = "stopped" if self.pool.closing else "failed"
@@ -220,6 +244,7 @@ class ReplicaPool(EngineFront):
             raise ValueError(f"replicas must be at least 1, got {replicas}")
         super().__init__()
         self.max_waiting = max_waiting
+        self.max_seqs = config.max_seqs  # each replica's sequence slots
         self.start_timeout = start_timeout
         self.closing = False
         self.retries = 0  # requests resent after their replica died
@@ -240,7 +265,8 @@ class ReplicaPool(EngineFront):
         self.settings = infos[0]["settings"]
         self.max_model_len = infos[0]["max_model_len"]
         self.sampling_defaults = infos[0]["sampling_defaults"]
-        for replica in self.replicas:
+        for replica, info in zip(self.replicas, infos):
+            replica.settings = info["settings"]
             replica.state = "ok"
             replica.start_reader()
 
@@ -266,21 +292,21 @@ class ReplicaPool(EngineFront):
             return [r.load() for r in self.replicas]
 
     def num_unstarted(self) -> int:
-        """Requests without an output yet, over all replicas (the queue max_waiting limits); the caller
-        holds the lock."""
+        """Requests without an output yet, over all replicas; the caller holds the lock."""
         return sum(not route.started for r in self.replicas for route in r.routes.values())
 
     # ---- callers' side ---------------------------------------------------------------------
     def dispatch(self, group, loop, queue, admitted) -> None:
         """To the least-loaded live replica, all n choices together."""
         with self.lock:
-            # Count, pick and reserve under one lock, so concurrent submits see each other's load.
-            waiting = self.num_unstarted()
-            if waiting + len(group.requests) > self.max_waiting:
-                admitted.set_exception(QueueFull(f"{waiting} requests are waiting (max_waiting="
-                                                 f"{self.max_waiting}); retry later"))
-                return
+            # Pick, count and reserve under one lock, so concurrent submits see each other's load.
             replica = self.replicas[pick_replica([r.load() for r in self.replicas])]
+            prompts = [ids for ids, _, _ in group.requests]
+            waiting = sum(r.backlog(self.max_seqs, prompts if r is replica else ()) for r in self.replicas)
+            error = refusal(len(group.requests), self.max_seqs, waiting, self.max_waiting)
+            if error is not None:
+                admitted.set_exception(error)
+                return
             replica.assigned += 1
             replica.routing.open(group.group_id, group.requests, loop, queue, admitted)
         # A failed send needs no handling here: the reader thread sees the death too and resends it.

@@ -10,10 +10,10 @@ import pytest
 
 from replica_faults import until
 from splitfuse.config import EngineConfig, SamplingParams
-from splitfuse.core.engine import EngineStats
+from splitfuse.core.engine import EngineSettings, EngineStats
 from splitfuse.core.request import RequestOutput
 from splitfuse.serving.bridge import Replayed
-from splitfuse.serving.errors import QueueFull, ReplicaLost
+from splitfuse.serving.errors import GroupTooLarge, QueueFull, ReplicaLost
 from splitfuse.serving.loop import AddGroup
 from splitfuse.serving.replicas import ReplicaPool
 
@@ -33,7 +33,8 @@ class FakeEngine:
         self.launches += 1
 
     def wait_ready(self, timeout: float) -> dict:
-        return {"tokenizer": None, "settings": None, "max_model_len": 64, "sampling_defaults": {}}
+        return {"tokenizer": None, "settings": EngineSettings(16, 64, 1024, "float32", "fake"),
+                "max_model_len": 1024, "sampling_defaults": {}}
 
     def send(self, command) -> bool:
         if isinstance(command, AddGroup):
@@ -102,20 +103,64 @@ def test_a_death_resends_unstarted_groups_and_fails_started_ones_whole(pool):
     assert pool.stats.replicas[0]["state"] == "ok"
 
 
-def test_max_waiting_counts_unstarted_requests_over_all_replicas(pool):
-    pool.max_waiting = 3
+def small_pool(max_seqs: int, max_waiting: int) -> ReplicaPool:
+    """Two fake replicas of max_seqs slots and 64 KV blocks of 16 tokens each."""
+    return ReplicaPool(None, None, EngineConfig(max_seqs=max_seqs), 2, max_waiting=max_waiting, engines=FakeEngine)
+
+
+def test_a_burst_into_free_capacity_is_all_admitted(pool):
+    pool.max_waiting = 4
+
+    async def burst():
+        return await asyncio.gather(*(pool.submit([request()]) for _ in range(40)), return_exceptions=True)
+
+    assert not [error for error in asyncio.run(burst()) if isinstance(error, Exception)]
+    assert [r.assigned for r in pool.replicas] == [20, 20]
+
+
+def test_a_group_no_replica_could_ever_queue_is_too_large():
+    pool = small_pool(max_seqs=8, max_waiting=4)
+    try:
+        with pytest.raises(GroupTooLarge, match="13 completions .* at most 12"):
+            asyncio.run(pool.submit([request()] * 13))
+        asyncio.run(pool.submit([request()] * 12))  # every slot of one replica, plus the waiting room
+    finally:
+        pool.close(drain=False, timeout=1)
+    assert sum(r.assigned for r in pool.replicas) == 1  # the refused group went nowhere
+
+
+def test_max_waiting_counts_what_no_replica_can_admit_over_all_replicas():
+    """Two slots on each replica: four requests run, one may wait, the sixth is refused until one ends."""
+    pool = small_pool(max_seqs=2, max_waiting=1)
 
     async def run():
-        first = await pool.submit([request(), request()])
-        await pool.submit([request()])
-        with pytest.raises(QueueFull, match="3 requests are waiting"):
+        groups = [await pool.submit([request()]) for _ in range(5)]
+        with pytest.raises(QueueFull, match="2 requests would wait for capacity"):
             await pool.submit([request()])
-        pool.replicas[0].engine.output(first.request_ids[0])  # one starts: room for one more
-        await until(lambda: pool.num_unstarted() == 2)
+        replica = next(r for r in pool.replicas if groups[0].request_ids[0] in r.routes)
+        replica.engine.output(groups[0].request_ids[0], finished=True)  # its slot frees
+        await until(lambda: sum(len(r.routes) for r in pool.replicas) == 4)
         await pool.submit([request()])
 
+    try:
+        asyncio.run(run())
+    finally:
+        pool.close(drain=False, timeout=1)
+    assert sum(r.assigned for r in pool.replicas) == 6  # the refused group went nowhere
+
+
+def test_a_request_waits_when_no_replica_has_the_kv_blocks_for_it(pool):
+    pool.max_waiting = 0
+
+    async def run():
+        for _ in range(2):  # 1000 tokens: 63 of a replica's 64 blocks, one such prompt on each
+            await pool.submit([request(prompt_len=1000)])
+        for _ in range(2):  # one block: fits beside each
+            await pool.submit([request(prompt_len=16)])
+        with pytest.raises(QueueFull, match="1 requests would wait"):
+            await pool.submit([request(prompt_len=16)])
+
     asyncio.run(run())
-    assert sum(r.assigned for r in pool.replicas) == 3  # the refused group went nowhere
 
 
 def test_a_replayable_group_starts_over_on_another_replica(pool):
