@@ -87,11 +87,13 @@ def test_the_pool_reports_what_its_replicas_were_built_with(server):
 
 
 def test_one_queue_limit_covers_all_replicas(server):
-    """max_waiting counts requests without an output on every replica together: with both replicas
-    paused, 5 requests against a limit of 3 get 3 admitted (spread over both) and 2 answered 429."""
+    """max_waiting counts what no replica could admit now, on every replica together: with both
+    replicas paused and one slot each, 5 requests against a limit of 1 get 3 admitted (spread over
+    both) and 2 answered 429."""
     pool = server.engine
     before = [r.assigned for r in pool.replicas]
-    pool.max_waiting = 3
+    limits = pool.max_waiting, pool.max_seqs
+    pool.max_waiting, pool.max_seqs = 1, 1
     for replica in pool.replicas:
         os.kill(replica.engine.pid, signal.SIGSTOP)
     try:
@@ -110,12 +112,27 @@ def test_one_queue_limit_covers_all_replicas(server):
 
         spread, replies = asyncio.run(run())
     finally:
-        pool.max_waiting = 1024
+        pool.max_waiting, pool.max_seqs = limits
         for replica in pool.replicas:
             os.kill(replica.engine.pid, signal.SIGCONT)
     assert sorted(r.status_code for r in replies) == [200, 200, 200, 429, 429]
     assert all(r.json()["error"]["code"] == "queue_full" for r in replies if r.status_code == 429)
-    assert sorted(spread) == [1, 2]  # a per-replica limit of 3 would have admitted all five
+    assert all(r.headers["retry-after"] == "1" for r in replies if r.status_code == 429)
+    assert sorted(spread) == [1, 2]  # a per-replica limit of 1 would have admitted four
+
+
+def test_more_completions_than_a_replica_could_ever_queue_is_400_naming_n(server):
+    pool = server.engine
+    limits = pool.max_waiting, pool.max_seqs
+    pool.max_waiting, pool.max_seqs = 4, 8
+    try:
+        reply = httpx.post(server.url + "/v1/completions", timeout=30,
+                           json={"model": "llama", "prompt": [f"p{i}" for i in range(10)], "n": 2, "max_tokens": 2})
+    finally:
+        pool.max_waiting, pool.max_seqs = limits
+    error = reply.json()["error"]
+    assert reply.status_code == 400 and error["param"] == "n"
+    assert "20 completions" in error["message"] and "at most 12" in error["message"]
 
 
 def test_a_dead_replica_loses_no_request_that_had_sent_nothing(server):
