@@ -124,7 +124,7 @@ def run_from_args(args: argparse.Namespace, engine: dict) -> int:
                        if p.get(k) is not None} for p in system.get("points", [])] or system
                for name, system in results["systems"].items()}
     print(json.dumps(summary, indent=1), file=sys.stderr)
-    workload = results["workload"]
+    workload = results.get("workload", {})
     if workload.get("clipped_requests"):
         print(f"note: {workload['clipped_requests']} of {workload['requests_per_point']} requests were shortened to fit "
               f"the model's max length of {workload['max_len']} tokens (asked: prompts ~{args.prompt_len}, "
