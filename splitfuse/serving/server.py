@@ -115,19 +115,25 @@ class ServerHandle:
         self.terminate()
 
 
-def serve(model: str | os.PathLike | None = None, host: str = "127.0.0.1", port: int = 0,
-          backend: str | None = "auto", ready_timeout: float = 60.0, **kwargs) -> ServerHandle:
-    """Serve `model` from a background thread; port 0 picks a free port; returns once /health answers."""
-    import uvicorn
-
+def _bind_then_build(model, host: str, port: int, backend: str | None, kwargs: dict):
+    """(socket, app, engine front): the port is bound first, so a busy port fails before the model
+    loads and port 0 resolves to a real port; the Host allow-list defaults to the bind address's."""
     kwargs.setdefault("allowed_hosts", default_allowed_hosts(host))
-    # Bind first: a busy port fails before the model loads, and port 0 resolves to a real port.
     sock = bind_socket(host, port)
     try:
         app, engine = build_app(model, backend, **kwargs)
     except BaseException:
         sock.close()
         raise
+    return sock, app, engine
+
+
+def serve(model: str | os.PathLike | None = None, host: str = "127.0.0.1", port: int = 0,
+          backend: str | None = "auto", ready_timeout: float = 60.0, **kwargs) -> ServerHandle:
+    """Serve `model` from a background thread; port 0 picks a free port; returns once /health answers."""
+    import uvicorn
+
+    sock, app, engine = _bind_then_build(model, host, port, backend, kwargs)
     bound_port = sock.getsockname()[1]
     family = sock.family
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",
@@ -170,13 +176,7 @@ def run(model: str | None, host: str = "127.0.0.1", port: int = 8000, backend: s
             if self.started:  # said once it listens, never before a failure
                 log.warning("serving %s on %s; playground: %s/", app.state.handlers.model_name, url, url)
 
-    kwargs.setdefault("allowed_hosts", default_allowed_hosts(host))
-    sock = bind_socket(host, port)
-    try:
-        app, engine = build_app(model, backend, **kwargs)
-    except BaseException:
-        sock.close()
-        raise
+    sock, app, engine = _bind_then_build(model, host, port, backend, kwargs)
     url = browser_url(host, sock.getsockname()[1])
     server = AnnouncingServer(uvicorn.Config(app, log_level="info", lifespan="off", **_UVICORN_LIMITS),
                               engine, drain_timeout)
