@@ -41,6 +41,16 @@ class SimEngine:
         self.tokenizer, self.sampling_defaults, self.max_model_len = None, {}, 4096
         self.settings = EngineSettings(16, 4096, 4096, "float32", "simulated cpu")
 
+    parallel = None  # one process, no tensor-parallel ranks
+
+    @property
+    def scheduler(self):  # the queue limits read its queues, as they read a real engine's
+        return self.sim.scheduler
+
+    @property
+    def blocks(self):
+        return self.sim.blocks
+
     def add_requests(self, requests) -> list[str]:
         for ids, params, rid in requests:
             self.seqs[rid] = self.sim.add_request(len(ids), params.max_new_tokens, rid)
