@@ -75,12 +75,10 @@ def _model_dir(options: BenchOptions) -> str:
 def _load_tokenizer(path: str | None):
     if path is None:
         return None
-    try:
-        from transformers import AutoTokenizer
+    from splitfuse.models.loader import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        tokenizer.model_max_length = int(1e30)  # lengths are fitted to the model's max length here, not there
-        return tokenizer
+    try:
+        return load_tokenizer(Path(path))  # lengths are fitted to the model's max length here, not there
     except (OSError, ValueError):
         return None  # a tokenizer-free model: prompts stay token ids
 

@@ -93,7 +93,7 @@ def load_model(path: str | Path, backend, dtype: str = "auto", max_model_len: in
     generation = _read_json(path / "generation_config.json")
     return LoadedModel(
         model=model,
-        tokenizer=_load_tokenizer(path, trust_remote_code),
+        tokenizer=load_tokenizer(path, trust_remote_code),
         hf_config=hf_config,
         eos_token_ids=_eos_ids(hf_config, generation),
         sampling_defaults=_sampling_defaults(generation),
@@ -163,7 +163,8 @@ def _stream_tensors(files: list[Path], checkpoint_slice=None) -> Iterator[tuple[
                 bar.update(1)
 
 
-def _load_tokenizer(path: Path, trust_remote_code: bool = False):
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    """The directory's tokenizer (None without tokenizer files), lengths left to the caller to check."""
     from transformers import AutoTokenizer
 
     has_files = any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
