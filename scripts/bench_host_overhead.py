@@ -2,15 +2,16 @@
 
 Builds an engine on the embedded demo model (cpu backend), fills it with N running sequences and
 times each decode step by phase: scheduler, build_batch, backend metadata prep, forward (its
-matmuls apart), lm_head + logits, sampling, and the post-step bookkeeping (Scheduler.apply, with
-the detokenizer inside it). Phases are timed by wrapping the engine's collaborators in this script;
+matmuls apart), lm_head + logits, the sampling setup and sampling, and the post-step bookkeeping
+(Scheduler.apply, with the detokenizer inside it, then the outputs Engine._apply builds). Phases are timed by wrapping the engine's collaborators in this script;
 the engine itself carries no instrumentation.
 
 The batch builder before it was vectorised is kept below (`reference_build_batch`) and the two
 run side by side: decode rounds alternate between them on the same engine, and every mixed step
 of the fill (prompt chunks next to decodes) is built by both, checked equal, and timed.
 
-    python scripts/bench_host_overhead.py [--seqs 32 256] [--steps 20] [--rounds 3]
+    python scripts/bench_host_overhead.py [--seqs 32 256] [--steps 20] [--rounds 3] [--threads 2]
+                                          [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from splitfuse.core.scheduler import StepPlan
 from splitfuse.data import default_model_dir
 
 PHASES = ("scheduler.schedule", "build_batch", "backend.prepare_batch", "forward (all)",
-          "lm_head + logits", "backend.sample", "Scheduler.apply", "rest of step")
+          "lm_head + logits", "sampling setup", "backend.sample", "Scheduler.apply", "outputs", "rest of step")
 NESTED = {"forward: matmuls": "inside forward", "logits: lm_head matmul": "inside lm_head + logits",
           "apply: detokenize": "inside Scheduler.apply"}
 
@@ -102,6 +103,8 @@ class PhaseTimer:
         self._wrap(eng, "_logits", "lm_head + logits")
         self._wrap(eng.backend, "sample", "backend.sample")
         self._wrap(eng.scheduler, "apply", "Scheduler.apply")
+        self._wrap(eng, "_sampling_batch", "sampling setup")
+        self._wrap(eng, "_apply", "Engine._apply")  # its part besides Scheduler.apply: "outputs"
         self._detokenizer_add = IncrementalDetokenizer.add  # a class attribute: put back by close()
         self._wrap(IncrementalDetokenizer, "add", "apply: detokenize")
         linear = eng.backend.linear
@@ -166,6 +169,7 @@ class PhaseTimer:
         total = time.perf_counter() - t0
         us = {label: seconds * 1e6 for label, seconds in self.times.items()}
         us["step"] = total * 1e6
+        us["outputs"] = us.get("Engine._apply", 0.0) - us.get("Scheduler.apply", 0.0)
         us["rest of step"] = us["step"] - sum(us.get(label, 0.0) for label in PHASES[:-1])
         us["matmuls"] = us.get("forward: matmuls", 0.0) + us.get("logits: lm_head matmul", 0.0)
         return us
@@ -185,7 +189,7 @@ def run(num_seqs: int, args) -> None:
     # the first sequences admitted decode while the others' prompts are filled in
     fill_steps = -(-num_seqs * args.prompt_len // max(args.token_budget, num_seqs)) + 2
     longest = args.prompt_len + fill_steps + args.rounds * 2 * args.steps + 2  # KV for all: no preemption
-    config = EngineConfig(token_budget=max(args.token_budget, num_seqs), max_seqs=num_seqs, dtype="float32",
+    config = EngineConfig(token_budget=max(args.token_budget, num_seqs), max_seqs=num_seqs, dtype=args.dtype,
                           num_kv_blocks=num_seqs * -(-longest // 16) + 16, kv_block_size=16)
     eng = build_engine(default_model_dir(), backend="cpu", config=config)
     vocab = eng.model.vocab_size
@@ -235,11 +239,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine may be shared)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"### Host work per step ({datetime.date.today().isoformat()})\n")
     print(f"- machine: {cpu_model()}, {os.cpu_count()} cores, {args.threads} torch thread(s); "
-          f"Python {platform.python_version()}, torch {torch.__version__}; demo model, cpu backend, fp32")
+          f"Python {platform.python_version()}, torch {torch.__version__}; demo model, cpu backend, {args.dtype}")
     for num_seqs in args.seqs:
         run(num_seqs, args)
     return 0
