@@ -340,7 +340,9 @@ class Engine:
     def _logits(self, hidden: torch.Tensor, sample_index: torch.Tensor, scored: PromptRows | None) -> torch.Tensor:
         """Logits [S', V] of the sampled rows; prompt rows that requests score share the lm_head call."""
         if scored is None:
-            return self.model.logits(hidden[sample_index]).float()
+            # every row sampled (a decode-only step): sample_index is 0..T-1, so no gather copy
+            rows = hidden if sample_index.numel() == hidden.shape[0] else hidden[sample_index]
+            return self.model.logits(rows).float()
         rows = torch.cat([sample_index, torch.tensor(scored.rows, dtype=sample_index.dtype).to(sample_index.device)])
         logits = self.model.logits(hidden[rows]).float()
         num_sampled = sample_index.numel()
