@@ -212,6 +212,9 @@ class IncrementalDetokenizer:
         """Apply stop strings to newly decoded text; return the part that is safe to emit."""
         if not new:
             return ""
+        if not self.stop:  # nothing to hold back or cut
+            self._pieces.append(new)
+            return new
         buf = self._held + new
         # Earliest stop occurrence wins; held text never contains a whole stop string.
         hits = [(i, n, s) for n, s in enumerate(self.stop) if (i := buf.find(s)) >= 0]
