@@ -78,6 +78,7 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._info = _info(tokenizer)
         self._max_stop = max(map(len, self.stop), default=0)
+        self._stop_starts = frozenset(s[0] for s in self.stop)
         self.stop_hit: str | None = None
         self._finished = False
         self._pieces: list[str] = []  # released text
@@ -231,8 +232,9 @@ class IncrementalDetokenizer:
 
     def _stop_prefix_len(self, buf: str) -> int:
         """Length of the longest suffix of `buf` that is a proper prefix of some stop string."""
+        starts = self._stop_starts
         for k in range(min(len(buf), self._max_stop - 1), 0, -1):
-            tail = buf[-k:]
-            if any(s.startswith(tail) for s in self.stop):
+            # only a suffix starting with some stop's first character can be a prefix of one
+            if buf[-k] in starts and any(s.startswith(buf[-k:]) for s in self.stop):
                 return k
         return 0
