@@ -39,8 +39,11 @@ class _TokenizerInfo:
         self.byte_fallback = decoder is not None and b'"ByteFallback"' in decoder.__getstate__()
         # Fast tokenizers: call the Rust decoder directly. transformers' wrapper adds only the
         # clean-up pass (off here) and costs several times the decode itself per token.
+        # No clean-up: it rewrites text across token boundaries (" ." -> "."), which breaks diffs.
+        # The Rust method itself, no Python frame on the two decodes of every token (its
+        # skip_special_tokens defaults to True; special ids never reach it anyway: add() drops them).
         if backend is not None:
-            self.decode = lambda ids: backend.decode(ids, skip_special_tokens=True)
+            self.decode = backend.decode
         else:
             self.decode = lambda ids: tokenizer.decode(
                 ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
@@ -77,6 +80,7 @@ class IncrementalDetokenizer:
                 raise ValueError(f"stop strings must be non-empty str, got {s!r}")
         self._tokenizer = tokenizer
         self._info = _info(tokenizer)
+        self._decode = self._info.decode  # ids -> text, bound once: called twice per token
         self._max_stop = max(map(len, self.stop), default=0)
         self._stop_starts = frozenset(s[0] for s in self.stop)
         self.stop_hit: str | None = None
@@ -146,10 +150,6 @@ class IncrementalDetokenizer:
             self._held = ""
         self._finished = True
         return piece
-
-    def _decode(self, ids: list[int]) -> str:
-        # No clean-up: it rewrites text across token boundaries (" ." -> "."), which breaks diffs.
-        return self._info.decode(ids)
 
     def _complete(self, ids: list[int], text: str, prefix_text: str) -> bool:
         """Whether `text`, the decode of a window ending with `ids[-1]`, is final past `prefix_text`."""
