@@ -11,7 +11,7 @@ run side by side: decode rounds alternate between them on the same engine, and e
 of the fill (prompt chunks next to decodes) is built by both, checked equal, and timed.
 
     python scripts/bench_host_overhead.py [--seqs 32 256] [--steps 20] [--rounds 3] [--threads 2]
-                                          [--dtype float32|bfloat16]
+                                          [--dtype float32|bfloat16] [--host-only-steps 60]
 """
 
 from __future__ import annotations
@@ -188,7 +188,8 @@ def run(num_seqs: int, args) -> None:
     rng = random.Random(args.seed)
     # the first sequences admitted decode while the others' prompts are filled in
     fill_steps = -(-num_seqs * args.prompt_len // max(args.token_budget, num_seqs)) + 2
-    longest = args.prompt_len + fill_steps + args.rounds * 2 * args.steps + 2  # KV for all: no preemption
+    host_steps = args.host_only_steps
+    longest = args.prompt_len + fill_steps + args.rounds * 2 * args.steps + host_steps + 2  # KV for all: no preemption
     config = EngineConfig(token_budget=max(args.token_budget, num_seqs), max_seqs=num_seqs, dtype=args.dtype,
                           num_kv_blocks=num_seqs * -(-longest // 16) + 16, kv_block_size=16)
     eng = build_engine(default_model_dir(), backend="cpu", config=config)
@@ -227,7 +228,36 @@ def run(num_seqs: int, args) -> None:
         before, now = statistics.median(timer.mixed["before"]), statistics.median(timer.mixed["now"])
         print(f"build_batch on the {len(timer.mixed['now'])} mixed steps of the fill (same plans, outputs checked "
               f"equal): before {before:.0f} µs, now {now:.0f} µs, now / before {now / before:.2f}")
+    if host_steps:
+        host_work_alone(eng, timer, host_steps, args.seed)
     timer.close()
+
+
+def host_work_alone(eng, timer: PhaseTimer, num_steps: int, seed: int) -> None:
+    """Steps with the forward, lm_head and sampler replaced by stand-ins that cost next to nothing
+    (random tokens, so the detokenizer sees varied text): what is left is the step's host work,
+    also timed in this thread's CPU time, which other jobs on the machine disturb less."""
+    hidden = torch.zeros(eng.scheduler.token_budget, eng.model.hidden_size, dtype=eng.model.dtype)
+    logits = torch.zeros(eng.scheduler.max_seqs, eng.model.vocab_size)
+    draws = torch.Generator().manual_seed(seed)
+    vocab = eng.model.vocab_size
+    eng.backend.forward = lambda model, meta, kv_cache: hidden[:meta.num_tokens]
+    eng.model.logits = lambda rows: logits[:rows.shape[0]]
+    eng.backend.sample = lambda rows, batch: torch.randint(3, vocab, (rows.shape[0],), generator=draws)
+    for owner, name, label in ((eng.backend, "forward", "forward (all)"), (eng.backend, "sample", "backend.sample")):
+        timer._wrap(owner, name, label)
+    timer.builder = "now"
+    steps, cpu = [], []
+    for _ in range(num_steps):
+        t0 = time.thread_time()
+        steps.append(timer.step(eng))
+        cpu.append((time.thread_time() - t0) * 1e6)
+    print(f"\nHost work alone ({num_steps} decode steps, forward / lm_head / sampler stubbed, medians in µs):\n")
+    print("| phase | µs |")
+    print("|---|---:|")
+    for label in PHASES + ("apply: detokenize", "step"):
+        print(f"| {label} | {statistics.median(step.get(label, 0.0) for step in steps):.0f} |")
+    print(f"| step, thread CPU time | {statistics.median(cpu):.0f} |")
 
 
 def main() -> int:
@@ -240,6 +270,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine may be shared)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--host-only-steps", type=int, default=0,
+                        help="then time this many steps with the forward, lm_head and sampler stubbed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"### Host work per step ({datetime.date.today().isoformat()})\n")
