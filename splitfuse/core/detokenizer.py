@@ -37,11 +37,10 @@ class _TokenizerInfo:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         decoder = getattr(backend, "decoder", None)
         self.byte_fallback = decoder is not None and b'"ByteFallback"' in decoder.__getstate__()
-        # Fast tokenizers: call the Rust decoder directly. transformers' wrapper adds only the
-        # clean-up pass (off here) and costs several times the decode itself per token.
         # No clean-up: it rewrites text across token boundaries (" ." -> "."), which breaks diffs.
-        # The Rust method itself, no Python frame on the two decodes of every token (its
-        # skip_special_tokens defaults to True; special ids never reach it anyway: add() drops them).
+        # Fast tokenizers: the Rust decode itself, no Python frame on the two decodes of every token
+        # (transformers' wrapper adds only the clean-up pass and costs several times the decode; the
+        # Rust skip_special_tokens defaults to True, and add() drops special ids before anyway).
         if backend is not None:
             self.decode = backend.decode
         else:
