@@ -93,11 +93,15 @@ def native_takes(weight: QuantizedWeight) -> bool:
 
 def native_ready(weight: QuantizedWeight) -> QuantizedWeight:
     """The matrix as the native kernels read it: contiguous tensors, float32 scales."""
-    tensors = {"data": weight.data, "scales": weight.scales.float(), "zeros": weight.zeros}
-    ready = {name: t if t is None else t.contiguous() for name, t in tensors.items()}
-    if all(ready[name] is getattr(weight, name) for name in ready):
+    if _is_native_ready(weight):
         return weight
-    return dataclasses.replace(weight, **ready)
+    tensors = {"data": weight.data, "scales": weight.scales.float(), "zeros": weight.zeros}
+    return dataclasses.replace(weight, **{name: t if t is None else t.contiguous() for name, t in tensors.items()})
+
+
+def _is_native_ready(weight: QuantizedWeight) -> bool:
+    return weight.scales.dtype == torch.float32 and all(
+        t is None or t.is_contiguous() for t in (weight.data, weight.scales, weight.zeros))
 
 
 def prepare_weight(weight: QuantizedWeight) -> QuantizedWeight:
@@ -138,7 +142,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def _native_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor | None:
     """The native product, or None when the native kernels are off or cannot read this matrix as
     it is (not prepared by prepare_weight)."""
-    if not native_takes(weight) or native_ready(weight) is not weight or native_kernels() is None:
+    if not (native_takes(weight) and _is_native_ready(weight)) or native_kernels() is None:
         return None
     K = weight.shape[1]
     if x.shape[-1] != K:
