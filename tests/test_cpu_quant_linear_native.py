@@ -97,9 +97,9 @@ def test_one_and_two_threads_give_identical_results(fmt, M):
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_cpu_backend_runs_the_native_kernel_on_the_portable_layout(monkeypatch, fmt, dtype):
     calls = []
-    for name in ("native_int8_mm", "native_int4_mm"):
-        kernel = getattr(quantized, name)
-        monkeypatch.setattr(quantized, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
+    kernel = quantized.native_matmul
+    monkeypatch.setattr(quantized, "native_matmul", lambda kernels, format, *a: calls.append(format) or kernel(
+        kernels, format, *a))
     backend = CpuBackend()
     weight = quantize(_weight(48, 256).to(dtype), fmt)
     prepared = backend.prepare_linear_weight(weight)
@@ -109,7 +109,7 @@ def test_cpu_backend_runs_the_native_kernel_on_the_portable_layout(monkeypatch, 
     got = backend.linear(x, prepared, bias)
     assert got.shape == (2, 3, 48) and got.dtype == dtype
     torch.testing.assert_close(got.float(), _reference(x, weight, bias), **TOLERANCE[dtype])
-    assert calls == [f"native_{fmt}_mm"]
+    assert calls == [fmt]
 
 
 @needs_native

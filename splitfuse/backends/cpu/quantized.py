@@ -86,7 +86,7 @@ def native_kernels():
 
 def native_takes(weight: QuantizedWeight) -> bool:
     """Whether the native kernels can read this matrix (the portable layout, weight-only)."""
-    if weight.layout != "rows" or weight.input_quant is not None or weight.device.type != "cpu":
+    if weight.layout != "rows" or weight.input_quant is not None or not weight.data.is_cpu:
         return False
     return weight.format == "int8" or (weight.format == "int4" and weight.group_size % 2 == 0)
 
@@ -116,50 +116,50 @@ def native_int8_mm(x2d: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, 
                    bias: torch.Tensor | None = None, vectorized: bool = True) -> torch.Tensor:
     """x2d [M, K] @ (data int8 [N, K] * scales float32 [N, K / group_size] per group).T + bias, in
     x2d's dtype (all contiguous, bias in x2d's dtype); vectorized=False runs the portable loops."""
-    out = torch.empty(x2d.shape[0], data.shape[0], dtype=x2d.dtype)
-    native_kernels().int8_linear(
-        x2d.data_ptr(), NATIVE_DTYPE_CODES[x2d.dtype], x2d.shape[0], x2d.shape[1], data.data_ptr(), data.shape[0],
-        scales.data_ptr(), group_size, _ptr(bias), out.data_ptr(), torch.get_num_threads(), int(vectorized))
-    return out
+    return native_matmul(native_kernels(), "int8", x2d, data, scales, None, group_size, bias, vectorized)
 
 
 def native_int4_mm(x2d: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                    group_size: int, bias: torch.Tensor | None = None, vectorized: bool = True) -> torch.Tensor:
     """x2d [M, K] @ ((values of data - zeros) * scales per group).T + bias, in x2d's dtype: data uint8
     [N, K/2] (even k in the low nibble), scales float32 and zeros uint8 [N, K / group_size]."""
+    return native_matmul(native_kernels(), "int4", x2d, data, scales, zeros, group_size, bias, vectorized)
+
+
+def native_matmul(kernels, format: str, x2d: torch.Tensor, data: torch.Tensor, scales: torch.Tensor,
+                  zeros: torch.Tensor | None, group_size: int, bias: torch.Tensor | None,
+                  vectorized: bool = True) -> torch.Tensor:
+    """One call into the native module (`kernels`): the arguments as pointers and sizes."""
     out = torch.empty(x2d.shape[0], data.shape[0], dtype=x2d.dtype)
-    native_kernels().int4_linear(
-        x2d.data_ptr(), NATIVE_DTYPE_CODES[x2d.dtype], x2d.shape[0], x2d.shape[1], data.data_ptr(), data.shape[0],
-        scales.data_ptr(), zeros.data_ptr(), group_size, _ptr(bias), out.data_ptr(), torch.get_num_threads(),
-        int(vectorized))
+    operands = (x2d.data_ptr(), NATIVE_DTYPE_CODES[x2d.dtype], x2d.shape[0], x2d.shape[1], data.data_ptr(),
+                data.shape[0], scales.data_ptr())
+    rest = (None if bias is None else bias.data_ptr(), out.data_ptr(), torch.get_num_threads(), int(vectorized))
+    if format == "int8":
+        kernels.int8_linear(*operands, group_size, *rest)
+    else:
+        kernels.int4_linear(*operands, zeros.data_ptr(), group_size, *rest)
     return out
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 def _native_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor | None:
     """The native product, or None when the native kernels are off or cannot read this matrix as
     it is (not prepared by prepare_weight)."""
-    if not (native_takes(weight) and _is_native_ready(weight)) or native_kernels() is None:
+    kernels = native_kernels()
+    if kernels is None or not (native_takes(weight) and _is_native_ready(weight)):
         return None
-    K = weight.shape[1]
+    N, K = weight.shape
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} input features; the weight {weight} expects {K}")
-    x2d = x.reshape(-1, K).contiguous()
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
-    if weight.format == "int8":
-        out = native_int8_mm(x2d, weight.data, weight.scales, weight.group_size, bias)
-    else:
-        out = native_int4_mm(x2d, weight.data, weight.scales, weight.zeros, weight.group_size, bias)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    x2d = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, K).contiguous()
+    out = native_matmul(kernels, weight.format, x2d, weight.data, weight.scales, weight.zeros, weight.group_size, bias)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], N)  # (a view costs microseconds: only when needed)
 
 
 def kernel_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor | None:
     """x @ weight.T + bias through a native or torch kernel, or None when no kernel takes this call."""
-    if x.dtype not in KERNEL_DTYPES or x.numel() == 0 or x.device.type != "cpu":
+    if x.dtype not in KERNEL_DTYPES or x.numel() == 0 or not x.is_cpu:
         return None
     out = _native_linear(x, weight, bias)
     if out is not None:
