@@ -110,12 +110,11 @@ struct Int8Rows {
   const float* scales;
   int64_t K, num_groups;
   static constexpr bool kHasZeros = false;
-  static constexpr int64_t kBlock = 16;
+  static constexpr int64_t kBlock = 32;
   float q(int64_t n, int64_t k) const { return float(data[n * K + k]); }
   template <class V>
-  void q_block(int64_t n, int64_t k, typename V::F8 q[2]) const {
-    q[0] = V::int8x8(data + n * K + k);
-    q[1] = V::int8x8(data + n * K + k + 8);
+  void q_block(int64_t n, int64_t k, typename V::F8 q[4]) const {
+    for (int j = 0; j < 4; ++j) q[j] = V::int8x8(data + n * K + k + 8 * j);
   }
   float scale(int64_t n, int64_t g) const { return scales[n * num_groups + g]; }
   float offset(int64_t, int64_t) const { return 0.f; }
@@ -155,7 +154,10 @@ struct Problem {
 template <class V, int R, int MT, class W>
 void tile(const W& w, const Problem& p, int64_t n0, int64_t m0, float* y /* [M, N] */) {
   using F8 = typename V::F8;
-  constexpr int kVectors = W::kBlock / 8;  // even: two accumulators per output halve the FMA chains
+  constexpr int kVectors = W::kBlock / 8;
+  // FMAs have a latency of about 4 cycles at 2 per cycle: 8 independent accumulators keep them busy
+  // (R * MT outputs, each summed in kChains parts)
+  constexpr int kChains = std::max(1, std::min(kVectors, 8 / (R * MT)));
   F8 total[R][MT];
   float rest[R][MT];
   for (int r = 0; r < R; ++r)
@@ -164,16 +166,17 @@ void tile(const W& w, const Problem& p, int64_t n0, int64_t m0, float* y /* [M, 
   for (int64_t g = 0; g < p.num_groups; ++g) {
     const int64_t k0 = g * p.group_size, k1 = std::min(p.K, k0 + p.group_size);
     const int64_t k_vec = k0 + (k1 - k0) / W::kBlock * W::kBlock;
-    F8 part[R][MT][2];
+    F8 part[R][MT][kChains];
     for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MT; ++m) part[r][m][0] = part[r][m][1] = V::zero();
+      for (int m = 0; m < MT; ++m)
+        for (int c = 0; c < kChains; ++c) part[r][m][c] = V::zero();
     for (int64_t k = k0; k < k_vec; k += W::kBlock) {
       for (int r = 0; r < R; ++r) {
         F8 q[kVectors];
         w.template q_block<V>(n0 + r, k, q);
         for (int j = 0; j < kVectors; ++j)
           for (int m = 0; m < MT; ++m)
-            part[r][m][j % 2] = V::fmadd(q[j], V::load(x + m * p.K + k + 8 * j), part[r][m][j % 2]);
+            part[r][m][j % kChains] = V::fmadd(q[j], V::load(x + m * p.K + k + 8 * j), part[r][m][j % kChains]);
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -182,7 +185,9 @@ void tile(const W& w, const Problem& p, int64_t n0, int64_t m0, float* y /* [M, 
       for (int m = 0; m < MT; ++m) {
         float tail = 0.f;  // the rest of a group narrower than a block
         for (int64_t k = k_vec; k < k1; ++k) tail += w.q(n0 + r, k) * x[m * p.K + k];
-        total[r][m] = V::fmadd(V::add(part[r][m][0], part[r][m][1]), sv, total[r][m]);
+        F8 sum = part[r][m][0];
+        for (int c = 1; c < kChains; ++c) sum = V::add(sum, part[r][m][c]);
+        total[r][m] = V::fmadd(sum, sv, total[r][m]);
         rest[r][m] += s * tail;
         if (W::kHasZeros) rest[r][m] += b * p.xsum[(m0 + m) * p.num_groups + g];
       }
@@ -194,16 +199,19 @@ void tile(const W& w, const Problem& p, int64_t n0, int64_t m0, float* y /* [M, 
 
 constexpr int64_t kBlockRows = 4;
 
-// rows [n0, n0 + count) of W, count <= kBlockRows, against every row of x: pairs of x rows share
-// each weight load (2 W rows x 2 x rows); a last single x row takes 4 W rows at once
+// rows [n0, n0 + count) of W, count <= kBlockRows, against every row of x: up to 4 rows of x share
+// each unpacked weight (1 W row x 4 x rows); a last single x row takes 4 W rows at once
+template <class V, int MT, class W>
+void rows_of_w(const W& w, const Problem& p, int64_t n0, int64_t count, int64_t m0, float* y) {
+  for (int64_t r = 0; r < count; ++r) tile<V, 1, MT>(w, p, n0 + r, m0, y);
+}
+
 template <class V, class W>
 void block(const W& w, const Problem& p, int64_t n0, int64_t count, float* y) {
   int64_t m = 0;
-  for (; m + 2 <= p.M; m += 2) {
-    int64_t r = 0;
-    for (; r + 2 <= count; r += 2) tile<V, 2, 2>(w, p, n0 + r, m, y);
-    for (; r < count; ++r) tile<V, 1, 2>(w, p, n0 + r, m, y);
-  }
+  for (; m + 4 <= p.M; m += 4) rows_of_w<V, 4>(w, p, n0, count, m, y);
+  if (p.M - m == 3) rows_of_w<V, 3>(w, p, n0, count, m, y), m += 3;
+  if (p.M - m == 2) rows_of_w<V, 2>(w, p, n0, count, m, y), m += 2;
   if (m < p.M) {
     if (count == kBlockRows) {
       tile<V, 4, 1>(w, p, n0, m, y);
