@@ -92,19 +92,20 @@ def build_engine(hf_config, dtype_name: str, quantization: str | None, prompt_le
     return engine, total / (1 << 20), (total - embedding.numel() * embedding.element_size()) / (1 << 20)
 
 
-def copy_gb_per_s(mib: int = 256) -> float:
-    """GB/s one torch copy of a `mib` MiB tensor moves (bytes copied per second; as many are
-    written as read), best of 5."""
-    src = torch.ones(mib << 20, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    best = min(_timed(lambda: dst.copy_(src)) for _ in range(5))
-    return src.numel() / best / 1e9
+class CopyProbe:
+    """Takes its turn among the engines: one torch copy of a 256 MiB tensor per "step", so that the
+    machine's single-thread copy bandwidth is measured in the same conditions as the decode steps
+    (bytes copied per second; as many are written as read)."""
 
+    def __init__(self, mib: int = 256):
+        self.src = torch.ones(mib << 20, dtype=torch.uint8)
+        self.dst = torch.empty_like(self.src)
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    def step(self) -> None:
+        self.dst.copy_(self.src)
+
+    def gb_per_s(self, steps_per_s: float) -> float:
+        return self.src.numel() * steps_per_s / 1e9
 
 
 def interleaved_tokens_per_s(engines: list, new_tokens: int) -> list[float]:
@@ -221,12 +222,13 @@ def main(argv=None) -> int:
           f"{args.new_tokens} decode steps; int8/int4 rows: weight-only, bfloat16 activations")
     print(f"{'weights':<18}{'weight MiB':>12}{'tokens/s (median step)':>24}{'vs bfloat16':>13}")
     built = [build_engine(hf_config, d, q, args.prompt_len, args.new_tokens, args.profile, k) for d, q, k in variants]
-    tokens_per_s = interleaved_tokens_per_s([engine for engine, _, _ in built], args.new_tokens)
+    probe = CopyProbe()
+    *tokens_per_s, copies_per_s = interleaved_tokens_per_s([engine for engine, _, _ in built] + [probe], args.new_tokens)
     for variant, (_, weights_mib, _), rate in zip(variants, built, tokens_per_s):
         print(f"{_label(*variant):<18}{weights_mib:>12.1f}{rate:>24.2f}{rate / tokens_per_s[0]:>12.2f}x")
-    copy = copy_gb_per_s()
+    copy = probe.gb_per_s(copies_per_s)
     print(f"\nweights a decode step reads (layers, LM head) x tokens/s, against one thread's copy bandwidth "
-          f"(torch copy of 256 MiB: {copy:.1f} GB/s)")
+          f"(torch copy of 256 MiB, taking turns with the steps: {copy:.1f} GB/s)")
     for variant, (_, _, read_mib), rate in zip(variants, built, tokens_per_s):
         read = read_mib * (1 << 20) * rate / 1e9
         print(f"{_label(*variant):<18}{read_mib:>8.1f} MiB/step{read:>8.2f} GB/s{read / copy:>6.0%} of copy")
