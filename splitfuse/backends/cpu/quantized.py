@@ -1,12 +1,12 @@
 """The cpu backend's weight-only kernels for QuantizedWeight.
 
 With splitfuse's native kernels built (splitfuse.native._quant_linear), int8 and int4 matrices stay
-in the portable "rows" layout with float32 scales and every product runs the native kernels
-(memory-bound streaming for decode-sized inputs, dequantize-once tiles for prefill chunks). Without
-them, int8 rows go through torch's
-`_weight_int8pack_mm` and int4 through `_weight_int4pack_mm_for_cpu` on its own packed layout
-("cpu_int4pack"). Where no kernel takes a call (a torch build without them, a shape or dtype
-outside what they take), callers fall back to the dequantizing reference (torch_ops.linear)."""
+in the portable "rows" layout with float32 scales and every product runs them (memory-bound
+streaming for decode-sized inputs, dequantize-once tiles for prefill chunks). Without them, int8
+rows go through torch's `_weight_int8pack_mm` and int4 through `_weight_int4pack_mm_for_cpu` on its
+own packed layout ("cpu_int4pack"). Where no kernel takes a call (a torch build without them, a
+shape or dtype outside what they take), callers fall back to the dequantizing reference
+(torch_ops.linear)."""
 
 from __future__ import annotations
 

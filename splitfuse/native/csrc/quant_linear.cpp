@@ -1,14 +1,15 @@
-// Weight-only int8 / int4 linear for a few rows of activations (batch-1 decode up to small
-// batches): y[M, N] = x[M, K] @ dequantize(W)[N, K]^T (+ bias), W in QuantizedWeight's portable
-// "rows" layout, read as it is stored (no repacking):
+// Weight-only int8 / int4 linear: y[M, N] = x[M, K] @ dequantize(W)[N, K]^T (+ bias), W in
+// QuantizedWeight's portable "rows" layout, read as it is stored (no repacking):
 //   int8: int8 [N, K], w = q * scale, scales float32 [N, K / group_size] (per channel: group_size = K)
 //   int4: uint8 [N, K / 2] (even k in the low nibble), w = (q - zero) * scale, scales float32 and
 //         zeros uint8 [N, K / group_size]
-// At decode this is memory-bound: every weight byte is read once, widened to float32 in registers
-// and multiplied with x (float32, converted once per call); the scale is applied once per group
-// (sum_k q_k x_k, then * scale) and the zero point through the group sums of x:
+// Up to kStreamMaxRows rows of x (decode) it is memory-bound: every weight byte is read once,
+// widened to float32 in registers and multiplied with x (float32, converted once per call); the
+// scale is applied once per group (sum_k q_k x_k, then * scale) and the zero point through the
+// group sums of x:
 //   sum_k (q_k - z) s x_k = s * sum_k q_k x_k - z s * sum_k x_k.
-// Threads split the output features (blocks of 4 rows of W); each output is summed by one thread in
+// More rows (prefill chunks) dequantize a block of W rows to float32 once and reuse it for all.
+// Threads split the output features (blocks of rows of W); each output is summed by one thread in
 // a fixed order, so results do not depend on the number of threads.
 #include <omp.h>
 
