@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """cpu batch-1 decode tokens/s and weight memory of one random-weight Llama in float32, bfloat16,
-and bfloat16 with its linear layers quantized at load to int8 and int4 (weight-only), side by side.
+and bfloat16 with its linear layers quantized at load to int8 and int4 (weight-only), side by side;
+the quantized rows run splitfuse's native kernels ("int8", "int4") and torch's weight-only kernels
+("int8-torch", "int4-torch": prepared with the native kernels off).
 
 All engines are built first, then take decode steps in turn (see interleaved_tokens_per_s).
 The model is 0.5B-shaped (Qwen2.5-0.5B's layers: hidden 896, 24 layers, 14 heads / 2 KV heads,
@@ -11,11 +13,16 @@ downloaded or written to disk.
 
     OMP_NUM_THREADS=1 python scripts/bench_quantized_decode.py --new-tokens 32
     python scripts/bench_quantized_decode.py --tiny          # a 2-layer dry run
+
+It also prints this machine's single-thread copy bandwidth and, per row, the weight bytes one
+decode step streams divided by its time (layers and LM head; the embedding table is only indexed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import random
 import statistics
 import time
@@ -24,14 +31,16 @@ import torch
 from gpu_bench import random_weights  # scripts/ is on sys.path when this file is run
 
 from splitfuse.assembly import assemble_engine
+from splitfuse.backends.cpu import quantized
 from splitfuse.backends.selection import create_backend
 from splitfuse.config import EngineConfig, SamplingParams
 from splitfuse.models.llama import LlamaForCausalLM
 from splitfuse.models.loader import resolve_dtype
 from splitfuse.quant import weight_bytes
 
-# (dtype, quantization) per row; quantized rows run bfloat16 activations
-VARIANTS = (("bfloat16", None), ("float32", None), ("bfloat16", "int8"), ("bfloat16", "int4"))
+# (dtype, quantization, kernels) per row; quantized rows run bfloat16 activations
+VARIANTS = (("bfloat16", None, "native"), ("float32", None, "native"), ("bfloat16", "int8", "native"),
+            ("bfloat16", "int4", "native"), ("bfloat16", "int8", "torch"), ("bfloat16", "int4", "torch"))
 MAX_MODEL_LEN = 512
 
 
@@ -46,22 +55,57 @@ def llama_config(tiny: bool):
                        tie_word_embeddings=False, architectures=["LlamaForCausalLM"], **size)
 
 
+@contextlib.contextmanager
+def native_kernels_off(off: bool):
+    """SPLITFUSE_NATIVE=0 inside (when `off`): the cpu backend prepares weights for torch's kernels,
+    which then run them whatever the setting at call time."""
+    saved = os.environ.get("SPLITFUSE_NATIVE")
+    if off:
+        os.environ["SPLITFUSE_NATIVE"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("SPLITFUSE_NATIVE", None)
+        else:
+            os.environ["SPLITFUSE_NATIVE"] = saved
+
+
 def build_engine(hf_config, dtype_name: str, quantization: str | None, prompt_len: int, new_tokens: int,
-                 extra_steps: int = 0):
+                 extra_steps: int = 0, kernels: str = "native"):
     """An engine holding the model and one prompt, already prefilled, with new_tokens + extra_steps
-    decode steps to go; returns (engine, weight MiB)."""
+    decode steps to go; returns (engine, weight MiB, MiB a decode step reads)."""
     backend = create_backend("cpu")
     config = EngineConfig(dtype=dtype_name, quantization=quantization, max_model_len=MAX_MODEL_LEN,
                           kv_cache_gib=0.05)
     dtype = resolve_dtype(dtype_name, backend)
     model = LlamaForCausalLM(hf_config, backend, dtype, MAX_MODEL_LEN)
-    model.load_weights(random_weights(hf_config, backend.device, dtype))
-    engine = assemble_engine(model, backend, config)
+    with native_kernels_off(kernels == "torch"):
+        model.load_weights(random_weights(hf_config, backend.device, dtype))
+        engine = assemble_engine(model, backend, config)
     prompt = [random.Random(0).randrange(hf_config.vocab_size) for _ in range(prompt_len)]
     engine.add_request(prompt, SamplingParams(max_new_tokens=new_tokens + extra_steps + 1, temperature=0.0,
                                               ignore_eos=True))
     engine.step()  # the prompt and the first token
-    return engine, weight_bytes(model.weights) / (1 << 20)
+    total = weight_bytes(model.weights)
+    embedding = model.weights["embed_tokens.weight"]  # untied: one row per token is read
+    return engine, total / (1 << 20), (total - embedding.numel() * embedding.element_size()) / (1 << 20)
+
+
+class CopyProbe:
+    """Takes its turn among the engines: one torch copy of a 256 MiB tensor per "step", so that the
+    machine's single-thread copy bandwidth is measured in the same conditions as the decode steps
+    (bytes copied per second; as many are written as read)."""
+
+    def __init__(self, mib: int = 256):
+        self.src = torch.ones(mib << 20, dtype=torch.uint8)
+        self.dst = torch.empty_like(self.src)
+
+    def step(self) -> None:
+        self.dst.copy_(self.src)
+
+    def gb_per_s(self, steps_per_s: float) -> float:
+        return self.src.numel() * steps_per_s / 1e9
 
 
 def interleaved_tokens_per_s(engines: list, new_tokens: int) -> list[float]:
@@ -81,27 +125,56 @@ WEIGHT_ONLY_KERNELS = ("aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_f
 DENSE_MATMULS = ("aten::mm", "aten::addmm")
 
 
+NATIVE_KERNELS = ("native_matmul",)  # in splitfuse.backends.cpu.quantized: every native call
+
+
+@contextlib.contextmanager
+def native_kernel_timer(seconds: list[float]):
+    """Adds the time spent in the native weight-only kernels to seconds[0] (the profiler does not
+    see them: they are not torch ops)."""
+    originals = {name: getattr(quantized, name) for name in NATIVE_KERNELS}
+
+    def timed(kernel):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            out = kernel(*args, **kwargs)
+            seconds[0] += time.perf_counter() - start
+            return out
+        return call
+
+    for name, kernel in originals.items():
+        setattr(quantized, name, timed(kernel))
+    try:
+        yield
+    finally:
+        for name, kernel in originals.items():
+            setattr(quantized, name, kernel)
+
+
 def profile_step_ms(engine, steps: int) -> dict[str, float]:
-    """Milliseconds per decode step in torch's weight-only kernels, in dense matmuls (float layers
-    and the LM head), and in everything else (attention, norms, rotary, sampling, Python): the
-    step's wall time less the first two (torch.profiler self times)."""
+    """Milliseconds per decode step in weight-only kernels (torch's or splitfuse's native ones), in
+    dense matmuls (float layers and the LM head), and in everything else (attention, norms, rotary,
+    sampling, Python): the step's wall time less the first two (torch.profiler self times)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    native_s = [0.0]
+    with profile(activities=[ProfilerActivity.CPU]) as prof, native_kernel_timer(native_s):
         start = time.perf_counter()
         for _ in range(steps):
             engine.step()
         wall_ms = (time.perf_counter() - start) * 1000 / steps
     events = prof.key_averages()
-    weight_only = sum(e.self_cpu_time_total for e in events if e.key in WEIGHT_ONLY_KERNELS) / 1000 / steps
+    weight_only = (sum(e.self_cpu_time_total for e in events if e.key in WEIGHT_ONLY_KERNELS) / 1000
+                   + native_s[0] * 1000) / steps
     dense = sum(e.self_cpu_time_total for e in events if e.key in DENSE_MATMULS) / 1000 / steps
     return {"weight-only kernels": weight_only, "dense matmuls": dense, "other": wall_ms - weight_only - dense}
 
 
 def layer_matmul_ms(hf_config, copies: int = 8) -> dict[str, dict[str, float]]:
     """One batch-1 matmul of each layer matrix shape (fused qkv, o, fused gate/up, down) through
-    the cpu backend's linear, bf16 dense vs int8 vs int4, ms from the median of passes over
-    `copies` different matrices (more bytes than the CPU caches, as in a decode step)."""
+    the cpu backend's linear, bf16 dense vs int8 vs int4 (native and torch's kernels), ms from the
+    median of passes over `copies` different matrices (more bytes than the CPU caches, as in a
+    decode step)."""
     from splitfuse.quant import quantize
 
     backend = create_backend("cpu")
@@ -112,8 +185,12 @@ def layer_matmul_ms(hf_config, copies: int = 8) -> dict[str, dict[str, float]]:
     results = {}
     for name, (N, K) in shapes.items():
         dense = [torch.randn(N, K).mul_(0.02).bfloat16() for _ in range(copies)]
-        weights = {"bfloat16": dense, **{f: [backend.prepare_linear_weight(quantize(w, f)) for w in dense]
-                                         for f in ("int8", "int4")}}
+        weights = {"bfloat16": dense}
+        for kernels in ("native", "torch"):
+            with native_kernels_off(kernels == "torch"):
+                for f in ("int8", "int4"):
+                    label = f if kernels == "native" else f"{f}-torch"
+                    weights[label] = [backend.prepare_linear_weight(quantize(w, f)) for w in dense]
         x = torch.randn(1, K).bfloat16()
         results[name] = {}
         for label, ws in weights.items():
@@ -144,10 +221,17 @@ def main(argv=None) -> int:
     print(f"cpu, {torch.get_num_threads()} threads, torch {torch.__version__}; batch 1, prompt {args.prompt_len}, "
           f"{args.new_tokens} decode steps; int8/int4 rows: weight-only, bfloat16 activations")
     print(f"{'weights':<18}{'weight MiB':>12}{'tokens/s (median step)':>24}{'vs bfloat16':>13}")
-    built = [build_engine(hf_config, d, q, args.prompt_len, args.new_tokens, args.profile) for d, q in variants]
-    tokens_per_s = interleaved_tokens_per_s([engine for engine, _ in built], args.new_tokens)
-    for (dtype_name, quantization), (_, weights_mib), rate in zip(variants, built, tokens_per_s):
-        print(f"{_label(dtype_name, quantization):<18}{weights_mib:>12.1f}{rate:>24.2f}{rate / tokens_per_s[0]:>12.2f}x")
+    built = [build_engine(hf_config, d, q, args.prompt_len, args.new_tokens, args.profile, k) for d, q, k in variants]
+    probe = CopyProbe()
+    *tokens_per_s, copies_per_s = interleaved_tokens_per_s([engine for engine, _, _ in built] + [probe], args.new_tokens)
+    for variant, (_, weights_mib, _), rate in zip(variants, built, tokens_per_s):
+        print(f"{_label(*variant):<18}{weights_mib:>12.1f}{rate:>24.2f}{rate / tokens_per_s[0]:>12.2f}x")
+    copy = probe.gb_per_s(copies_per_s)
+    print(f"\nweights a decode step reads (layers, LM head) x tokens/s, against one thread's copy bandwidth "
+          f"(torch copy of 256 MiB, taking turns with the steps: {copy:.1f} GB/s)")
+    for variant, (_, _, read_mib), rate in zip(variants, built, tokens_per_s):
+        read = read_mib * (1 << 20) * rate / 1e9
+        print(f"{_label(*variant):<18}{read_mib:>8.1f} MiB/step{read:>8.2f} GB/s{read / copy:>6.0%} of copy")
     if args.kernels:
         print("\nms per batch-1 matmul (cold weights), and speed-up over bfloat16")
         for name, times in layer_matmul_ms(hf_config).items():
@@ -155,19 +239,21 @@ def main(argv=None) -> int:
                                           for label, ms in times.items()))
     if args.profile:
         print(f"\nms per decode step (torch.profiler, {args.profile} steps each; the profiler adds to 'other')")
-        for (dtype_name, quantization), (engine, _) in zip(variants, built):
+        for variant, (engine, _, _) in zip(variants, built):
             parts = profile_step_ms(engine, args.profile)
             total = sum(parts.values())
-            print(f"{_label(dtype_name, quantization):<18}" + "".join(
+            print(f"{_label(*variant):<18}" + "".join(
                 f"  {name} {ms:.1f} ({ms / total:.0%})" for name, ms in parts.items()) + f"  total {total:.1f}")
     return 0
 
 
-def _label(dtype_name: str, quantization: str | None) -> str:
-    return dtype_name if quantization is None else f"{quantization}"
+def _label(dtype_name: str, quantization: str | None, kernels: str = "native") -> str:
+    if quantization is None:
+        return dtype_name
+    return quantization if kernels == "native" else f"{quantization}-{kernels}"
 
 
-def _selected_variants(names: str) -> list[tuple[str, str | None]]:
+def _selected_variants(names: str) -> list[tuple[str, str | None, str]]:
     """The VARIANTS named in `names`, bfloat16 (the ratios' base) first."""
     by_label = {_label(*v): v for v in VARIANTS}
     wanted = [n.strip() for n in names.split(",") if n.strip()]

@@ -106,7 +106,9 @@ TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rto
 
 
 def _kernel_calls(monkeypatch) -> list[str]:
-    """Names of torch's weight-only kernels as they are called."""
+    """Names of torch's weight-only kernels as they are called (with the native kernels off, which
+    take their place when built: tests/test_cpu_quant_linear_native.py)."""
+    monkeypatch.setenv("SPLITFUSE_NATIVE", "0")
     calls = []
     int8_mm, int4_mm = torch._weight_int8pack_mm, torch.ops.aten._weight_int4pack_mm_for_cpu
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append("int8") or int8_mm(*a))
@@ -145,7 +147,8 @@ def test_cpu_falls_back_to_dequantize_without_torch_kernels(monkeypatch, fmt):
     torch.testing.assert_close(backend.linear(x, prepared), x @ weight.dequantize().T, rtol=1e-5, atol=1e-5)
 
 
-def test_cpu_int4_layout_dequantizes_to_the_same_matrix():
+def test_cpu_int4_layout_dequantizes_to_the_same_matrix(monkeypatch):
+    monkeypatch.setenv("SPLITFUSE_NATIVE", "0")  # torch's kernel's layout
     weight = quantize(_weight(32, 256), "int4")
     prepared = CpuBackend().prepare_linear_weight(weight)
     assert prepared.layout == "cpu_int4pack" and prepared.nbytes < weight.data.numel() * 2

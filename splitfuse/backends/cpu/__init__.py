@@ -7,7 +7,7 @@ import torch
 
 from splitfuse.backends import torch_ops
 from splitfuse.backends.base import Backend
-from splitfuse.backends.cpu.quantized import int4_packable, int8_kernel_ready, kernel_linear, pack_int4_for_cpu
+from splitfuse.backends.cpu.quantized import kernel_linear, prepare_weight
 from splitfuse.quant.weights import QuantizedWeight
 
 
@@ -26,7 +26,7 @@ class CpuBackend(Backend):
         return torch_ops.linear(x, weight, bias)
 
     def prepare_linear_weight(self, weight: QuantizedWeight) -> QuantizedWeight:
-        return pack_int4_for_cpu(weight) if int4_packable(weight) else int8_kernel_ready(weight)
+        return prepare_weight(weight)
 
     def describe(self) -> str:
         return f"cpu ({torch.get_num_threads()} threads)"

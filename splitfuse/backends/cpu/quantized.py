@@ -1,7 +1,12 @@
-"""torch's CPU weight-only kernels for QuantizedWeight: int8 rows through `_weight_int8pack_mm`,
-int4 through `_weight_int4pack_mm_for_cpu` on its own packed layout ("cpu_int4pack"). Where this
-torch build lacks them, or a shape or dtype is outside what they take, callers fall back to the
-dequantizing reference (torch_ops.linear)."""
+"""The cpu backend's weight-only kernels for QuantizedWeight.
+
+With splitfuse's native kernels built (splitfuse.native._quant_linear), int8 and int4 matrices stay
+in the portable "rows" layout with float32 scales and every product runs them (memory-bound
+streaming for decode-sized inputs, dequantize-once tiles for prefill chunks). Without them, int8
+rows go through torch's `_weight_int8pack_mm` and int4 through `_weight_int4pack_mm_for_cpu` on its
+own packed layout ("cpu_int4pack"). Where no kernel takes a call (a torch build without them, a
+shape or dtype outside what they take), callers fall back to the dequantizing reference
+(torch_ops.linear)."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import dataclasses
 
 import torch
 
+from splitfuse import native
 from splitfuse.quant.weights import QuantizedWeight, unpack_int4
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -17,6 +23,7 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel's qGroupSize accep
 INT4_N_MULTIPLE = 16  # the packing op tiles output rows by 16
 # the int8 kernel reads K in vectors of 8 and crashes on a bf16 remainder (torch 2.13): held for all
 INT8_K_MULTIPLE = 8
+NATIVE_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def has_int8_kernel() -> bool:
@@ -72,10 +79,91 @@ def dequantize_int4_for_cpu(weight: QuantizedWeight, dtype: torch.dtype) -> torc
 QuantizedWeight.DEQUANTIZERS[INT4_LAYOUT] = dequantize_int4_for_cpu
 
 
-def kernel_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """x @ weight.T + bias through torch's kernel, or None when no kernel takes this call."""
-    if x.dtype not in KERNEL_DTYPES or x.numel() == 0:
+def native_kernels():
+    """splitfuse.native._quant_linear, or None (not built, or SPLITFUSE_NATIVE=0)."""
+    return native.load("quant_linear")
+
+
+def native_takes(weight: QuantizedWeight) -> bool:
+    """Whether the native kernels can read this matrix (the portable layout, weight-only)."""
+    if weight.layout != "rows" or weight.input_quant is not None or not weight.data.is_cpu:
+        return False
+    return weight.format == "int8" or (weight.format == "int4" and weight.group_size % 2 == 0)
+
+
+def native_ready(weight: QuantizedWeight) -> QuantizedWeight:
+    """The matrix as the native kernels read it: contiguous tensors, float32 scales."""
+    if _is_native_ready(weight):
+        return weight
+    tensors = {"data": weight.data, "scales": weight.scales.float(), "zeros": weight.zeros}
+    return dataclasses.replace(weight, **{name: t if t is None else t.contiguous() for name, t in tensors.items()})
+
+
+def _is_native_ready(weight: QuantizedWeight) -> bool:
+    return weight.scales.dtype == torch.float32 and all(
+        t is None or t.is_contiguous() for t in (weight.data, weight.scales, weight.zeros))
+
+
+def prepare_weight(weight: QuantizedWeight) -> QuantizedWeight:
+    """The layout the cpu backend's kernels read: the native kernels' when they are built, else
+    torch's (int4 repacked once here, int8 scales in the weight's dtype)."""
+    if native_kernels() is not None and native_takes(weight):
+        return native_ready(weight)
+    return pack_int4_for_cpu(weight) if int4_packable(weight) else int8_kernel_ready(weight)
+
+
+def native_int8_mm(x2d: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, group_size: int,
+                   bias: torch.Tensor | None = None, vectorized: bool = True) -> torch.Tensor:
+    """x2d [M, K] @ (data int8 [N, K] * scales float32 [N, K / group_size] per group).T + bias, in
+    x2d's dtype (all contiguous, bias in x2d's dtype); vectorized=False runs the portable loops."""
+    return native_matmul(native_kernels(), "int8", x2d, data, scales, None, group_size, bias, vectorized)
+
+
+def native_int4_mm(x2d: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   group_size: int, bias: torch.Tensor | None = None, vectorized: bool = True) -> torch.Tensor:
+    """x2d [M, K] @ ((values of data - zeros) * scales per group).T + bias, in x2d's dtype: data uint8
+    [N, K/2] (even k in the low nibble), scales float32 and zeros uint8 [N, K / group_size]."""
+    return native_matmul(native_kernels(), "int4", x2d, data, scales, zeros, group_size, bias, vectorized)
+
+
+def native_matmul(kernels, format: str, x2d: torch.Tensor, data: torch.Tensor, scales: torch.Tensor,
+                  zeros: torch.Tensor | None, group_size: int, bias: torch.Tensor | None,
+                  vectorized: bool = True) -> torch.Tensor:
+    """One call into the native module (`kernels`): the arguments as pointers and sizes."""
+    out = torch.empty(x2d.shape[0], data.shape[0], dtype=x2d.dtype)
+    operands = (x2d.data_ptr(), NATIVE_DTYPE_CODES[x2d.dtype], x2d.shape[0], x2d.shape[1], data.data_ptr(),
+                data.shape[0], scales.data_ptr())
+    rest = (None if bias is None else bias.data_ptr(), out.data_ptr(), torch.get_num_threads(), int(vectorized))
+    if format == "int8":
+        kernels.int8_linear(*operands, group_size, *rest)
+    else:
+        kernels.int4_linear(*operands, zeros.data_ptr(), group_size, *rest)
+    return out
+
+
+def _native_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The native product, or None when the native kernels are off or cannot read this matrix as
+    it is (not prepared by prepare_weight)."""
+    kernels = native_kernels()
+    if kernels is None or not (native_takes(weight) and _is_native_ready(weight)):
         return None
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} input features; the weight {weight} expects {K}")
+    if bias is not None:
+        bias = bias.to(x.dtype).contiguous()
+    x2d = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, K).contiguous()
+    out = native_matmul(kernels, weight.format, x2d, weight.data, weight.scales, weight.zeros, weight.group_size, bias)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], N)  # (a view costs microseconds: only when needed)
+
+
+def kernel_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x @ weight.T + bias through a native or torch kernel, or None when no kernel takes this call."""
+    if x.dtype not in KERNEL_DTYPES or x.numel() == 0 or not x.is_cpu:
+        return None
+    out = _native_linear(x, weight, bias)
+    if out is not None:
+        return out
     if (weight.format == "int8" and weight.layout == "rows" and has_int8_kernel()
             and weight.shape[1] % INT8_K_MULTIPLE == 0):
         mm = lambda x2d: torch._weight_int8pack_mm(x2d, weight.data, _scales_for(x2d, weight.scales))  # noqa: E731
