@@ -18,6 +18,10 @@
 
 #include "native.h"
 
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
 namespace {
 
 constexpr int64_t kUndecided = -1;
@@ -66,19 +70,136 @@ inline float sleef_expf_u10(float d) {
   return u * pow2i(q >> 1) * pow2i(q - (q >> 1));
 }
 
+#ifdef __AVX2__
+// the same, 8 at a time, as Sleef's AVX2 build computes it (its scalar twin above must agree)
+inline __m256 sleef_expf8_u10(__m256 d) {
+  __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(d, _mm256_set1_ps(1.442695040888963407359924681001892137426645954152985934135449406931f)));
+  __m256 qf = _mm256_cvtepi32_ps(q);
+  __m256 s = _mm256_fmadd_ps(qf, _mm256_set1_ps(-0.693145751953125f), d);
+  s = _mm256_fmadd_ps(qf, _mm256_set1_ps(-1.428606765330187045e-06f), s);
+  __m256 u = _mm256_set1_ps(0.000198527617612853646278381f);
+  u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(0.00139304355252534151077271f));
+  u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(0.00833336077630519866943359f));
+  u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(0.0416664853692054748535156f));
+  u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(0.166666671633720397949219f));
+  u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(0.5f));
+  u = _mm256_add_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(_mm256_mul_ps(s, s), u, s));
+  __m256i half = _mm256_srai_epi32(q, 1);
+  auto pow2i = [](__m256i e) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(0x7f)), 23));
+  };
+  u = _mm256_mul_ps(_mm256_mul_ps(u, pow2i(half)), pow2i(_mm256_sub_epi32(q, half)));
+  u = _mm256_andnot_ps(_mm256_cmp_ps(d, _mm256_set1_ps(-104.0f), _CMP_LT_OQ), u);
+  return _mm256_blendv_ps(u, _mm256_set1_ps(kInf), _mm256_cmp_ps(_mm256_set1_ps(100.0f), d, _CMP_LT_OQ));
+}
+#endif
+
 // softmax(sorted)'s 1 / sum for an ascending row of `num_low` -inf then `n` values (max last),
-// with exps written to e: torch's reduce_all order (position q in lane q % lanes, then the tree)
+// with exps written to e: torch's reduce_all order (position q adds into lane q % lanes, in
+// order of q; then the shuffle tree pairs lanes half apart)
 float softmax_scale(const float* values, int64_t n, int64_t num_low, int lanes, float* e) {
-  float max = values[n - 1];
-  float acc[16] = {0};
-  for (int64_t i = 0; i < n; ++i) {
-    e[i] = sleef_expf_u10(values[i] - max);
-    int lane = int((num_low + i) % lanes);
-    acc[lane] = acc[lane] + e[i];
+  const float max = values[n - 1];
+  alignas(32) float acc[16] = {0};
+  int64_t i = 0;
+  auto one = [&](int64_t k) {
+    e[k] = sleef_expf_u10(values[k] - max);
+    int lane = int((num_low + k) % lanes);
+    acc[lane] = acc[lane] + e[k];
+  };
+  for (; i < n && (num_low + i) % lanes != 0; ++i) one(i);  // up to a whole vector of positions
+#ifdef __AVX2__
+  __m256 acc0 = _mm256_load_ps(acc), acc1 = _mm256_load_ps(acc + 8);
+  const __m256 top = _mm256_set1_ps(max);
+  for (; i + lanes <= n; i += lanes) {
+    __m256 e0 = sleef_expf8_u10(_mm256_sub_ps(_mm256_loadu_ps(values + i), top));
+    _mm256_storeu_ps(e + i, e0);
+    acc0 = _mm256_add_ps(acc0, e0);
+    if (lanes == 16) {
+      __m256 e1 = sleef_expf8_u10(_mm256_sub_ps(_mm256_loadu_ps(values + i + 8), top));
+      _mm256_storeu_ps(e + i + 8, e1);
+      acc1 = _mm256_add_ps(acc1, e1);
+    }
   }
+  _mm256_store_ps(acc, acc0);
+  _mm256_store_ps(acc + 8, acc1);
+#endif
+  for (; i < n; ++i) one(i);
   for (int half = lanes / 2; half >= 1; half /= 2)
     for (int j = 0; j < half; ++j) acc[j] = acc[j] + acc[j + half];
   return 1.0f / acc[0];
+}
+
+// ---- sorting and selection on float bits: radix passes instead of comparison sorts ----
+// an unsigned key in the float's order (finite values; -0 sorts just below +0, which are equal)
+inline uint32_t order_key(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  return bits ^ ((bits >> 31) ? 0xFFFFFFFFu : 0x80000000u);
+}
+
+inline float from_order_key(uint32_t key) {
+  uint32_t bits = key ^ ((key >> 31) ? 0x80000000u : 0xFFFFFFFFu);
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+// values ascending, by a least-significant-digit radix sort over 11 + 11 + 10 bits
+void radix_sort(std::vector<float>& values, std::vector<uint32_t>& keys, std::vector<uint32_t>& spare) {
+  const size_t n = values.size();
+  keys.resize(n);
+  spare.resize(n);
+  uint32_t counts[3][2048] = {};
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t key = order_key(values[i]);
+    keys[i] = key;
+    ++counts[0][key & 2047];
+    ++counts[1][(key >> 11) & 2047];
+    ++counts[2][key >> 22];
+  }
+  for (int pass = 0; pass < 3; ++pass) {
+    const int shift = 11 * pass;
+    uint32_t* count = counts[pass];
+    if (count[(keys[0] >> shift) & 2047] == n) continue;  // one digit everywhere: already in order
+    uint32_t total = 0;
+    for (int d = 0; d < 2048; ++d) {
+      uint32_t c = count[d];
+      count[d] = total;
+      total += c;
+    }
+    for (size_t i = 0; i < n; ++i) spare[count[(keys[i] >> shift) & 2047]++] = keys[i];
+    keys.swap(spare);
+  }
+  for (size_t i = 0; i < n; ++i) values[i] = from_order_key(keys[i]);
+}
+
+// the k-th largest of values (0 < k < n, no NaN). Each block's maximum is one of the values, so
+// at least k values are >= the k-th largest block maximum: nth_element runs on those alone
+float kth_largest(const std::vector<float>& values, int64_t k, std::vector<float>& maxima,
+                  std::vector<float>& candidates) {
+  const int64_t n = int64_t(values.size()), block = n / (4 * k);
+  float floor = -kInf;
+  if (block >= 2) {
+    const int64_t num_blocks = n / block;
+    maxima.resize(num_blocks);
+    for (int64_t b = 0; b < num_blocks; ++b) {
+      const float* v = values.data() + b * block;
+      float m = v[0];
+      for (int64_t i = 1; i < block; ++i) m = v[i] > m ? v[i] : m;
+      maxima[b] = m;
+    }
+    std::nth_element(maxima.begin(), maxima.end() - k, maxima.end());
+    floor = *(maxima.end() - k);
+  }
+  candidates.resize(n);
+  int64_t count = 0;
+  for (float v : values) {
+    candidates[count] = v;
+    count += v >= floor;
+  }
+  candidates.resize(count);
+  std::nth_element(candidates.begin(), candidates.end() - k, candidates.end());
+  return *(candidates.end() - k);
 }
 
 struct Row {
@@ -92,7 +213,8 @@ struct Row {
 };
 
 struct Scratch {
-  std::vector<float> scaled, values, exps;
+  std::vector<float> scaled, values, exps, maxima;
+  std::vector<uint32_t> keys, spare;
   std::vector<int32_t> kept;
 };
 
@@ -101,9 +223,7 @@ float threshold(const Row& row, Scratch& s, int lanes) {
   const int64_t V = row.vocab;
   float thr = -kInf;
   if (row.top_k > 0 && row.top_k < V) {
-    s.values.assign(s.scaled.begin(), s.scaled.end());
-    std::nth_element(s.values.begin(), s.values.begin() + (V - row.top_k), s.values.end());
-    thr = s.values[V - row.top_k];
+    thr = kth_largest(s.scaled, row.top_k, s.maxima, s.values);
   }
   if (!(row.top_p < 1.0)) return thr;
   if (V < lanes) return std::nanf("");  // torch's reduce_all takes another order there
@@ -113,7 +233,7 @@ float threshold(const Row& row, Scratch& s, int lanes) {
     if (v >= thr && v > -kInf) s.values.push_back(v);
   const int64_t n = int64_t(s.values.size()), num_low = V - n;  // top-k's drops and -inf sort first
   if (n == 0 || limit < 0.0f) return std::nanf("");
-  std::sort(s.values.begin(), s.values.end());
+  radix_sort(s.values, s.keys, s.spare);
   s.exps.resize(n);
   const float scale = softmax_scale(s.values.data(), n, num_low, lanes, s.exps.data());
   // HF's rule on the ascending row: drop while the cumulative mass (torch's cumsum accumulates in
@@ -138,17 +258,23 @@ inline float key_error(float key) { return 0x1p-14f + std::fabs(key) * 0x1p-20f;
 int64_t sample_row(const Row& row, Scratch& s, int lanes) {
   const int64_t V = row.vocab;
   s.scaled.resize(V);
+  float* scaled = s.scaled.data();
+  bool bad = false;  // NaN or +inf anywhere: the torch path's rules for those decide
   for (int64_t j = 0; j < V; ++j) {
-    float v = row.logits[j] / row.temperature;
-    if (std::isnan(v) || v == kInf) return kUndecided;
-    s.scaled[j] = v;
+    scaled[j] = row.logits[j] / row.temperature;
+    bad |= !(scaled[j] < kInf);
   }
+  if (bad) return kUndecided;
   const float thr = threshold(row, s, lanes);
   if (std::isnan(thr)) return kUndecided;
   const float keep_from = std::max(thr, -std::numeric_limits<float>::max());
-  s.kept.clear();
-  for (int64_t j = 0; j < V; ++j)
-    if (s.scaled[j] >= keep_from) s.kept.push_back(int32_t(j));
+  s.kept.resize(V);
+  int64_t num_kept = 0;
+  for (int64_t j = 0; j < V; ++j) {
+    s.kept[num_kept] = int32_t(j);
+    num_kept += scaled[j] >= keep_from;
+  }
+  s.kept.resize(num_kept);
   if (s.kept.empty()) return kUndecided;
 
   const float inv_t = 1.0f / row.temperature;
