@@ -118,6 +118,18 @@ def _draw(logits: torch.Tensor, temperatures: list[float], top_ks: list[int], to
     lanes = _SOFTMAX_LANES.get(torch.backends.cpu.get_cpu_capability())
     if kernel is None or lanes is None or logits.dtype != torch.float32 or logits.device.type != "cpu":
         return _torch_draw(logits, temperatures, top_ks, top_ps, seeds, counters)
+    drawn = _native_draw(kernel, lanes, logits, temperatures, top_ks, top_ps, seeds, counters)
+    # rows the kernel leaves to torch: ties at the top-p cutoff, near-ties of the race, NaN / inf
+    left = (drawn < 0).nonzero().squeeze(1).tolist()
+    if left:
+        drawn[left] = _torch_draw(logits[left], *([values[r] for r in left] for values in
+                                                  (temperatures, top_ks, top_ps, seeds, counters)))
+    return drawn
+
+
+def _native_draw(kernel, lanes: int, logits: torch.Tensor, temperatures: list[float], top_ks: list[int],
+                 top_ps: list[float], seeds: list[int], counters: list[int]) -> torch.Tensor:
+    """The kernel's tokens [R] for fp32 CPU logits [R, V]; -1 where it leaves the row to _torch_draw."""
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     num_rows, vocab = logits.shape
@@ -127,11 +139,6 @@ def _draw(logits: torch.Tensor, temperatures: list[float], top_ks: list[int], to
     counters_t, drawn = torch.tensor(counters, dtype=torch.int64), torch.empty(num_rows, dtype=torch.int64)
     kernel.sample(logits.data_ptr(), num_rows, vocab, logits.stride(0), temps.data_ptr(), ks.data_ptr(),
                   ps.data_ptr(), seeds_t.data_ptr(), counters_t.data_ptr(), drawn.data_ptr(), lanes)
-    # rows the kernel leaves to torch: ties at the top-p cutoff, near-ties of the race, NaN / inf
-    left = (drawn < 0).nonzero().squeeze(1).tolist()
-    if left:
-        drawn[left] = _torch_draw(logits[left], *([values[r] for r in left] for values in
-                                                  (temperatures, top_ks, top_ps, seeds, counters)))
     return drawn
 
 
