@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "native.h"
@@ -214,30 +215,29 @@ struct Row {
 
 struct Scratch {
   std::vector<float> scaled, values, exps, maxima;
-  std::vector<uint32_t> keys, spare;
+  std::vector<uint32_t> keys, spare, count;
   std::vector<int32_t> kept;
+  std::vector<uint16_t> buckets;
+  std::vector<double> mass;
+  std::vector<float> top;
+  std::vector<std::pair<float, float>> pairs;
 };
 
-// The least scaled logit kept (top-k then top-p), or NaN when the torch path must decide.
-float threshold(const Row& row, Scratch& s, int lanes) {
-  const int64_t V = row.vocab;
-  float thr = -kInf;
-  if (row.top_k > 0 && row.top_k < V) {
-    thr = kth_largest(s.scaled, row.top_k, s.maxima, s.values);
-  }
-  if (!(row.top_p < 1.0)) return thr;
-  if (V < lanes) return std::nanf("");  // torch's reduce_all takes another order there
-  const float limit = float(1.0 - row.top_p);
-  s.values.clear();
-  for (float v : s.scaled)
-    if (v >= thr && v > -kInf) s.values.push_back(v);
-  const int64_t n = int64_t(s.values.size()), num_low = V - n;  // top-k's drops and -inf sort first
-  if (n == 0 || limit < 0.0f) return std::nanf("");
+// Where HF's top-p rule cuts an ascending row of `num_low` -inf then the values: the first
+// `dropped` positions fall; `cutoff` is the value at position `dropped`, `before` the one just
+// below it (when dropped > 0)
+struct Cut {
+  int64_t dropped;
+  float cutoff, before;
+};
+
+// HF's rule on the sorted row: drop while the cumulative mass (torch's cumsum accumulates in
+// double) is <= the limit; the -inf positions have mass 0. Sorts s.values.
+Cut sorted_cut(Scratch& s, int64_t num_low, float limit, int lanes, int64_t V) {
+  const int64_t n = int64_t(s.values.size());
   radix_sort(s.values, s.keys, s.spare);
   s.exps.resize(n);
   const float scale = softmax_scale(s.values.data(), n, num_low, lanes, s.exps.data());
-  // HF's rule on the ascending row: drop while the cumulative mass (torch's cumsum accumulates in
-  // double) is <= the limit; the -inf positions have mass 0
   int64_t dropped = num_low;
   double mass = 0.0;
   for (int64_t i = 0; i < n; ++i) {
@@ -247,9 +247,132 @@ float threshold(const Row& row, Scratch& s, int lanes) {
   }
   dropped = std::min(dropped, V - 1);
   auto at = [&](int64_t pos) { return pos < num_low ? -kInf : s.values[pos - num_low]; };
-  const float cutoff = at(dropped);
-  if (dropped > 0 && at(dropped - 1) == cutoff) return std::nanf("");  // the sort's tie order decides
-  return std::max(thr, cutoff);
+  return {dropped, at(dropped), dropped > 0 ? at(dropped - 1) : std::nanf("")};
+}
+
+// The same cut without sorting the row, when error bounds prove it: the softmax sum's rounding in
+// torch's order is bounded from value buckets (a term can only be added to the partial sums after
+// it, and those hold values >= its own), which brackets torch's 1 / sum between two floats; the
+// cumulative mass, monotone in that scale, is then walked bucket by bucket, sorting only the
+// bucket where it passes the limit. False (the caller sorts) where a bound leaves it open.
+bool bounded_cut(Scratch& s, int64_t num_low, float limit, int lanes, Cut& cut) {
+  const std::vector<float>& v = s.values;
+  const int64_t n = int64_t(v.size()), positions = n + num_low;
+  if (!(limit > 0.0f)) return false;
+  float max = v[0];
+  for (int64_t i = 1; i < n; ++i) max = v[i] > max ? v[i] : max;
+  s.exps.resize(n);
+  float* e = s.exps.data();
+  int64_t i = 0;
+#ifdef __AVX2__
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(e + i, sleef_expf8_u10(_mm256_sub_ps(_mm256_loadu_ps(v.data() + i), _mm256_set1_ps(max))));
+#endif
+  for (; i < n; ++i) e[i] = sleef_expf_u10(v[i] - max);
+
+  constexpr int kBuckets = 2048;  // the top 11 bits of the order key: sign, exponent, 2 mantissa bits
+  s.buckets.resize(n);
+  std::vector<uint32_t>& count = s.count;
+  std::vector<double>& mass = s.mass;
+  std::vector<float>& top = s.top;
+  count.assign(kBuckets, 0);
+  mass.assign(3 * kBuckets, 0.0);  // e, then e * r_lo and e * r_hi
+  top.assign(kBuckets, -kInf);
+  for (i = 0; i < n; ++i) {
+    uint16_t b = uint16_t(order_key(v[i]) >> 21);
+    s.buckets[i] = b;
+    ++count[b];
+    mass[b] += e[i];
+    top[b] = v[i] > top[b] ? v[i] : top[b];
+  }
+  double sum = 0.0, lane_term = 0.0;
+  int64_t at_or_above = 0;
+  for (int b = kBuckets - 1; b >= 0; --b) {
+    at_or_above += count[b];
+    sum += mass[b];
+    lane_term += mass[b] * (double(at_or_above) / lanes + 2.0);
+  }
+  // |torch's float sum - sum| <= u * (the lane partial sums + one sum per tree level), u = 2^-24;
+  // 1.01 covers partial sums already rounded up, the last term this double sum's own error
+  const double bound = 1.01 * 0x1p-24 * (lane_term + std::log2(double(lanes)) * sum) + 4.0 * positions * 0x1p-53 * sum;
+  const float sum_lo = std::nextafterf(float(sum - bound), 0.0f), sum_hi = std::nextafterf(float(sum + bound), kInf);
+  const float scales[2] = {1.0f / sum_hi, 1.0f / sum_lo};
+  for (i = 0; i < n; ++i) {
+    mass[kBuckets + s.buckets[i]] += double(e[i] * scales[0]);
+    mass[2 * kBuckets + s.buckets[i]] += double(e[i] * scales[1]);
+  }
+  // float(D) <= limit exactly when D < mid (or D == mid and limit even); the reference's double
+  // cumsum and ours differ by at most each one's rounding, N * 2^-53 * D
+  const double mid = (double(limit) + double(std::nextafterf(limit, kInf))) / 2.0;
+  auto slack = [&](double d) { return 2.02 * double(positions) * 0x1p-53 * d; };
+  int gathered = -1;
+  Cut found[2];
+  for (int which = 0; which < 2; ++which) {
+    const float scale = scales[which];
+    const double* bucket_mass = mass.data() + (which + 1) * kBuckets;
+    double d = 0.0;
+    int64_t dropped = num_low;
+    float before = num_low > 0 ? -kInf : std::nanf("");
+    bool crossed = false;
+    for (int b = 0; b < kBuckets && !crossed; ++b) {
+      if (count[b] == 0) continue;
+      if (d + bucket_mass[b] + slack(d + bucket_mass[b]) < mid) {  // the whole bucket falls
+        d += bucket_mass[b];
+        dropped += count[b];
+        before = top[b];
+        continue;
+      }
+      if (gathered != b) {  // the mass passes the limit in this bucket: its values in order
+        s.pairs.clear();
+        for (i = 0; i < n; ++i)
+          if (s.buckets[i] == b) s.pairs.emplace_back(v[i], e[i]);
+        std::sort(s.pairs.begin(), s.pairs.end());
+        gathered = b;
+      }
+      for (const auto& [value, exp] : s.pairs) {
+        const double next = d + double(exp * scale);
+        if (next - slack(next) > mid) {
+          found[which] = {dropped, value, before};
+          crossed = true;
+          break;
+        }
+        if (!(next + slack(next) < mid)) return false;  // too close to call
+        d = next;
+        ++dropped;
+        before = value;
+      }
+    }
+    if (!crossed) return false;  // the cut is at the very top: the sorted path clamps it
+    if (scales[0] == scales[1]) {
+      found[1] = found[0];
+      break;
+    }
+  }
+  if (found[0].dropped != found[1].dropped) return false;
+  cut = found[0];
+  return true;
+}
+
+// rows shorter than this sort outright: the bounds pay off on long rows
+constexpr int64_t kBoundedFrom = 256;
+
+// The least scaled logit kept (top-k then top-p), or NaN when the torch path must decide.
+float threshold(const Row& row, Scratch& s, int lanes) {
+  const int64_t V = row.vocab;
+  float thr = -kInf;
+  if (row.top_k > 0 && row.top_k < V) thr = kth_largest(s.scaled, row.top_k, s.maxima, s.values);
+  if (!(row.top_p < 1.0)) return thr;
+  if (V < lanes) return std::nanf("");  // torch's reduce_all takes another order there
+  const float limit = float(1.0 - row.top_p);
+  s.values.clear();
+  for (float v : s.scaled)
+    if (v >= thr && v > -kInf) s.values.push_back(v);
+  const int64_t n = int64_t(s.values.size()), num_low = V - n;  // top-k's drops and -inf sort first
+  if (n == 0 || limit < 0.0f) return std::nanf("");
+  Cut cut;
+  if (!(n >= kBoundedFrom && bounded_cut(s, num_low, limit, lanes, cut))) cut = sorted_cut(s, num_low, limit, lanes, V);
+  if (cut.dropped > 0 && cut.before == cut.cutoff) return std::nanf("");  // the sort's tie order decides
+  return std::max(thr, cut.cutoff);
 }
 
 // How far the reference's key may be from ours: its logs are torch.log (within a few ulps)
