@@ -89,6 +89,19 @@ def test_the_kernel_decides_rows_without_ties_itself(kernel, lanes):
     assert torch.equal(drawn, want)
 
 
+@pytest.mark.parametrize("scale", [0.5, 3.0, 20.0])
+def test_top_p_on_long_rows_cuts_where_the_torch_path_cuts(kernel, lanes, scale):
+    # long rows take the kernel's bounded cut (no full sort): the same tokens as the sorted cut
+    logits = torch.randn(48, 3000, generator=torch.Generator().manual_seed(int(scale * 10))) * scale
+    top_ps = [[0.3, 0.5, 0.9, 0.95, 0.99, 0.999][r % 6] for r in range(48)]
+    temps, ks = [[0.7, 1.0, 1.4][r % 3] for r in range(48)], [[0, 0, 0, 1000][r % 4] for r in range(48)]
+    drawn = kernel_tokens(kernel, lanes, logits, temps, ks, top_ps)
+    assert int((drawn < 0).sum()) <= 2  # all but rare near-ties decided by the kernel
+    want = sampler._torch_draw(logits, temps, ks, top_ps, list(range(48)), [3] * 48)
+    decided = drawn >= 0
+    assert torch.equal(drawn[decided], want[decided])
+
+
 def test_the_kernel_leaves_ties_at_the_top_p_cutoff_nan_and_inf_to_the_torch_path(kernel, lanes, monkeypatch):
     tied = torch.tensor([0.0] * 10 + [5.0] + [-1.0] * 5)  # top-p 0.96 cuts inside the ten ties
     logits = torch.stack([tied, tied.clone(), tied.clone(), tied.clone(), tied.clone(), torch.arange(16.0) / 4])

@@ -174,17 +174,18 @@ void radix_sort(std::vector<float>& values, std::vector<uint32_t>& keys, std::ve
   for (size_t i = 0; i < n; ++i) values[i] = from_order_key(keys[i]);
 }
 
-// the k-th largest of values (0 < k < n, no NaN). Each block's maximum is one of the values, so
-// at least k values are >= the k-th largest block maximum: nth_element runs on those alone
-float kth_largest(const std::vector<float>& values, int64_t k, std::vector<float>& maxima,
+// The k-th largest of scaled (0 < k < n, no NaN), and in `pool` the indices of the values at or
+// above a floor below it: each block's maximum is one of the values, so at least k values are >=
+// the k-th largest block maximum, and nth_element runs on those alone
+float kth_largest(const std::vector<float>& scaled, int64_t k, std::vector<float>& maxima, std::vector<int32_t>& pool,
                   std::vector<float>& candidates) {
-  const int64_t n = int64_t(values.size()), block = n / (4 * k);
+  const int64_t n = int64_t(scaled.size()), block = n / (4 * k);
   float floor = -kInf;
   if (block >= 2) {
     const int64_t num_blocks = n / block;
     maxima.resize(num_blocks);
     for (int64_t b = 0; b < num_blocks; ++b) {
-      const float* v = values.data() + b * block;
+      const float* v = scaled.data() + b * block;
       float m = v[0];
       for (int64_t i = 1; i < block; ++i) m = v[i] > m ? v[i] : m;
       maxima[b] = m;
@@ -192,13 +193,15 @@ float kth_largest(const std::vector<float>& values, int64_t k, std::vector<float
     std::nth_element(maxima.begin(), maxima.end() - k, maxima.end());
     floor = *(maxima.end() - k);
   }
-  candidates.resize(n);
+  pool.resize(n);
   int64_t count = 0;
-  for (float v : values) {
-    candidates[count] = v;
-    count += v >= floor;
+  for (int64_t j = 0; j < n; ++j) {
+    pool[count] = int32_t(j);
+    count += scaled[j] >= floor;
   }
+  pool.resize(count);
   candidates.resize(count);
+  for (int64_t i = 0; i < count; ++i) candidates[i] = scaled[pool[i]];
   std::nth_element(candidates.begin(), candidates.end() - k, candidates.end());
   return *(candidates.end() - k);
 }
@@ -216,7 +219,7 @@ struct Row {
 struct Scratch {
   std::vector<float> scaled, values, exps, maxima;
   std::vector<uint32_t> keys, spare, count;
-  std::vector<int32_t> kept;
+  std::vector<int32_t> kept, pool;
   std::vector<uint16_t> buckets;
   std::vector<double> mass;
   std::vector<float> top;
@@ -275,9 +278,16 @@ bool bounded_cut(Scratch& s, int64_t num_low, float limit, int lanes, Cut& cut) 
   std::vector<uint32_t>& count = s.count;
   std::vector<double>& mass = s.mass;
   std::vector<float>& top = s.top;
-  count.assign(kBuckets, 0);
-  mass.assign(3 * kBuckets, 0.0);  // e, then e * r_lo and e * r_hi
-  top.assign(kBuckets, -kInf);
+  count.resize(kBuckets);
+  mass.resize(3 * kBuckets);  // e, then e * r_lo and e * r_hi
+  top.resize(kBuckets);
+  // the values' buckets span [first, last]: only those are cleared and walked
+  const int first = int(order_key(*std::min_element(v.begin(), v.end())) >> 21), last = int(order_key(max) >> 21);
+  for (int b = first; b <= last; ++b) {
+    count[b] = 0;
+    mass[b] = mass[kBuckets + b] = mass[2 * kBuckets + b] = 0.0;
+    top[b] = -kInf;
+  }
   for (i = 0; i < n; ++i) {
     uint16_t b = uint16_t(order_key(v[i]) >> 21);
     s.buckets[i] = b;
@@ -287,7 +297,7 @@ bool bounded_cut(Scratch& s, int64_t num_low, float limit, int lanes, Cut& cut) 
   }
   double sum = 0.0, lane_term = 0.0;
   int64_t at_or_above = 0;
-  for (int b = kBuckets - 1; b >= 0; --b) {
+  for (int b = last; b >= first; --b) {
     at_or_above += count[b];
     sum += mass[b];
     lane_term += mass[b] * (double(at_or_above) / lanes + 2.0);
@@ -314,7 +324,7 @@ bool bounded_cut(Scratch& s, int64_t num_low, float limit, int lanes, Cut& cut) 
     int64_t dropped = num_low;
     float before = num_low > 0 ? -kInf : std::nanf("");
     bool crossed = false;
-    for (int b = 0; b < kBuckets && !crossed; ++b) {
+    for (int b = first; b <= last && !crossed; ++b) {
       if (count[b] == 0) continue;
       if (d + bucket_mass[b] + slack(d + bucket_mass[b]) < mid) {  // the whole bucket falls
         d += bucket_mass[b];
@@ -356,18 +366,32 @@ bool bounded_cut(Scratch& s, int64_t num_low, float limit, int lanes, Cut& cut) 
 // rows shorter than this sort outright: the bounds pay off on long rows
 constexpr int64_t kBoundedFrom = 256;
 
-// The least scaled logit kept (top-k then top-p), or NaN when the torch path must decide.
+// The least scaled logit kept (top-k then top-p), or NaN when the torch path must decide. With
+// top-k on, s.pool holds the indices that can be kept; otherwise it is left empty (every index).
 float threshold(const Row& row, Scratch& s, int lanes) {
   const int64_t V = row.vocab;
   float thr = -kInf;
-  if (row.top_k > 0 && row.top_k < V) thr = kth_largest(s.scaled, row.top_k, s.maxima, s.values);
+  s.pool.clear();
+  const bool top_k = row.top_k > 0 && row.top_k < V;
+  if (top_k) thr = kth_largest(s.scaled, row.top_k, s.maxima, s.pool, s.values);
   if (!(row.top_p < 1.0)) return thr;
   if (V < lanes) return std::nanf("");  // torch's reduce_all takes another order there
   const float limit = float(1.0 - row.top_p);
-  s.values.clear();
-  for (float v : s.scaled)
-    if (v >= thr && v > -kInf) s.values.push_back(v);
-  const int64_t n = int64_t(s.values.size()), num_low = V - n;  // top-k's drops and -inf sort first
+  s.values.resize(top_k ? s.pool.size() : V);
+  int64_t n = 0;
+  if (top_k) {
+    for (int32_t j : s.pool) {
+      s.values[n] = s.scaled[j];
+      n += s.scaled[j] >= thr;
+    }
+  } else {
+    for (float v : s.scaled) {
+      s.values[n] = v;
+      n += v > -kInf;
+    }
+  }
+  s.values.resize(n);
+  const int64_t num_low = V - n;  // top-k's drops and -inf sort first
   if (n == 0 || limit < 0.0f) return std::nanf("");
   Cut cut;
   if (!(n >= kBoundedFrom && bounded_cut(s, num_low, limit, lanes, cut))) cut = sorted_cut(s, num_low, limit, lanes, V);
@@ -391,11 +415,19 @@ int64_t sample_row(const Row& row, Scratch& s, int lanes) {
   const float thr = threshold(row, s, lanes);
   if (std::isnan(thr)) return kUndecided;
   const float keep_from = std::max(thr, -std::numeric_limits<float>::max());
-  s.kept.resize(V);
   int64_t num_kept = 0;
-  for (int64_t j = 0; j < V; ++j) {
-    s.kept[num_kept] = int32_t(j);
-    num_kept += scaled[j] >= keep_from;
+  if (s.pool.empty()) {
+    s.kept.resize(V);
+    for (int64_t j = 0; j < V; ++j) {
+      s.kept[num_kept] = int32_t(j);
+      num_kept += scaled[j] >= keep_from;
+    }
+  } else {  // top-k's candidates hold every index that can be kept
+    s.kept.resize(s.pool.size());
+    for (int32_t j : s.pool) {
+      s.kept[num_kept] = j;
+      num_kept += scaled[j] >= keep_from;
+    }
   }
   s.kept.resize(num_kept);
   if (s.kept.empty()) return kUndecided;
