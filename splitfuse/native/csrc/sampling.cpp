@@ -220,6 +220,7 @@ struct Scratch {
   std::vector<float> scaled, values, exps, maxima;
   std::vector<uint32_t> keys, spare, count;
   std::vector<int32_t> kept, pool;
+  std::vector<float> keys_out;
   std::vector<uint16_t> buckets;
   std::vector<double> mass;
   std::vector<float> top;
@@ -399,8 +400,77 @@ float threshold(const Row& row, Scratch& s, int lanes) {
   return std::max(thr, cut.cutoff);
 }
 
+#ifdef __AVX2__
+// high and low words of the 32 x 32-bit products of x and a constant, 8 lanes
+inline void mul_hi_lo(__m256i x, uint32_t a, __m256i& hi, __m256i& lo) {
+  const __m256i m = _mm256_set1_epi32(int(a));
+  lo = _mm256_mullo_epi32(x, m);
+  __m256i even = _mm256_mul_epu32(x, m), odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), m);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+// philox_word0 for 8 offsets (low and high words) under one seed
+inline __m256i philox8_word0(uint64_t seed, __m256i c0, __m256i c1) {
+  __m256i k0 = _mm256_set1_epi32(int(uint32_t(seed))), k1 = _mm256_set1_epi32(int(uint32_t(seed >> 32)));
+  __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+  for (int round = 0; round < 10; ++round) {
+    __m256i hi_a, lo_a, hi_b, lo_b;
+    mul_hi_lo(c0, 0xD2511F53u, hi_a, lo_a);
+    mul_hi_lo(c2, 0xCD9E8D57u, hi_b, lo_b);
+    c0 = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1), k0);
+    c2 = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3), k1);
+    c1 = lo_b;
+    c3 = lo_a;
+    k0 = _mm256_add_epi32(k0, _mm256_set1_epi32(int(0x9E3779B9u)));
+    k1 = _mm256_add_epi32(k1, _mm256_set1_epi32(int(0xBB67AE85u)));
+  }
+  return c0;
+}
+
+// natural log of 8 positive normal floats, Sleef's xlogf (within 3.5 ulp; the race's margin,
+// key_error, allows far more)
+inline __m256 log8(__m256 d) {
+  __m256i bits = _mm256_castps_si256(_mm256_mul_ps(d, _mm256_set1_ps(0.7071f)));
+  __m256i e = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(0xff)),
+                               _mm256_set1_epi32(0x7e));
+  __m256 m = _mm256_mul_ps(d, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(_mm256_set1_epi32(0x7f), e), 23)));
+  __m256 x = _mm256_div_ps(_mm256_sub_ps(m, _mm256_set1_ps(1.0f)), _mm256_add_ps(m, _mm256_set1_ps(1.0f)));
+  __m256 x2 = _mm256_mul_ps(x, x);
+  __m256 t = _mm256_set1_ps(0.2371599674224853515625f);
+  t = _mm256_fmadd_ps(t, x2, _mm256_set1_ps(0.285279005765914916992188f));
+  t = _mm256_fmadd_ps(t, x2, _mm256_set1_ps(0.400005519390106201171875f));
+  t = _mm256_fmadd_ps(t, x2, _mm256_set1_ps(0.666666567325592041015625f));
+  t = _mm256_fmadd_ps(t, x2, _mm256_set1_ps(2.0f));
+  return _mm256_fmadd_ps(x, t, _mm256_mul_ps(_mm256_set1_ps(0.693147180559945286226764f), _mm256_cvtepi32_ps(e)));
+}
+
+struct Row;
+__m256 race_keys8(const Row& row, const int32_t* tokens, uint64_t base, float inv_t);
+#endif
+
 // How far the reference's key may be from ours: its logs are torch.log (within a few ulps)
 inline float key_error(float key) { return 0x1p-14f + std::fabs(key) * 0x1p-20f; }
+
+#ifdef __AVX2__
+// the race's keys for 8 kept tokens: philox.exponential's noise, the scalar loop's formula
+__m256 race_keys8(const Row& row, const int32_t* tokens, uint64_t base, float inv_t) {
+  const __m256i j = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tokens));
+  const __m256i base_lo = _mm256_set1_epi32(int(uint32_t(base))), flip = _mm256_set1_epi32(int(0x80000000u));
+  const __m256i lo = _mm256_add_epi32(base_lo, j);
+  // a carry into the high word where the low word wrapped (unsigned lo < base_lo)
+  const __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(base_lo, flip), _mm256_xor_si256(lo, flip));
+  const __m256i hi = _mm256_sub_epi32(_mm256_set1_epi32(int(uint32_t(base >> 32))), carry);
+  const __m256i r = philox8_word0(row.seed, lo, hi);
+  __m256 u = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(r, 1)), _mm256_set1_ps(0x1p-31f)),
+                           _mm256_set1_ps(0x1p-32f));
+  __m256 series = _mm256_mul_ps(u, _mm256_add_ps(_mm256_set1_ps(1.0f), _mm256_mul_ps(_mm256_set1_ps(0.5f), u)));
+  __m256 tail = _mm256_max_ps(_mm256_sub_ps(_mm256_set1_ps(1.0f), u), _mm256_set1_ps(0x1p-26f));
+  __m256 from_log = _mm256_sub_ps(_mm256_setzero_ps(), log8(tail));
+  __m256 e = _mm256_blendv_ps(from_log, series, _mm256_cmp_ps(u, _mm256_set1_ps(1.0e-3f), _CMP_LT_OQ));
+  __m256 x = _mm256_i32gather_ps(row.logits, j, 4);
+  return _mm256_max_ps(_mm256_sub_ps(_mm256_mul_ps(x, _mm256_set1_ps(inv_t)), log8(e)), _mm256_set1_ps(kLowestKey));
+}
+#endif
 
 int64_t sample_row(const Row& row, Scratch& s, int lanes) {
   const int64_t V = row.vocab;
@@ -434,18 +504,28 @@ int64_t sample_row(const Row& row, Scratch& s, int lanes) {
 
   const float inv_t = 1.0f / row.temperature;
   const uint64_t base = row.counter * uint64_t(V);
-  float best = -kInf, second = -kInf;
-  int64_t best_token = kUndecided;
-  for (int32_t j : s.kept) {
+  s.keys_out.resize(num_kept);
+  float* keys = s.keys_out.data();
+  int64_t i = 0;
+#ifdef __AVX2__
+  for (; i + 8 <= num_kept; i += 8) _mm256_storeu_ps(keys + i, race_keys8(row, s.kept.data() + i, base, inv_t));
+#endif
+  for (; i < num_kept; ++i) {
     // Exp(1) noise exactly as philox.exponential, with correctly rounded logs
+    const int32_t j = s.kept[i];
     float u = float(int32_t(philox_word0(row.seed, base + uint64_t(j)) >> 1)) * 0x1p-31f + 0x1p-32f;
     float e = u < 1.0e-3f ? u * (1.0f + 0.5f * u) : -float(std::log(double(std::max(1.0f - u, 0x1p-26f))));
-    float key = std::max(row.logits[j] * inv_t - float(std::log(double(e))), kLowestKey);
+    keys[i] = std::max(row.logits[j] * inv_t - float(std::log(double(e))), kLowestKey);
+  }
+  float best = -kInf, second = -kInf;
+  int64_t best_token = kUndecided;
+  for (i = 0; i < num_kept; ++i) {
+    const float key = keys[i];
     if (!std::isfinite(key)) return kUndecided;
     if (key > best) {
       second = best;
       best = key;
-      best_token = j;
+      best_token = s.kept[i];
     } else if (key > second) {
       second = key;
     }
