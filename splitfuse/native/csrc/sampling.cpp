@@ -223,7 +223,6 @@ struct Scratch {
   std::vector<float> keys_out;
   std::vector<uint16_t> buckets;
   std::vector<double> mass;
-  std::vector<float> top;
   std::vector<std::pair<float, float>> pairs;
 };
 
@@ -278,23 +277,19 @@ bool bounded_cut(Scratch& s, int64_t num_low, float limit, int lanes, Cut& cut) 
   s.buckets.resize(n);
   std::vector<uint32_t>& count = s.count;
   std::vector<double>& mass = s.mass;
-  std::vector<float>& top = s.top;
   count.resize(kBuckets);
-  mass.resize(3 * kBuckets);  // e, then e * r_lo and e * r_hi
-  top.resize(kBuckets);
+  mass.resize(kBuckets);
   // the values' buckets span [first, last]: only those are cleared and walked
   const int first = int(order_key(*std::min_element(v.begin(), v.end())) >> 21), last = int(order_key(max) >> 21);
   for (int b = first; b <= last; ++b) {
     count[b] = 0;
-    mass[b] = mass[kBuckets + b] = mass[2 * kBuckets + b] = 0.0;
-    top[b] = -kInf;
+    mass[b] = 0.0;
   }
   for (i = 0; i < n; ++i) {
     uint16_t b = uint16_t(order_key(v[i]) >> 21);
     s.buckets[i] = b;
     ++count[b];
     mass[b] += e[i];
-    top[b] = v[i] > top[b] ? v[i] : top[b];
   }
   double sum = 0.0, lane_term = 0.0;
   int64_t at_or_above = 0;
@@ -308,56 +303,84 @@ bool bounded_cut(Scratch& s, int64_t num_low, float limit, int lanes, Cut& cut) 
   const double bound = 1.01 * 0x1p-24 * (lane_term + std::log2(double(lanes)) * sum) + 4.0 * positions * 0x1p-53 * sum;
   const float sum_lo = std::nextafterf(float(sum - bound), 0.0f), sum_hi = std::nextafterf(float(sum + bound), kInf);
   const float scales[2] = {1.0f / sum_hi, 1.0f / sum_lo};
-  for (i = 0; i < n; ++i) {
-    mass[kBuckets + s.buckets[i]] += double(e[i] * scales[0]);
-    mass[2 * kBuckets + s.buckets[i]] += double(e[i] * scales[1]);
-  }
   // float(D) <= limit exactly when D < mid (or D == mid and limit even); the reference's double
   // cumsum and ours differ by at most each one's rounding, N * 2^-53 * D
   const double mid = (double(limit) + double(std::nextafterf(limit, kInf))) / 2.0;
   auto slack = [&](double d) { return 2.02 * double(positions) * 0x1p-53 * d; };
-  int gathered = -1;
+  // the bucket where the mass passes the limit, by the bucket masses (within rounding of the walk below)
+  const double scale_mid = (double(scales[0]) + double(scales[1])) / 2.0;
+  double approx = 0.0;
+  int crossing = first;
+  int64_t dropped_below = num_low;
+  for (; crossing <= last; ++crossing) {
+    if (approx + mass[crossing] * scale_mid > mid) break;
+    approx += mass[crossing] * scale_mid;
+    dropped_below += count[crossing];
+  }
+  if (crossing > last) return false;  // the cut is at the very top: the sorted path clamps it
+  // the exact masses below that bucket (any order: within slack), their largest value, and the
+  // bucket's own values in order
+  double below[2] = {0.0, 0.0};
+  float top_below = -kInf;
+  s.pairs.clear();
+  i = 0;
+#ifdef __AVX2__
+  __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+  const __m256i bucket_of_crossing = _mm256_set1_epi32(crossing);
+  __m256 tops = _mm256_set1_ps(-kInf);
+  for (; i + 8 <= n; i += 8) {
+    __m256i b = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s.buckets.data() + i)));
+    __m256 is_below = _mm256_castsi256_ps(_mm256_cmpgt_epi32(bucket_of_crossing, b));
+    __m256 ev = _mm256_and_ps(_mm256_loadu_ps(e + i), is_below);
+    tops = _mm256_max_ps(tops, _mm256_blendv_ps(_mm256_set1_ps(-kInf), _mm256_loadu_ps(v.data() + i), is_below));
+    for (int which = 0; which < 2; ++which) {
+      __m256 p = _mm256_mul_ps(ev, _mm256_set1_ps(scales[which]));
+      acc[2 * which] = _mm256_add_pd(acc[2 * which], _mm256_cvtps_pd(_mm256_castps256_ps128(p)));
+      acc[2 * which + 1] = _mm256_add_pd(acc[2 * which + 1], _mm256_cvtps_pd(_mm256_extractf128_ps(p, 1)));
+    }
+    if (!_mm256_testz_si256(_mm256_cmpeq_epi32(b, bucket_of_crossing), _mm256_cmpeq_epi32(b, bucket_of_crossing)))
+      for (int k = 0; k < 8; ++k)
+        if (s.buckets[i + k] == crossing) s.pairs.emplace_back(v[i + k], e[i + k]);
+  }
+  alignas(32) double parts[4];
+  alignas(32) float top_parts[8];
+  for (int which = 0; which < 2; ++which) {
+    _mm256_store_pd(parts, _mm256_add_pd(acc[2 * which], acc[2 * which + 1]));
+    below[which] = (parts[0] + parts[1]) + (parts[2] + parts[3]);
+  }
+  _mm256_store_ps(top_parts, tops);
+  for (float t : top_parts) top_below = t > top_below ? t : top_below;
+#endif
+  for (; i < n; ++i) {
+    if (s.buckets[i] < crossing) {
+      below[0] += double(e[i] * scales[0]);
+      below[1] += double(e[i] * scales[1]);
+      top_below = v[i] > top_below ? v[i] : top_below;
+    } else if (s.buckets[i] == crossing) {
+      s.pairs.emplace_back(v[i], e[i]);
+    }
+  }
+  std::sort(s.pairs.begin(), s.pairs.end());
   Cut found[2];
   for (int which = 0; which < 2; ++which) {
-    const float scale = scales[which];
-    const double* bucket_mass = mass.data() + (which + 1) * kBuckets;
-    double d = 0.0;
-    int64_t dropped = num_low;
-    float before = num_low > 0 ? -kInf : std::nanf("");
+    double d = below[which];
+    if (!(d + slack(d) < mid)) return false;  // every position below the bucket must fall
+    int64_t dropped = dropped_below;
+    float before = dropped_below > num_low ? top_below : (num_low > 0 ? -kInf : std::nanf(""));
     bool crossed = false;
-    for (int b = first; b <= last && !crossed; ++b) {
-      if (count[b] == 0) continue;
-      if (d + bucket_mass[b] + slack(d + bucket_mass[b]) < mid) {  // the whole bucket falls
-        d += bucket_mass[b];
-        dropped += count[b];
-        before = top[b];
-        continue;
+    for (const auto& [value, exp] : s.pairs) {
+      const double next = d + double(exp * scales[which]);
+      if (next - slack(next) > mid) {
+        found[which] = {dropped, value, before};
+        crossed = true;
+        break;
       }
-      if (gathered != b) {  // the mass passes the limit in this bucket: its values in order
-        s.pairs.clear();
-        for (i = 0; i < n; ++i)
-          if (s.buckets[i] == b) s.pairs.emplace_back(v[i], e[i]);
-        std::sort(s.pairs.begin(), s.pairs.end());
-        gathered = b;
-      }
-      for (const auto& [value, exp] : s.pairs) {
-        const double next = d + double(exp * scale);
-        if (next - slack(next) > mid) {
-          found[which] = {dropped, value, before};
-          crossed = true;
-          break;
-        }
-        if (!(next + slack(next) < mid)) return false;  // too close to call
-        d = next;
-        ++dropped;
-        before = value;
-      }
+      if (!(next + slack(next) < mid)) return false;  // too close to call
+      d = next;
+      ++dropped;
+      before = value;
     }
-    if (!crossed) return false;  // the cut is at the very top: the sorted path clamps it
-    if (scales[0] == scales[1]) {
-      found[1] = found[0];
-      break;
-    }
+    if (!crossed) return false;  // not in this bucket after all: the sorted path decides
   }
   if (found[0].dropped != found[1].dropped) return false;
   cut = found[0];
