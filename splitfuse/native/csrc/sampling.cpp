@@ -4,11 +4,13 @@
 // Exactness. The kept set is decided with the reference's own float operations: x / T, the k-th
 // largest value, and for top-p the softmax of the ascending row as torch's CPU kernel computes it
 // (Sleef's expf_u10 with FMA, a sum in `lanes` vector lanes then a shuffle tree, times 1 / sum)
-// and its cumulative sum accumulated in double, as torch's cumsum does. The race's two logs are
-// torch.log in the reference (MKL or Sleef, within a few ulps), so a row whose best two keys lie
-// within that error of each other is left undecided, as is a row whose top-p cutoff falls inside
-// a run of equal values (torch.sort's tie order decides there), a row with NaN or +inf, and a row
-// that keeps nothing: the caller draws those rows with the torch path.
+// and its cumulative sum accumulated in double, as torch's cumsum does. Long rows skip the sort
+// where error bounds prove the same cut (bounded_cut); short rows, and long rows the bounds leave
+// open, sort and reproduce those sums operation for operation (sorted_cut).
+// The race's two logs are torch.log in the reference (MKL or Sleef, within a few ulps), so a row
+// whose best two keys lie within that error of each other is left undecided, as is a row whose
+// top-p cutoff falls inside a run of equal values (torch.sort's tie order decides there), a row
+// with NaN or +inf, and a row that keeps nothing: the caller draws those rows with the torch path.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
