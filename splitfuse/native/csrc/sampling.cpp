@@ -176,6 +176,50 @@ void radix_sort(std::vector<float>& values, std::vector<uint32_t>& keys, std::ve
   for (size_t i = 0; i < n; ++i) values[i] = from_order_key(keys[i]);
 }
 
+// ---- compaction: the indices (or values) of x at or above a floor, in order ----
+#ifdef __AVX2__
+// for each 8-bit mask, the lanes it selects, packed to the front
+inline const __m256i* compaction_table() {
+  static const auto table = [] {
+    std::vector<int32_t> t(256 * 8, 0);
+    for (int mask = 0; mask < 256; ++mask)
+      for (int lane = 0, k = 0; lane < 8; ++lane)
+        if (mask >> lane & 1) t[mask * 8 + k++] = lane;
+    return t;
+  }();
+  return reinterpret_cast<const __m256i*>(table.data());
+}
+#endif
+
+// out (room for n + 8) gets the j with x[j] >= floor (as indices, or the values with `values`)
+template <bool values>
+int64_t compact_at_least(const float* x, int64_t n, float floor, void* out) {
+  int64_t count = 0, j = 0;
+#ifdef __AVX2__
+  const __m256i* table = compaction_table();
+  const __m256 bound = _mm256_set1_ps(floor);
+  for (; j + 8 <= n; j += 8) {
+    __m256 v = _mm256_loadu_ps(x + j);
+    int mask = _mm256_movemask_ps(_mm256_cmp_ps(v, bound, _CMP_GE_OQ));
+    __m256i order = _mm256_loadu_si256(table + mask);
+    if (values)
+      _mm256_storeu_ps(static_cast<float*>(out) + count, _mm256_permutevar8x32_ps(v, order));
+    else
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<int32_t*>(out) + count),
+                          _mm256_add_epi32(order, _mm256_set1_epi32(int32_t(j))));
+    count += __builtin_popcount(unsigned(mask));
+  }
+#endif
+  for (; j < n; ++j) {
+    if (values)
+      static_cast<float*>(out)[count] = x[j];
+    else
+      static_cast<int32_t*>(out)[count] = int32_t(j);
+    count += x[j] >= floor;
+  }
+  return count;
+}
+
 // The k-th largest of scaled (0 < k < n, no NaN), and in `pool` the indices of the values at or
 // above a floor below it: each block's maximum is one of the values, so at least k values are >=
 // the k-th largest block maximum, and nth_element runs on those alone
@@ -195,12 +239,8 @@ float kth_largest(const std::vector<float>& scaled, int64_t k, std::vector<float
     std::nth_element(maxima.begin(), maxima.end() - k, maxima.end());
     floor = *(maxima.end() - k);
   }
-  pool.resize(n);
-  int64_t count = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    pool[count] = int32_t(j);
-    count += scaled[j] >= floor;
-  }
+  pool.resize(n + 8);
+  const int64_t count = compact_at_least<false>(scaled.data(), n, floor, pool.data());
   pool.resize(count);
   candidates.resize(count);
   for (int64_t i = 0; i < count; ++i) candidates[i] = scaled[pool[i]];
@@ -411,10 +451,8 @@ float threshold(const Row& row, Scratch& s, int lanes) {
       n += s.scaled[j] >= thr;
     }
   } else {
-    for (float v : s.scaled) {
-      s.values[n] = v;
-      n += v > -kInf;
-    }
+    s.values.resize(V + 8);  // finite values: >= the lowest float
+    n = compact_at_least<true>(s.scaled.data(), V, -std::numeric_limits<float>::max(), s.values.data());
   }
   s.values.resize(n);
   const int64_t num_low = V - n;  // top-k's drops and -inf sort first
@@ -512,11 +550,8 @@ int64_t sample_row(const Row& row, Scratch& s, int lanes) {
   const float keep_from = std::max(thr, -std::numeric_limits<float>::max());
   int64_t num_kept = 0;
   if (s.pool.empty()) {
-    s.kept.resize(V);
-    for (int64_t j = 0; j < V; ++j) {
-      s.kept[num_kept] = int32_t(j);
-      num_kept += scaled[j] >= keep_from;
-    }
+    s.kept.resize(V + 8);
+    num_kept = compact_at_least<false>(scaled, V, keep_from, s.kept.data());
   } else {  // top-k's candidates hold every index that can be kept
     s.kept.resize(s.pool.size());
     for (int32_t j : s.pool) {
