@@ -126,6 +126,22 @@ def test_tiny_temperatures_and_suppressed_tokens_draw_as_the_torch_path(kernel, 
     assert all(int(got[r]) != int(logits[r].argmax()) for r in range(8))  # suppressed before the kernel
 
 
+def test_rows_masked_to_minus_inf_by_a_logit_processor_draw_as_the_torch_path(kernel, monkeypatch):
+    # a grammar mask leaves a few allowed tokens; top-k then may reach into the -inf ones
+    logits = torch.randn(12, 3000, generator=torch.Generator().manual_seed(11)) * 3
+    allowed = [torch.randperm(3000, generator=torch.Generator().manual_seed(r))[: [3, 40, 600][r % 3]]
+               for r in range(12)]
+    masked = torch.full_like(logits, float("-inf"))
+    for r in range(12):
+        masked[r, allowed[r]] = logits[r, allowed[r]]
+    batch = SamplingBatch([0.8] * 12, [[0, 50, 5, 0][r % 4] for r in range(12)],
+                          [[0.9, 0.9, 1.0, 0.5][r % 4] for r in range(12)], seeds=list(range(12)), counters=[2] * 12,
+                          suppressed=[[] for _ in range(12)])
+    got = sample_tokens(masked, batch)
+    assert torch.equal(got, torch_path(masked, batch, monkeypatch))
+    assert all(int(got[r]) in set(allowed[r].tolist()) for r in range(12))
+
+
 def test_one_and_two_threads_draw_the_same_tokens(kernel):
     logits, batch = settings_batch(64, 700, 6)
     threads = torch.get_num_threads()

@@ -443,16 +443,18 @@ float threshold(const Row& row, Scratch& s, int lanes) {
   if (!(row.top_p < 1.0)) return thr;
   if (V < lanes) return std::nanf("");  // torch's reduce_all takes another order there
   const float limit = float(1.0 - row.top_p);
-  s.values.resize(top_k ? s.pool.size() : V);
+  // the finite values top-k keeps (all finite values without it): >= the lowest float
+  const float floor = std::max(thr, -std::numeric_limits<float>::max());
   int64_t n = 0;
   if (top_k) {
+    s.values.resize(s.pool.size());
     for (int32_t j : s.pool) {
       s.values[n] = s.scaled[j];
-      n += s.scaled[j] >= thr;
+      n += s.scaled[j] >= floor;
     }
   } else {
-    s.values.resize(V + 8);  // finite values: >= the lowest float
-    n = compact_at_least<true>(s.scaled.data(), V, -std::numeric_limits<float>::max(), s.values.data());
+    s.values.resize(V + 8);
+    n = compact_at_least<true>(s.scaled.data(), V, floor, s.values.data());
   }
   s.values.resize(n);
   const int64_t num_low = V - n;  // top-k's drops and -inf sort first
