@@ -111,6 +111,10 @@ def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return drawn if all_sampled else logits.argmax(dim=-1).index_copy(0, index, drawn)
 
 
+# torch's float vector width on this CPU: the lanes its softmax sums in (the kernel sums alike)
+_SOFTMAX_LANES = {"AVX2": 8, "AVX512": 16}
+
+
 def _draw(logits: torch.Tensor, temperatures: list[float], top_ks: list[int], top_ps: list[float],
           seeds: list[int], counters: list[int]) -> torch.Tensor:
     """One token per row of logits [R, V]: the native kernel where it is built, else torch ops."""
@@ -140,10 +144,6 @@ def _native_draw(kernel, lanes: int, logits: torch.Tensor, temperatures: list[fl
     kernel.sample(logits.data_ptr(), num_rows, vocab, logits.stride(0), temps.data_ptr(), ks.data_ptr(),
                   ps.data_ptr(), seeds_t.data_ptr(), counters_t.data_ptr(), drawn.data_ptr(), lanes)
     return drawn
-
-
-# torch's float vector width on this CPU: the lanes its softmax sums in (the kernel sums alike)
-_SOFTMAX_LANES = {"AVX2": 8, "AVX512": 16}
 
 
 def _torch_draw(logits: torch.Tensor, temperatures: list[float], top_ks: list[int], top_ps: list[float],
