@@ -4,6 +4,8 @@ draw; rows it cannot decide exactly (ties at the top-p cutoff, NaN, inf) go thro
 from __future__ import annotations
 
 import random
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -195,3 +197,20 @@ def test_logits_other_than_fp32_take_the_torch_path(kernel, monkeypatch):
     monkeypatch.setattr(sampler, "_torch_draw", torch_draw)
     sample_tokens(logits.half(), batch)
     assert taken == [torch.float16]
+
+
+def test_the_sampling_bench_times_each_kind_with_native_kernels_on_and_off(kernel, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_sampling
+
+    seen = []
+
+    def sample(logits, batch):
+        seen.append(native.enabled())
+        return sample_tokens(logits, batch)
+
+    monkeypatch.setenv("SPLITFUSE_NATIVE", "1")
+    times = bench_sampling.time_sampler(SimpleNamespace(device="cpu", sample=sample), 4, 64, 1, bench_sampling.KINDS)
+    assert set(times) == set(bench_sampling.KINDS) and all(t > 0 for t in times.values())
+    assert seen == [on for _ in range(2) for _, on in bench_sampling.KINDS.values()]  # warm-up round, then timed
+    assert native.enabled()  # the setting it found is back
