@@ -76,7 +76,8 @@ inline float sleef_expf_u10(float d) {
 #ifdef __AVX2__
 // the same, 8 at a time, as Sleef's AVX2 build computes it (its scalar twin above must agree)
 inline __m256 sleef_expf8_u10(__m256 d) {
-  __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(d, _mm256_set1_ps(1.442695040888963407359924681001892137426645954152985934135449406931f)));
+  const __m256 log2e = _mm256_set1_ps(1.442695040888963407359924681001892137426645954152985934135449406931f);
+  __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(d, log2e));
   __m256 qf = _mm256_cvtepi32_ps(q);
   __m256 s = _mm256_fmadd_ps(qf, _mm256_set1_ps(-0.693145751953125f), d);
   s = _mm256_fmadd_ps(qf, _mm256_set1_ps(-1.428606765330187045e-06f), s);
