@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from splitfuse import native
 from splitfuse.config import is_greedy
 from splitfuse.core.philox import exponential, philox, seed_to_int64
 
@@ -110,8 +111,43 @@ def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return drawn if all_sampled else logits.argmax(dim=-1).index_copy(0, index, drawn)
 
 
+# torch's float vector width on this CPU: the lanes its softmax sums in (the kernel sums alike)
+_SOFTMAX_LANES = {"AVX2": 8, "AVX512": 16}
+
+
 def _draw(logits: torch.Tensor, temperatures: list[float], top_ks: list[int], top_ps: list[float],
           seeds: list[int], counters: list[int]) -> torch.Tensor:
+    """One token per row of logits [R, V]: the native kernel where it is built, else torch ops."""
+    kernel = native.load("sampling")
+    lanes = _SOFTMAX_LANES.get(torch.backends.cpu.get_cpu_capability())
+    if kernel is None or lanes is None or logits.dtype != torch.float32 or logits.device.type != "cpu":
+        return _torch_draw(logits, temperatures, top_ks, top_ps, seeds, counters)
+    drawn = _native_draw(kernel, lanes, logits, temperatures, top_ks, top_ps, seeds, counters)
+    # rows the kernel leaves to torch: ties at the top-p cutoff, near-ties of the race, NaN / inf
+    left = (drawn < 0).nonzero().squeeze(1).tolist()
+    if left:
+        drawn[left] = _torch_draw(logits[left], *([values[r] for r in left] for values in
+                                                  (temperatures, top_ks, top_ps, seeds, counters)))
+    return drawn
+
+
+def _native_draw(kernel, lanes: int, logits: torch.Tensor, temperatures: list[float], top_ks: list[int],
+                 top_ps: list[float], seeds: list[int], counters: list[int]) -> torch.Tensor:
+    """The kernel's tokens [R] for fp32 CPU logits [R, V]; -1 where it leaves the row to _torch_draw."""
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    num_rows, vocab = logits.shape
+    temps = torch.tensor(temperatures, dtype=torch.float32)
+    ks, ps = torch.tensor(top_ks, dtype=torch.int64), torch.tensor(top_ps, dtype=torch.float64)
+    seeds_t = torch.tensor([seed_to_int64(s) for s in seeds], dtype=torch.int64)
+    counters_t, drawn = torch.tensor(counters, dtype=torch.int64), torch.empty(num_rows, dtype=torch.int64)
+    kernel.sample(logits.data_ptr(), num_rows, vocab, logits.stride(0), temps.data_ptr(), ks.data_ptr(),
+                  ps.data_ptr(), seeds_t.data_ptr(), counters_t.data_ptr(), drawn.data_ptr(), lanes)
+    return drawn
+
+
+def _torch_draw(logits: torch.Tensor, temperatures: list[float], top_ks: list[int], top_ps: list[float],
+                seeds: list[int], counters: list[int]) -> torch.Tensor:
     """One token per row of logits [R, V] from its kept set (int64 [R]), by the exponential race,
     key for key as the Triton kernel.
 
