@@ -8,6 +8,8 @@ moved to the logits' device.
 
 from __future__ import annotations
 
+import functools
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -111,17 +113,47 @@ def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return drawn if all_sampled else logits.argmax(dim=-1).index_copy(0, index, drawn)
 
 
+log = logging.getLogger("splitfuse")
+
 # torch's float vector width on this CPU: the lanes its softmax sums in (the kernel sums alike)
 _SOFTMAX_LANES = {"AVX2": 8, "AVX512": 16}
+# rows (length, logit scale) on which the kernel's softmax must equal torch's before it is trusted
+_SOFTMAX_PROBES = ((17, 3.0), (300, 3.0), (4099, 40.0), (32000, 10.0))
+
+
+def _native_sampler():
+    """(kernel, lanes) where the native kernel is built and rounds its top-p softmax exactly as
+    torch.softmax does on this CPU, else None (the torch path draws)."""
+    kernel = native.load("sampling")
+    lanes = _SOFTMAX_LANES.get(torch.backends.cpu.get_cpu_capability())
+    if kernel is None or lanes is None or not _softmax_matches(kernel, lanes):
+        return None
+    return kernel, lanes
+
+
+@functools.cache
+def _softmax_matches(kernel, lanes: int) -> bool:
+    """Whether the kernel's softmax of ascending rows is torch's bit for bit. Its top-p cut is decided
+    from those floats, so a torch build or CPU that sums differently would move cuts by an ulp: such
+    a machine keeps the torch path rather than draw tokens the reference would not."""
+    for n, scale in _SOFTMAX_PROBES:
+        row = torch.sort(torch.randn(n, generator=torch.Generator().manual_seed(n)) * scale).values
+        out = torch.empty(n)
+        kernel.sorted_softmax(row.data_ptr(), out.data_ptr(), n, lanes)
+        if not torch.equal(out, row.softmax(-1)):
+            log.warning("native sampling is off: its softmax differs from torch's on this CPU (%s, %d lanes)",
+                        torch.backends.cpu.get_cpu_capability(), lanes)
+            return False
+    return True
 
 
 def _draw(logits: torch.Tensor, temperatures: list[float], top_ks: list[int], top_ps: list[float],
           seeds: list[int], counters: list[int]) -> torch.Tensor:
     """One token per row of logits [R, V]: the native kernel where it is built, else torch ops."""
-    kernel = native.load("sampling")
-    lanes = _SOFTMAX_LANES.get(torch.backends.cpu.get_cpu_capability())
-    if kernel is None or lanes is None or logits.dtype != torch.float32 or logits.device.type != "cpu":
+    found = _native_sampler() if logits.dtype == torch.float32 and logits.device.type == "cpu" else None
+    if found is None:
         return _torch_draw(logits, temperatures, top_ks, top_ps, seeds, counters)
+    kernel, lanes = found
     drawn = _native_draw(kernel, lanes, logits, temperatures, top_ks, top_ps, seeds, counters)
     # rows the kernel leaves to torch: ties at the top-p cutoff, near-ties of the race, NaN / inf
     left = (drawn < 0).nonzero().squeeze(1).tolist()
