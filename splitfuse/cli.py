@@ -247,6 +247,9 @@ def cmd_backends(args: argparse.Namespace) -> int:
         state = "available" if info.available else f"unavailable: {info.reason}"
         if info.available and not info.auto_selectable:
             state += " (only when named: `auto` does not pick it)"
+        kernels = getattr(registry.get(info.name), "kernels", None)  # the cpu backend: which ops run
+        if info.available and kernels is not None:
+            state += f" ({kernels()})"
         print(f"{info.name:<12} priority {info.priority:>4}  {registry.source(info.name):<{width}}  {state}")
     _print_plugin_failures(manager)
     return 0
