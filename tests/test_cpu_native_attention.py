@@ -142,6 +142,21 @@ def test_rotary_write_kv_stores_what_the_reference_stores(cpu, reference, dtype,
     assert torch.equal(kv.nan_to_num(), expected_kv.nan_to_num())  # untouched slots stay NaN on both
 
 
+def test_a_subclass_that_replaces_write_kv_keeps_it_in_rotary_write_kv(cpu):
+    written = []
+
+    class Counting(CpuBackend):
+        def write_kv(self, kv_layer, k, v, slot_mapping):
+            written.append(slot_mapping.numel())
+            super().write_kv(kv_layer, k, v, slot_mapping)
+
+    q, k, v, positions, cos_sin = rotary_case(torch.float32)
+    step = ragged_step([(5, 3), (9, 4)], block_size=4)
+    kv, _, _ = filled_cache(step, 2, 32)
+    Counting().rotary_write_kv(q, k, v, positions, cos_sin, kv, step.meta.slot_mapping)
+    assert written == [7]
+
+
 def test_a_position_outside_the_table_is_refused_by_name(cpu):
     q, k, _, positions, cos_sin = rotary_case(torch.float32)
     positions[3] = cos_sin.shape[0]

@@ -24,6 +24,11 @@ class CpuBackend(Backend):
     def __init__(self, device_index: int = 0) -> None:
         super().__init__(device_index)
         self._native = native_ops.load()
+        # the fused kernel replaces rotary() + write_kv(): only while they are this class's own, so a
+        # subclass that replaces either keeps it (Backend.rotary_write_kv composes them)
+        cls = type(self)
+        self._fuse_rotary_write = (self._native is not None and cls.write_kv is CpuBackend.write_kv
+                                   and cls.rotary is CpuBackend.rotary)
 
     @classmethod
     def kernels(cls) -> str:
@@ -39,7 +44,7 @@ class CpuBackend(Backend):
 
     def rotary_write_kv(self, q, k, v, positions, cos_sin, kv_layer, slot_mapping, rotary_dim=None,
                         interleaved=False):
-        out = None if self._native is None else self._native.rotary_write_kv(
+        out = None if not self._fuse_rotary_write else self._native.rotary_write_kv(
             q, k, v, positions, cos_sin, kv_layer, slot_mapping, rotary_dim, interleaved)
         if out is None:
             return super().rotary_write_kv(q, k, v, positions, cos_sin, kv_layer, slot_mapping, rotary_dim,
