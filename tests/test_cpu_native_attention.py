@@ -211,9 +211,11 @@ def test_without_the_module_the_backend_runs_the_reference_and_says_why(monkeypa
     assert torch.equal(backend.rms_norm(x, x[0], 1e-6), reference.rms_norm(x, x[0], 1e-6))
 
 
-def test_turning_native_kernels_off_is_named_in_describe(monkeypatch):
+def test_turning_native_kernels_off_is_named_in_describe_for_the_backends_lifetime(cpu, monkeypatch):
     monkeypatch.setenv("SPLITFUSE_NATIVE", "0")
-    assert CpuBackend().describe().endswith("threads, plain torch: turned off (SPLITFUSE_NATIVE=0))")
+    plain = CpuBackend()
+    monkeypatch.delenv("SPLITFUSE_NATIVE")
+    assert plain.describe().endswith("threads, plain torch: turned off (SPLITFUSE_NATIVE=0))")
 
 
 def test_splitfuse_backends_shows_which_ops_the_cpu_backend_runs(monkeypatch, capsys):

@@ -24,6 +24,8 @@ class CpuBackend(Backend):
     def __init__(self, device_index: int = 0) -> None:
         super().__init__(device_index)
         self._native = native_ops.load()
+        # as of now: describe() must not change when SPLITFUSE_NATIVE does afterwards
+        self._kernels = "native kernels" if self._native is not None else self.kernels()
         # the fused kernel replaces rotary() + write_kv(): only while they are this class's own, so a
         # subclass that replaces either keeps it (Backend.rotary_write_kv composes them)
         cls = type(self)
@@ -71,8 +73,7 @@ class CpuBackend(Backend):
         return pack_int4_for_cpu(weight) if int4_packable(weight) else int8_kernel_ready(weight)
 
     def describe(self) -> str:
-        kernels = "native kernels" if self._native is not None else self.kernels()
-        return f"cpu ({torch.get_num_threads()} threads, {kernels})"
+        return f"cpu ({torch.get_num_threads()} threads, {self._kernels})"
 
 
 __all__ = ["CpuBackend"]
