@@ -384,15 +384,23 @@ PyObject* py_paged_attention(PyObject*, PyObject* const* items, Py_ssize_t count
 // of the rotary features (GPT-NeoX) or on (even, odd) ones (GPT-J); features past rotary_dim copied.
 // In bf16/fp16 every product and sum rounds to the storage type, as torch's ops on those tensors do.
 template <typename S>
+inline void rotate_pair(typename S::T x1_, typename S::T x2_, typename S::T cos_, typename S::T sin_,
+                        typename S::T& o1, typename S::T& o2) {
+  const float x1 = S::load(x1_), x2 = S::load(x2_), c = S::load(cos_), s = S::load(sin_);
+  o1 = S::store(S::round(x1 * c) - S::round(x2 * s));
+  o2 = S::store(S::round(x2 * c) + S::round(x1 * s));
+}
+
+template <typename S>
 inline void rotate_row(const typename S::T* x, typename S::T* o, const typename S::T* cos,
                        const typename S::T* sin, int half, int D, bool interleaved) {
-  const int step = interleaved ? 2 : 1, second = interleaved ? 1 : half;
+  // two loops with constant strides: the GPT-NeoX one (both halves contiguous) vectorises
+  if (interleaved) {
 #pragma omp simd
-  for (int i = 0; i < half; ++i) {
-    const float x1 = S::load(x[i * step]), x2 = S::load(x[i * step + second]);
-    const float c = S::load(cos[i]), s = S::load(sin[i]);
-    o[i * step] = S::store(S::round(x1 * c) - S::round(x2 * s));
-    o[i * step + second] = S::store(S::round(x2 * c) + S::round(x1 * s));
+    for (int i = 0; i < half; ++i) rotate_pair<S>(x[2 * i], x[2 * i + 1], cos[i], sin[i], o[2 * i], o[2 * i + 1]);
+  } else {
+#pragma omp simd
+    for (int i = 0; i < half; ++i) rotate_pair<S>(x[i], x[i + half], cos[i], sin[i], o[i], o[i + half]);
   }
   for (int d = 2 * half; d < D; ++d) o[d] = x[d];
 }
