@@ -83,6 +83,12 @@ def test_paged_attention_reads_only_each_sequences_blocks(cpu, reference):
     assert_close(got, reference.paged_attention(q, kv, meta, 0.2), torch.float32, "paged_attention")
 
 
+def test_paged_attention_in_float16(cpu, reference):
+    q, kv, meta = attention_case(torch.float16, H=4, Hkv=2, D=40)
+    assert_close(cpu.paged_attention(q, kv, meta, 0.2, 6, 12.0), reference.paged_attention(q, kv, meta, 0.2, 6, 12.0),
+                 torch.float16, "paged_attention")
+
+
 def test_paged_attention_of_a_decode_only_step_with_one_block_per_sequence(cpu, reference):
     q, kv, meta = attention_case(torch.bfloat16, specs=[(3, 1), (16, 1), (1, 1)], block_size=16)
     assert_close(cpu.paged_attention(q, kv, meta, 0.3), reference.paged_attention(q, kv, meta, 0.3),
@@ -118,11 +124,12 @@ def rotary_case(dtype, D=32, rotary_dim=None, T=7, H=4, Hkv=2, seed=0):
 ROTARY_LAYOUTS = [(None, False), (None, True), (16, False)]  # neox, GPT-J pairs, partial rotary
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("rotary_dim,interleaved", ROTARY_LAYOUTS, ids=["neox", "gptj", "partial"])
-def test_rotary_equals_the_reference_bit_for_bit(cpu, reference, dtype, rotary_dim, interleaved):
+@pytest.mark.parametrize("D", [32, 40], ids=["d32", "d40"])  # 40: vectors of 8 pairs and a scalar tail
+def test_rotary_equals_the_reference_bit_for_bit(cpu, reference, dtype, rotary_dim, interleaved, D):
     # the same products and roundings as the reference (and HF): identical, not merely close
-    q, k, _, positions, cos_sin = rotary_case(dtype, rotary_dim=rotary_dim)
+    q, k, _, positions, cos_sin = rotary_case(dtype, D=D, rotary_dim=rotary_dim)
     got = cpu.rotary(q, k, positions, cos_sin, rotary_dim, interleaved)
     expected = reference.rotary(q, k, positions, cos_sin, rotary_dim, interleaved)
     assert all(torch.equal(g, e) for g, e in zip(got, expected))
