@@ -247,6 +247,10 @@ def cmd_backends(args: argparse.Namespace) -> int:
         state = "available" if info.available else f"unavailable: {info.reason}"
         if info.available and not info.auto_selectable:
             state += " (only when named: `auto` does not pick it)"
+        # which ops the cpu backend runs (not said of subclasses: a plugin built on it runs its own)
+        cls = registry.get(info.name)
+        if info.available and "kernels" in vars(cls):
+            state += f" ({cls.kernels()})"
         print(f"{info.name:<12} priority {info.priority:>4}  {registry.source(info.name):<{width}}  {state}")
     _print_plugin_failures(manager)
     return 0

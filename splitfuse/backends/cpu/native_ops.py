@@ -1,0 +1,124 @@
+"""The cpu backend's compiled ops (splitfuse/native/csrc/cpu_attention.cpp), built at install time.
+
+Each op checks that its tensors are what the kernel reads (CPU, one of its dtypes, the layout it
+indexes) and passes raw pointers; for anything else it returns None and the backend runs the
+plain-torch reference op instead. The kernels validate block tables, positions and slots
+themselves, so a bad step raises instead of reading outside the cache.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from splitfuse import native
+
+if TYPE_CHECKING:
+    from splitfuse.core.batch import BatchMeta
+
+MODULE = "cpu_attention"
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # cpu_attention.cpp's DType
+
+
+def load() -> "NativeOps | None":
+    """The compiled ops, or None when the module is not there to use (see unavailable_reason)."""
+    module = native.load(MODULE)
+    return None if module is None else NativeOps(module)
+
+
+def unavailable_reason() -> str:
+    return native.unavailable_reason(MODULE)
+
+
+def _is_dense(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """A contiguous CPU tensor of `dtype`."""
+    return t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
+
+
+def _is_rows(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """A CPU tensor of `dtype` whose last dimension is contiguous (rows may be strided)."""
+    return t.dtype == dtype and t.device.type == "cpu" and t.stride(-1) == 1
+
+
+class NativeOps:
+    """The kernels of one loaded module; every op returns None where it does not apply."""
+
+    def __init__(self, module) -> None:
+        self._kernels = module
+
+    def paged_attention(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: "BatchMeta", scale: float,
+                        sliding_window: int | None, logit_softcap: float | None) -> torch.Tensor | None:
+        """Causal paged attention of q [T, H, D] (see Backend.paged_attention), or None."""
+        code = _DTYPE_CODES.get(q.dtype)
+        if (code is None or q.dim() != 3 or kv_layer.dim() != 5 or q.numel() == 0
+                or not _is_rows(q, q.dtype) or not _is_dense(kv_layer, q.dtype) or kv_layer.shape[-1] != q.shape[-1]
+                or not all(_is_dense(t, torch.int32) for t in (meta.query_start, meta.context_lens))
+                or not _is_rows(meta.block_tables, torch.int32) or meta.block_tables.dim() != 2):
+            return None
+        T, H, D = q.shape
+        _, num_blocks, block_size, num_kv_heads, _ = kv_layer.shape
+        out = torch.empty(T, H, D, dtype=q.dtype)
+        tables = meta.block_tables
+        self._kernels.paged_attention(
+            code, q.data_ptr(), q.stride(0), q.stride(1), out.data_ptr(), kv_layer.data_ptr(), num_blocks,
+            block_size, num_kv_heads, D, H, T, meta.query_start.data_ptr(), meta.context_lens.data_ptr(),
+            meta.context_lens.numel(), tables.data_ptr(), tables.stride(0), float(scale), int(sliding_window or 0),
+            float(logit_softcap or 0.0))
+        return out
+
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+               rotary_dim: int | None, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rotated q, rotated k) as new contiguous tensors (see Backend.rotary), or None."""
+        if not self._rotary_fits(q, k, positions, cos_sin):
+            return None
+        q_out, k_out = torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=k.dtype)
+        self._rotate(q, k, positions, cos_sin, rotary_dim, interleaved, q_out, k_out, None, None, None)
+        return q_out, k_out
+
+    def rotary_write_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                        cos_sin: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor,
+                        rotary_dim: int | None, interleaved: bool) -> torch.Tensor | None:
+        """Rotated q; rotated k and v stored at slot_mapping in one pass (see Backend.rotary_write_kv), or None."""
+        if not (self._rotary_fits(q, k, positions, cos_sin) and _is_rows(v, q.dtype) and v.shape == k.shape
+                and kv_layer.dim() == 5 and _is_dense(kv_layer, q.dtype) and kv_layer.shape[-2:] == k.shape[-2:]
+                and _is_dense(slot_mapping, torch.int64) and slot_mapping.numel() == q.shape[0]):
+            return None
+        q_out = torch.empty(q.shape, dtype=q.dtype)
+        self._rotate(q, k, positions, cos_sin, rotary_dim, interleaved, q_out, None, v, kv_layer, slot_mapping)
+        return q_out
+
+    @staticmethod
+    def _rotary_fits(q, k, positions, cos_sin) -> bool:
+        return (q.dtype in _DTYPE_CODES and q.dim() == 3 and k.dim() == 3 and q.shape[0] > 0
+                and q.shape[0] == k.shape[0] == positions.numel() and q.shape[2] == k.shape[2]
+                and _is_rows(q, q.dtype) and _is_rows(k, q.dtype) and _is_dense(cos_sin, q.dtype)
+                and cos_sin.dim() == 2 and _is_dense(positions, torch.int64))
+
+    def _rotate(self, q, k, positions, cos_sin, rotary_dim, interleaved, q_out, k_out, v, kv_layer, slots) -> None:
+        T, H, D = q.shape
+        fused = kv_layer is not None
+        self._kernels.rotary(
+            _DTYPE_CODES[q.dtype], q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
+            q_out.data_ptr(), None if k_out is None else k_out.data_ptr(), T, H, k.shape[1], D,
+            positions.data_ptr(), cos_sin.data_ptr(), cos_sin.shape[0], cos_sin.shape[1],
+            rotary_dim or cos_sin.shape[-1], bool(interleaved),
+            v.data_ptr() if fused else None, v.stride(0) if fused else 0, v.stride(1) if fused else 0,
+            kv_layer.data_ptr() if fused else None, kv_layer.shape[1] * kv_layer.shape[2] if fused else 0,
+            slots.data_ptr() if fused else None)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+                 weight_offset: float):
+        """RMSNorm of x, or (normed, x + residual) (see Backend.rms_norm); None where it does not apply."""
+        code = _DTYPE_CODES.get(x.dtype)
+        if (code is None or x.numel() == 0 or not _is_dense(x, x.dtype) or not _is_dense(weight, x.dtype)
+                or weight.dim() != 1 or weight.numel() != x.shape[-1]
+                or (residual is not None and (not _is_dense(residual, x.dtype) or residual.shape != x.shape))):
+            return None
+        N = x.shape[-1]
+        out = torch.empty(x.shape, dtype=x.dtype)
+        total = None if residual is None else torch.empty(x.shape, dtype=x.dtype)
+        self._kernels.rms_norm(code, x.data_ptr(), None if residual is None else residual.data_ptr(),
+                               weight.data_ptr(), out.data_ptr(), None if total is None else total.data_ptr(),
+                               x.numel() // N, N, float(eps), float(weight_offset))
+        return out if residual is None else (out, total)

@@ -1,0 +1,633 @@
+// The cpu backend's compiled attention path (module splitfuse.native._cpu_attention); the Python
+// side (splitfuse/backends/cpu/native_ops.py) checks dtypes and shapes and passes raw pointers.
+//
+// paged_attention: ragged causal attention of a Dynamic SplitFuse step reading K/V straight from
+//   the paged cache [2, num_blocks, block_size, Hkv, D] through the block tables (no gather copy).
+//   Work unit = (sequence, tile of up to QUERY_TILE new tokens, kv head); its rows are the tile's
+//   tokens x the G query heads of that kv head, so every key row loaded serves all of them (GQA).
+//   Keys are visited in chunks of KEY_CHUNK positions with an online softmax in fp32; units are
+//   ordered longest first and handed to OpenMP threads dynamically (decodes and prompt chunks differ
+//   in cost by orders of magnitude). Each unit is computed by one thread start to end, so the result
+//   does not depend on the number of threads.
+// rotary: rotary embedding of q and k (GPT-NeoX or GPT-J pairs, partial rotary), optionally also
+//   storing the rotated k and v into the cache at slot_mapping (the fused KV write).
+// rms_norm: RMSNorm of x, or of x + residual in the same pass (returning the sum too).
+//
+// Every op takes fp32, bf16 or fp16 tensors and rounds as the plain-torch reference ops do: bf16
+// and fp16 elementwise ops round to the storage type after each operation, as torch does; attention
+// and norm statistics accumulate in fp32. Built with -ffp-contract=off (no fused multiply-adds).
+//
+// Vectors: 8-float GCC vector types; with -march=native on an AVX2 machine they are ymm registers,
+// without AVX the compiler splits them into SSE pairs (or scalars elsewhere), same results.
+
+#include "native.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using namespace splitfuse_native;
+
+constexpr int QUERY_TILE = 8;
+constexpr int KEY_CHUNK = 64;
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+constexpr int64_t PARALLEL_MIN_ELEMENTS = 32768;  // below this a parallel region costs more than it saves
+
+// ---- storage types: how an element converts to and from fp32 -------------------------------------
+struct F32 {
+  using T = float;
+  static float load(float x) { return x; }
+  static float store(float x) { return x; }
+  static float round(float x) { return x; }
+};
+struct BF16 {
+  using T = uint16_t;
+  static float load(uint16_t x) { return bf16_to_float(x); }
+  static uint16_t store(float x) { return float_to_bf16(x); }
+  static float round(float x) { return bf16_to_float(float_to_bf16(x)); }
+};
+struct F16 {
+  using T = uint16_t;
+  static float load(uint16_t x) { return fp16_to_float(x); }
+  static uint16_t store(float x) { return float_to_fp16(x); }
+  static float round(float x) { return fp16_to_float(float_to_fp16(x)); }
+};
+
+enum DType { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+
+// false (ValueError set) unless dtype is one of DType's codes; checked while holding the GIL
+bool check_dtype(int64_t dtype) {
+  if (dtype == DT_F32 || dtype == DT_BF16 || dtype == DT_F16) return true;
+  PyErr_Format(PyExc_ValueError, "dtype code %lld: expected 0 (float32), 1 (bfloat16) or 2 (float16)",
+               static_cast<long long>(dtype));
+  return false;
+}
+
+// Runs fn(S{}) for the storage type of a checked dtype code, without the GIL.
+template <typename Fn>
+void run_without_gil(int64_t dtype, Fn&& fn) {
+  Py_BEGIN_ALLOW_THREADS
+  if (dtype == DT_F32) fn(F32{});
+  else if (dtype == DT_BF16) fn(BF16{});
+  else fn(F16{});
+  Py_END_ALLOW_THREADS
+}
+
+// A row of D elements as floats: the row itself for fp32, else converted into buf.
+template <typename S>
+inline const float* row_as_float(const typename S::T* src, float* buf, int D) {
+  if constexpr (std::is_same_v<S, F32>) {
+    return src;
+  } else {
+#pragma omp simd
+    for (int d = 0; d < D; ++d) buf[d] = S::load(src[d]);
+    return buf;
+  }
+}
+
+// ---- 8-wide float vectors --------------------------------------------------------------------------
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+inline v8f load8(const float* p) { v8f v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+inline v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+inline float hsum8(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+// 8 elements of storage type S as floats, rounded to S, and stored as S: fp32 and bf16 in vector
+// registers (bf16 rounds to nearest even with integer lanes, NaN stays NaN), fp16 lane by lane.
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+
+inline v8u bf16_bits8(v8f x) {  // the bf16 of each lane, in the upper half of a 32-bit lane
+  const v8u bits = (v8u)x;
+  const v8u rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+  const v8u quiet_nan = (bits | 0x400000u) & 0xffff0000u;
+  return (bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded;
+}
+
+template <typename S>
+inline v8f vload(const typename S::T* p) {
+  if constexpr (std::is_same_v<S, F32>) {
+    return load8(p);
+  } else if constexpr (std::is_same_v<S, BF16>) {
+    v8h h;
+    std::memcpy(&h, p, sizeof h);
+    return (v8f)(__builtin_convertvector(h, v8u) << 16);
+  } else {
+    v8f v;
+    for (int i = 0; i < 8; ++i) v[i] = S::load(p[i]);
+    return v;
+  }
+}
+
+template <typename S>
+inline v8f vround(v8f x) {
+  if constexpr (std::is_same_v<S, F32>) {
+    return x;
+  } else if constexpr (std::is_same_v<S, BF16>) {
+    return (v8f)bf16_bits8(x);
+  } else {
+    for (int i = 0; i < 8; ++i) x[i] = S::round(x[i]);
+    return x;
+  }
+}
+
+template <typename S>
+inline void vstore(typename S::T* p, v8f x) {
+  if constexpr (std::is_same_v<S, F32>) {
+    store8(p, x);
+  } else if constexpr (std::is_same_v<S, BF16>) {
+    const v8h h = __builtin_convertvector(bf16_bits8(x) >> 16, v8h);
+    std::memcpy(p, &h, sizeof h);
+  } else {
+    for (int i = 0; i < 8; ++i) p[i] = S::store(x[i]);
+  }
+}
+
+// The 8 dot products of q with k[0..7] as one vector: one accumulator per key, then a transposing
+// tree of shuffles and adds (no horizontal sum per key).
+inline v8f dot8(const float* q, const float* const* k, int D) {
+  v8f a0 = splat8(0.f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  int d = 0;
+  for (; d + 8 <= D; d += 8) {
+    const v8f qv = load8(q + d);
+    a0 += qv * load8(k[0] + d); a1 += qv * load8(k[1] + d); a2 += qv * load8(k[2] + d); a3 += qv * load8(k[3] + d);
+    a4 += qv * load8(k[4] + d); a5 += qv * load8(k[5] + d); a6 += qv * load8(k[6] + d); a7 += qv * load8(k[7] + d);
+  }
+  const v8f t01 = __builtin_shufflevector(a0, a1, 0, 8, 2, 10, 4, 12, 6, 14) + __builtin_shufflevector(a0, a1, 1, 9, 3, 11, 5, 13, 7, 15);
+  const v8f t23 = __builtin_shufflevector(a2, a3, 0, 8, 2, 10, 4, 12, 6, 14) + __builtin_shufflevector(a2, a3, 1, 9, 3, 11, 5, 13, 7, 15);
+  const v8f t45 = __builtin_shufflevector(a4, a5, 0, 8, 2, 10, 4, 12, 6, 14) + __builtin_shufflevector(a4, a5, 1, 9, 3, 11, 5, 13, 7, 15);
+  const v8f t67 = __builtin_shufflevector(a6, a7, 0, 8, 2, 10, 4, 12, 6, 14) + __builtin_shufflevector(a6, a7, 1, 9, 3, 11, 5, 13, 7, 15);
+  const v8f u03 = __builtin_shufflevector(t01, t23, 0, 1, 8, 9, 4, 5, 12, 13) + __builtin_shufflevector(t01, t23, 2, 3, 10, 11, 6, 7, 14, 15);
+  const v8f u47 = __builtin_shufflevector(t45, t67, 0, 1, 8, 9, 4, 5, 12, 13) + __builtin_shufflevector(t45, t67, 2, 3, 10, 11, 6, 7, 14, 15);
+  v8f r = __builtin_shufflevector(u03, u47, 0, 1, 2, 3, 8, 9, 10, 11) + __builtin_shufflevector(u03, u47, 4, 5, 6, 7, 12, 13, 14, 15);
+  for (; d < D; ++d)
+    for (int i = 0; i < 8; ++i) r[i] += q[d] * k[i][d];
+  return r;
+}
+
+// exp of 8 lanes (Cephes' expf: range reduction by ln 2, degree-5 polynomial; ~1 ulp). Lanes at
+// -inf give 0 exactly (masked keys); the softmax inputs here are <= 0.
+inline v8f exp8(v8f x) {
+  const v8i finite = x > splat8(-88.f);
+  x = x < splat8(-88.f) ? splat8(-88.f) : x;
+  v8f fx = x * splat8(1.44269504088896341f) + splat8(0.5f);
+  v8i n = __builtin_convertvector(fx, v8i);
+  v8f t = __builtin_convertvector(n, v8f);
+  n -= (v8i)(t > fx) & 1;  // floor: truncation rounds negatives up
+  const v8f nf = __builtin_convertvector(n, v8f);
+  x = x - nf * splat8(0.693359375f) - nf * splat8(-2.12194440e-4f);
+  v8f y = splat8(1.9875691500e-4f);
+  y = y * x + splat8(1.3981999507e-3f);
+  y = y * x + splat8(8.3334519073e-3f);
+  y = y * x + splat8(4.1665795894e-2f);
+  y = y * x + splat8(1.6666665459e-1f);
+  y = y * x + splat8(5.0000001201e-1f);
+  y = y * (x * x) + x + splat8(1.f);
+  const v8i bits = (n + 127) << 23;
+  v8f scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  v8f out = y * scale;
+  v8i masked;
+  std::memcpy(&masked, &out, sizeof masked);
+  masked &= finite;
+  std::memcpy(&out, &masked, sizeof out);
+  return out;
+}
+
+// acc[0:D] = acc * alpha (alpha != 1 only when the running max moved)
+inline void scale_row(float* acc, float alpha, int D) {
+#pragma omp simd
+  for (int d = 0; d < D; ++d) acc[d] *= alpha;
+}
+
+// acc[0:D] += sum over j in [j_lo, j_hi) of p[j] * v[j][0:D]. With D known at compile time (DC)
+// the accumulator stays in registers across the keys instead of a load and a store per key.
+template <int DC>
+inline void accumulate(float* acc, const float* p, const float* const* v, int j_lo, int j_hi, int D) {
+  if constexpr (DC > 0) {
+    v8f a[DC / 8];
+    for (int i = 0; i < DC / 8; ++i) a[i] = load8(acc + 8 * i);
+    for (int j = j_lo; j < j_hi; ++j) {
+      const v8f pv = splat8(p[j]);
+      for (int i = 0; i < DC / 8; ++i) a[i] += pv * load8(v[j] + 8 * i);
+    }
+    for (int i = 0; i < DC / 8; ++i) store8(acc + 8 * i, a[i]);
+  } else {
+    for (int j = j_lo; j < j_hi; ++j) {
+      const float pj = p[j];
+      const float* vj = v[j];
+#pragma omp simd
+      for (int d = 0; d < D; ++d) acc[d] += pj * vj[d];
+    }
+  }
+}
+
+inline void accumulate_any(float* acc, const float* p, const float* const* v, int j_lo, int j_hi, int D) {
+  switch (D) {
+    case 32: return accumulate<32>(acc, p, v, j_lo, j_hi, D);
+    case 64: return accumulate<64>(acc, p, v, j_lo, j_hi, D);
+    case 128: return accumulate<128>(acc, p, v, j_lo, j_hi, D);
+    case 256: return accumulate<256>(acc, p, v, j_lo, j_hi, D);
+    default: return accumulate<0>(acc, p, v, j_lo, j_hi, D);
+  }
+}
+
+// ---- paged attention -----------------------------------------------------------------------------
+struct WorkUnit {
+  int seq, token0, num_tokens, first_pos, kv_head;
+  int64_t cost;
+};
+
+struct Scratch {
+  std::vector<float> q, acc, m, l, k_chunk, v_chunk;
+};
+
+struct AttentionArgs {
+  const void* q;
+  int64_t q_stride_t, q_stride_h;  // elements; the last stride is 1
+  void* out;                       // contiguous [T, H, D]
+  const void* kv;                  // contiguous [2, num_blocks, block_size, Hkv, D]
+  int64_t num_blocks, block_size, num_kv_heads, head_dim, num_heads, num_tokens;
+  const int32_t* query_start;   // [S + 1]
+  const int32_t* context_lens;  // [S]
+  int64_t num_seqs;
+  const int32_t* block_tables;  // [S, table_stride]
+  int64_t table_stride;
+  float scale, softcap;  // softcap 0: none
+  int window;            // 0: none
+};
+
+template <typename S>
+void attend_unit(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
+  using T = typename S::T;
+  const int D = static_cast<int>(a.head_dim), G = static_cast<int>(a.num_heads / a.num_kv_heads);
+  const int block_size = static_cast<int>(a.block_size), window = a.window;
+  const int64_t slot_stride = a.num_kv_heads * a.head_dim;
+  const T* k_cache = static_cast<const T*>(a.kv);
+  const T* v_cache = k_cache + a.num_blocks * a.block_size * slot_stride;
+  const int32_t* table = a.block_tables + w.seq * a.table_stride;
+  const int R = w.num_tokens * G;  // row r = token (r / G), query head kv_head * G + r % G
+  s.q.resize(static_cast<size_t>(R) * D);
+  s.acc.assign(static_cast<size_t>(R) * D, 0.f);
+  s.m.assign(R, NEG_INF);
+  s.l.assign(R, 0.f);
+  s.k_chunk.resize(static_cast<size_t>(KEY_CHUNK) * D);
+  s.v_chunk.resize(static_cast<size_t>(KEY_CHUNK) * D);
+  const T* q = static_cast<const T*>(a.q);
+  for (int r = 0; r < R; ++r) {
+    const T* src = q + (w.token0 + r / G) * a.q_stride_t + (w.kv_head * G + r % G) * a.q_stride_h;
+#pragma omp simd
+    for (int d = 0; d < D; ++d) s.q[r * D + d] = S::load(src[d]);
+  }
+  const int last_pos = w.first_pos + w.num_tokens - 1;
+  const int lo = window > 0 ? std::max(0, w.first_pos - window + 1) : 0;
+  const int64_t head_off = static_cast<int64_t>(w.kv_head) * D;
+  alignas(32) float sc[KEY_CHUNK];
+  const float* k_rows[KEY_CHUNK];  // the cache's own rows for fp32, converted copies otherwise
+  const float* v_rows[KEY_CHUNK];
+  const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  const bool capped = a.softcap > 0.f;
+  for (int c0 = lo; c0 <= last_pos; c0 += KEY_CHUNK) {
+    const int n = std::min(KEY_CHUNK, last_pos + 1 - c0);
+    // walk the block table (no division per key)
+    int blk = c0 / block_size, off = c0 - blk * block_size;
+    for (int j = 0; j < n; ++j) {
+      const int64_t slot = static_cast<int64_t>(table[blk]) * block_size + off;
+      k_rows[j] = row_as_float<S>(k_cache + slot * slot_stride + head_off, s.k_chunk.data() + j * D, D);
+      v_rows[j] = row_as_float<S>(v_cache + slot * slot_stride + head_off, s.v_chunk.data() + j * D, D);
+      if (++off == block_size) { off = 0; ++blk; }
+    }
+    for (int j = n; j < (n + 7) / 8 * 8; ++j) k_rows[j] = k_rows[0];  // padding lanes, masked below
+    for (int r = 0; r < R; ++r) {
+      const int qpos = w.first_pos + r / G;
+      // visible keys of this row in the chunk: [j_lo, j_hi)
+      const int j_hi = std::min(n, qpos - c0 + 1);
+      const int j_lo = window > 0 ? std::max(0, qpos - window + 1 - c0) : 0;
+      if (j_hi <= j_lo) continue;
+      const float* qr = s.q.data() + r * D;
+      // only the 8-key groups that hold visible keys (causal and window edges skip the rest)
+      const int g0 = j_lo / 8 * 8, g1 = (j_hi + 7) / 8 * 8;
+      v8f vmax = splat8(NEG_INF);
+      for (int j = g0; j < g1; j += 8) {
+        v8f score = dot8(qr, k_rows + j, D) * splat8(a.scale);
+        if (capped)
+          for (int i = 0; i < 8; ++i) score[i] = a.softcap * std::tanh(score[i] / a.softcap);
+        const v8i idx = lane + j;
+        score = (idx >= j_lo) & (idx < j_hi) ? score : splat8(NEG_INF);
+        store8(sc + j, score);
+        vmax = vmax > score ? vmax : score;
+      }
+      const float cmax = std::max(std::max(std::max(vmax[0], vmax[1]), std::max(vmax[2], vmax[3])),
+                                  std::max(std::max(vmax[4], vmax[5]), std::max(vmax[6], vmax[7])));
+      // online softmax: rescale once per chunk, then accumulate p * v
+      const float m_new = std::max(s.m[r], cmax);
+      float* acc = s.acc.data() + r * D;
+      if (s.m[r] != m_new) {
+        const float alpha = s.m[r] == NEG_INF ? 0.f : std::exp(s.m[r] - m_new);
+        s.l[r] *= alpha;
+        scale_row(acc, alpha, D);
+        s.m[r] = m_new;
+      }
+      v8f lsum = splat8(0.f);
+      for (int j = g0; j < g1; j += 8) {
+        const v8f p = exp8(load8(sc + j) - splat8(m_new));
+        store8(sc + j, p);
+        lsum += p;
+      }
+      s.l[r] += hsum8(lsum);
+      accumulate_any(acc, sc, v_rows, j_lo, j_hi, D);
+    }
+  }
+  T* out = static_cast<T*>(a.out);
+  for (int r = 0; r < R; ++r) {
+    T* dst = out + ((w.token0 + r / G) * a.num_heads + w.kv_head * G + r % G) * D;
+    const float inv = 1.f / s.l[r];
+#pragma omp simd
+    for (int d = 0; d < D; ++d) dst[d] = S::store(s.acc[r * D + d] * inv);
+  }
+}
+
+template <typename S>
+void paged_attention_impl(const AttentionArgs& a, const std::vector<WorkUnit>& units) {
+  const int64_t num_units = static_cast<int64_t>(units.size());
+#pragma omp parallel if (num_units > 1)
+  {
+    Scratch scratch;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < num_units; ++i) attend_unit<S>(units[i], a, scratch);
+  }
+}
+
+// The work units of a step, longest first; false (ValueError set) when the metadata does not
+// describe a valid step (a raw-pointer kernel must not read past the cache or the block tables).
+bool plan_units(const AttentionArgs& a, std::vector<WorkUnit>& units) {
+  const int32_t* qs = a.query_start;
+  if (qs[0] != 0 || qs[a.num_seqs] != a.num_tokens) {
+    PyErr_Format(PyExc_ValueError, "query_start must run from 0 to the %lld tokens, got %d..%d",
+                 static_cast<long long>(a.num_tokens), qs[0], qs[a.num_seqs]);
+    return false;
+  }
+  const int64_t max_keys = a.table_stride * a.block_size;
+  for (int s = 0; s < a.num_seqs; ++s) {
+    const int n_q = qs[s + 1] - qs[s], ctx = a.context_lens[s];
+    if (n_q < 0 || ctx < n_q || ctx > max_keys) {
+      PyErr_Format(PyExc_ValueError, "sequence %d: %d new tokens and context_lens %d do not fit its block "
+                   "table of %lld blocks (need 0 <= new tokens <= context_lens <= blocks * block_size)",
+                   s, n_q, ctx, static_cast<long long>(a.table_stride));
+      return false;
+    }
+    const int32_t* table = a.block_tables + s * a.table_stride;
+    for (int64_t b = 0; b < (ctx + a.block_size - 1) / a.block_size; ++b) {
+      if (table[b] < 0 || table[b] >= a.num_blocks) {
+        PyErr_Format(PyExc_ValueError, "block_tables[%d, %lld] = %d is not a block of the cache (0..%lld)", s,
+                     static_cast<long long>(b), table[b], static_cast<long long>(a.num_blocks - 1));
+        return false;
+      }
+    }
+    const int first = ctx - n_q;  // new tokens are the last n_q of the context
+    for (int t = 0; t < n_q; t += QUERY_TILE) {
+      const int n = std::min(QUERY_TILE, n_q - t);
+      const int keys = a.window > 0 ? std::min<int>(first + t + n, a.window + n - 1) : first + t + n;
+      for (int h = 0; h < a.num_kv_heads; ++h)
+        units.push_back({s, qs[s] + t, n, first + t, h, static_cast<int64_t>(keys) * n});
+    }
+  }
+  std::stable_sort(units.begin(), units.end(), [](const WorkUnit& x, const WorkUnit& y) { return x.cost > y.cost; });
+  return true;
+}
+
+// paged_attention(dtype, q, q_stride_t, q_stride_h, out, kv, num_blocks, block_size, num_kv_heads,
+//                 head_dim, num_heads, num_tokens, query_start, context_lens, num_seqs, block_tables,
+//                 table_stride, scale, window, softcap)
+PyObject* py_paged_attention(PyObject*, PyObject* const* items, Py_ssize_t count) {
+  if (!check_arity("paged_attention", count, 20)) return nullptr;
+  const Args in{items, count};
+  AttentionArgs a{in.ptr<const void>(1), in.i64(2), in.i64(3), in.ptr<void>(4), in.ptr<const void>(5),
+                  in.i64(6), in.i64(7), in.i64(8), in.i64(9), in.i64(10), in.i64(11),
+                  in.ptr<const int32_t>(12), in.ptr<const int32_t>(13), in.i64(14), in.ptr<const int32_t>(15),
+                  in.i64(16), static_cast<float>(in.f64(17)), static_cast<float>(in.f64(19)),
+                  static_cast<int>(in.i64(18))};
+  const int64_t dtype = in.i64(0);
+  if (failed() || !check_dtype(dtype)) return nullptr;
+  if (a.num_kv_heads <= 0 || a.num_heads % a.num_kv_heads != 0 || a.head_dim <= 0 || a.block_size <= 0) {
+    PyErr_Format(PyExc_ValueError, "num_heads %lld must be a multiple of num_kv_heads %lld; head_dim and "
+                 "block_size must be positive", static_cast<long long>(a.num_heads),
+                 static_cast<long long>(a.num_kv_heads));
+    return nullptr;
+  }
+  if (a.num_tokens == 0) Py_RETURN_NONE;
+  std::vector<WorkUnit> units;
+  if (!plan_units(a, units)) return nullptr;
+  run_without_gil(dtype, [&](auto s) { paged_attention_impl<decltype(s)>(a, units); });
+  Py_RETURN_NONE;
+}
+
+// ---- rotary embedding, optionally fused with the KV-cache write ---------------------------------
+// As the reference: o1 = x1 * cos - x2 * sin, o2 = x2 * cos + x1 * sin on (first half, second half)
+// of the rotary features (GPT-NeoX) or on (even, odd) ones (GPT-J); features past rotary_dim copied.
+// In bf16/fp16 every product and sum rounds to the storage type, as torch's ops on those tensors do.
+template <typename S>
+inline void rotate_pair(typename S::T x1_, typename S::T x2_, typename S::T cos_, typename S::T sin_,
+                        typename S::T& o1, typename S::T& o2) {
+  const float x1 = S::load(x1_), x2 = S::load(x2_), c = S::load(cos_), s = S::load(sin_);
+  o1 = S::store(S::round(x1 * c) - S::round(x2 * s));
+  o2 = S::store(S::round(x2 * c) + S::round(x1 * s));
+}
+
+template <typename S>
+inline void rotate_row(const typename S::T* x, typename S::T* o, const typename S::T* cos,
+                       const typename S::T* sin, int half, int D, bool interleaved) {
+  // GPT-J pairs are interleaved (left to the compiler); GPT-NeoX halves are contiguous: vectors
+  if (interleaved) {
+#pragma omp simd
+    for (int i = 0; i < half; ++i) rotate_pair<S>(x[2 * i], x[2 * i + 1], cos[i], sin[i], o[2 * i], o[2 * i + 1]);
+  } else {
+    int i = 0;
+    for (; i + 8 <= half; i += 8) {  // the same operations, 8 pairs at a time
+      const v8f x1 = vload<S>(x + i), x2 = vload<S>(x + i + half), c = vload<S>(cos + i), s = vload<S>(sin + i);
+      vstore<S>(o + i, vround<S>(x1 * c) - vround<S>(x2 * s));
+      vstore<S>(o + i + half, vround<S>(x2 * c) + vround<S>(x1 * s));
+    }
+    for (; i < half; ++i) rotate_pair<S>(x[i], x[i + half], cos[i], sin[i], o[i], o[i + half]);
+  }
+  for (int d = 2 * half; d < D; ++d) o[d] = x[d];
+}
+
+struct RotaryArgs {
+  const void *q, *k;
+  int64_t q_stride_t, q_stride_h, k_stride_t, k_stride_h;
+  void *q_out, *k_out;  // contiguous [T, H, D], [T, Hkv, D]; k_out may be null (fused write only)
+  int64_t num_tokens, num_heads, num_kv_heads, head_dim;
+  const int64_t* positions;  // [T]
+  const void* cos_sin;       // contiguous [table_rows, table_width] = cos | sin
+  int64_t table_rows, table_width, rotary_dim;
+  bool interleaved;
+  // the fused KV write (kv null: none): v [T, Hkv, D] strided, cache contiguous, slots [T]
+  const void* v;
+  int64_t v_stride_t, v_stride_h;
+  void* kv;
+  int64_t num_slots;
+  const int64_t* slots;
+};
+
+template <typename S>
+void rotary_impl(const RotaryArgs& a) {
+  using T = typename S::T;
+  const int D = static_cast<int>(a.head_dim), half = static_cast<int>(a.rotary_dim / 2);
+  const int64_t T_ = a.num_tokens, H = a.num_heads, Hkv = a.num_kv_heads, slot_stride = Hkv * a.head_dim;
+  const T* q = static_cast<const T*>(a.q);
+  const T* k = static_cast<const T*>(a.k);
+  const T* v = static_cast<const T*>(a.v);
+  const T* table = static_cast<const T*>(a.cos_sin);
+  T* q_out = static_cast<T*>(a.q_out);
+  T* k_out = static_cast<T*>(a.k_out);
+  T* k_cache = static_cast<T*>(a.kv);
+  T* v_cache = k_cache ? k_cache + a.num_slots * slot_stride : nullptr;
+#pragma omp parallel for if (T_ * (H + Hkv) * D > PARALLEL_MIN_ELEMENTS)
+  for (int64_t t = 0; t < T_; ++t) {
+    const T* cos = table + a.positions[t] * a.table_width;
+    const T* sin = cos + a.table_width / 2;
+    for (int64_t h = 0; h < H; ++h)
+      rotate_row<S>(q + t * a.q_stride_t + h * a.q_stride_h, q_out + (t * H + h) * D, cos, sin, half, D,
+                    a.interleaved);
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const T* src = k + t * a.k_stride_t + h * a.k_stride_h;
+      if (k_out) rotate_row<S>(src, k_out + (t * Hkv + h) * D, cos, sin, half, D, a.interleaved);
+      if (k_cache) {
+        rotate_row<S>(src, k_cache + a.slots[t] * slot_stride + h * D, cos, sin, half, D, a.interleaved);
+        const T* vs = v + t * a.v_stride_t + h * a.v_stride_h;
+        std::copy(vs, vs + D, v_cache + a.slots[t] * slot_stride + h * D);
+      }
+    }
+  }
+}
+
+bool check_rotary(const RotaryArgs& a) {
+  if (a.rotary_dim <= 0 || a.rotary_dim % 2 || a.rotary_dim > a.head_dim || a.rotary_dim > a.table_width) {
+    PyErr_Format(PyExc_ValueError, "rotary_dim %lld must be even, positive and fit head_dim %lld and the cos/sin "
+                 "table's %lld columns", static_cast<long long>(a.rotary_dim), static_cast<long long>(a.head_dim),
+                 static_cast<long long>(a.table_width));
+    return false;
+  }
+  for (int64_t t = 0; t < a.num_tokens; ++t) {
+    if (a.positions[t] < 0 || a.positions[t] >= a.table_rows) {
+      PyErr_Format(PyExc_ValueError, "positions[%lld] = %lld is outside the cos/sin table of %lld positions",
+                   static_cast<long long>(t), static_cast<long long>(a.positions[t]),
+                   static_cast<long long>(a.table_rows));
+      return false;
+    }
+    if (a.kv && (a.slots[t] < 0 || a.slots[t] >= a.num_slots)) {
+      PyErr_Format(PyExc_ValueError, "slot_mapping[%lld] = %lld is not a slot of the cache (0..%lld)",
+                   static_cast<long long>(t), static_cast<long long>(a.slots[t]),
+                   static_cast<long long>(a.num_slots - 1));
+      return false;
+    }
+  }
+  return true;
+}
+
+// rotary(dtype, q, q_stride_t, q_stride_h, k, k_stride_t, k_stride_h, q_out, k_out, num_tokens,
+//        num_heads, num_kv_heads, head_dim, positions, cos_sin, table_rows, table_width, rotary_dim,
+//        interleaved, v, v_stride_t, v_stride_h, kv, num_slots, slot_mapping)
+// k_out None: only the fused write; kv None: no write (v, slot_mapping ignored).
+PyObject* py_rotary(PyObject*, PyObject* const* items, Py_ssize_t count) {
+  if (!check_arity("rotary", count, 25)) return nullptr;
+  const Args in{items, count};
+  RotaryArgs a{in.ptr<const void>(1), in.ptr<const void>(4), in.i64(2), in.i64(3), in.i64(5), in.i64(6),
+               in.ptr<void>(7), in.ptr<void>(8), in.i64(9), in.i64(10), in.i64(11), in.i64(12),
+               in.ptr<const int64_t>(13), in.ptr<const void>(14), in.i64(15), in.i64(16), in.i64(17),
+               PyObject_IsTrue(items[18]) == 1, in.ptr<const void>(19), in.i64(20), in.i64(21), in.ptr<void>(22),
+               in.i64(23), in.ptr<const int64_t>(24)};
+  const int64_t dtype = in.i64(0);
+  if (failed() || !check_dtype(dtype) || !check_rotary(a)) return nullptr;
+  run_without_gil(dtype, [&](auto s) { rotary_impl<decltype(s)>(a); });
+  Py_RETURN_NONE;
+}
+
+// ---- RMSNorm, optionally of x + residual ----------------------------------------------------------
+// As the reference: h = x (+ residual, rounded to the storage type); inv = 1 / sqrt(mean(h^2) + eps)
+// in fp32; out = w * round(h * inv) (Llama), or round((h * inv) * (offset + w)) with a weight offset
+// (Gemma). One thread per row: the sums do not depend on the thread count.
+template <typename S>
+void rms_norm_impl(const void* x_, const void* r_, const void* w_, void* out_, void* sum_, int64_t M, int64_t N,
+                   float eps, float offset) {
+  using T = typename S::T;
+  const T *xp = static_cast<const T*>(x_), *rp = static_cast<const T*>(r_), *wp = static_cast<const T*>(w_);
+  T *op = static_cast<T*>(out_), *sp = static_cast<T*>(sum_);
+#pragma omp parallel if (M * N > PARALLEL_MIN_ELEMENTS)
+  {
+    std::vector<float> h(N);
+#pragma omp for
+    for (int64_t i = 0; i < M; ++i) {
+      const T* a = xp + i * N;
+      v8f part = splat8(0.f);
+      int64_t d = 0;
+      if (rp) {
+        const T* b = rp + i * N;
+        T* s = sp + i * N;
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) {
+          s[j] = S::store(S::load(a[j]) + S::load(b[j]));
+          h[j] = S::load(s[j]);
+        }
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) h[j] = S::load(a[j]);
+      }
+      for (; d + 8 <= N; d += 8) {
+        const v8f v = load8(h.data() + d);
+        part += v * v;
+      }
+      float tail = 0.f;
+      for (; d < N; ++d) tail += h[d] * h[d];
+      const float inv = 1.f / std::sqrt((hsum8(part) + tail) / static_cast<float>(N) + eps);
+      T* o = op + i * N;
+      if (offset != 0.f) {
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) o[j] = S::store((h[j] * inv) * (offset + S::load(wp[j])));
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) o[j] = S::store(S::load(wp[j]) * S::round(h[j] * inv));
+      }
+    }
+  }
+}
+
+// rms_norm(dtype, x, residual, weight, out, sum, rows, cols, eps, weight_offset); residual and sum
+// None: the norm of x alone
+PyObject* py_rms_norm(PyObject*, PyObject* const* items, Py_ssize_t count) {
+  if (!check_arity("rms_norm", count, 10)) return nullptr;
+  const Args in{items, count};
+  const int64_t dtype = in.i64(0), M = in.i64(6), N = in.i64(7);
+  const void *x = in.ptr<const void>(1), *r = in.ptr<const void>(2), *w = in.ptr<const void>(3);
+  void *out = in.ptr<void>(4), *sum = in.ptr<void>(5);
+  const float eps = static_cast<float>(in.f64(8)), offset = static_cast<float>(in.f64(9));
+  if (failed() || !check_dtype(dtype)) return nullptr;
+  if ((r == nullptr) != (sum == nullptr) || N <= 0) {
+    PyErr_SetString(PyExc_ValueError, "residual and sum come together (both or neither); cols must be positive");
+    return nullptr;
+  }
+  run_without_gil(dtype, [&](auto s) { rms_norm_impl<decltype(s)>(x, r, w, out, sum, M, N, eps, offset); });
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"paged_attention", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_paged_attention)),
+     METH_FASTCALL, "Ragged causal attention over the paged KV cache (see cpu_attention.cpp)."},
+    {"rotary", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_rotary)), METH_FASTCALL,
+     "Rotary embedding of q and k, optionally storing rotated k and v into the cache."},
+    {"rms_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_rms_norm)), METH_FASTCALL,
+     "RMSNorm of x, or of x + residual (writing the sum too)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+SPLITFUSE_NATIVE_MODULE(cpu_attention, methods)
