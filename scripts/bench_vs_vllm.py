@@ -31,11 +31,11 @@ import argparse
 import dataclasses
 import datetime
 import gc
+import json
 import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -127,7 +127,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ---- machine -----------------------------------------------------------------------------------
 def cpu_info() -> dict:
-    """CPU model name and its vector/matrix flags, from /proc/cpuinfo (lscpu where it is missing)."""
+    """CPU model name and its vector/matrix flags, from /proc/cpuinfo."""
     model, flags = platform.processor() or platform.machine(), []
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -345,7 +345,8 @@ def report(args, argv, info: dict, versions: dict, bandwidth: dict, model_line: 
         f"## splitfuse vs vLLM CPU: {model_line}, {args.dtype}, {args.threads} thread(s)",
         "",
         f"- Date: {datetime.date.today().isoformat()}; load average before/after: {loads[0]} / {loads[1]}",
-        f"- CPU: {info['model']}, {info['cores']} usable cores; flags: {' '.join(info['flags']) or 'none of avx2/avx512/amx'}",
+        f"- CPU: {info['model']}, {info['cores']} usable cores; "
+        f"flags: {' '.join(info['flags']) or 'none of avx2/avx512/amx'}",
         f"- Software: Python {platform.python_version()}, "
         + ", ".join(f"{k} {v}" for k, v in versions.items()),
         f"- Offline: {len(prompts)} prompts of {w.min_len}-{w.max_len} random token ids (seed {args.seed}; "
@@ -370,11 +371,13 @@ def report(args, argv, info: dict, versions: dict, bandwidth: dict, model_line: 
     lines.append("")
     weight_bytes = decode_weight_bytes(config, args.dtype)
     copy = bandwidth[args.threads]
-    lines.append(f"Copy bandwidth (read + write): " + ", ".join(f"{t} thread(s) {gbs:.1f} GB/s" for t, gbs in bandwidth.items())
-                 + f". Batch-1 decode reads {weight_bytes / 1e6:.1f} MB of weights per token:")
+    per_thread = ", ".join(f"{t} thread(s) {gbs:.1f} GB/s" for t, gbs in bandwidth.items())
+    lines.append(f"Copy bandwidth (read + write): {per_thread}. "
+                 f"Batch-1 decode reads {weight_bytes / 1e6:.1f} MB of weights per token:")
     for name in names:
         gbs = weight_bytes / (min(res.decode_ms[name]) / 1000) / 1e9
-        lines.append(f"- {name}: {gbs:.2f} GB/s at its best decode, {100 * gbs / copy:.0f}% of the {args.threads}-thread copy bandwidth")
+        lines.append(f"- {name}: {gbs:.2f} GB/s at its best decode, "
+                     f"{100 * gbs / copy:.0f}% of the {args.threads}-thread copy bandwidth")
     if "vllm" in names and "splitfuse" in names:
         sf, vl = "splitfuse", "vllm"
         lines += [
@@ -428,8 +431,6 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="splitfuse-vs-vllm-") as tmp:
         model_dir, model_line = resolve_model(args.model, Path(tmp))
-        import json
-
         config = json.loads((model_dir / "config.json").read_text())
         prompts = make_prompts(w.prompts, w.min_len, w.max_len, config["vocab_size"], args.seed)
         decode_prompt = make_prompts(1, w.decode_prompt, w.decode_prompt, config["vocab_size"], args.seed + 1)[0]
