@@ -327,6 +327,10 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
 
+def _rate(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def ratio_line(label: str, num: list[float], den: list[float]) -> str:
     """min(num) / min(den) (best against best), then the median of the paired ratios of each round."""
     ratios = [a / b for a, b in zip(num, den)]
@@ -366,7 +370,7 @@ def report(args, argv, info: dict, versions: dict, bandwidth: dict, model_line: 
     for name in names:
         off, dec = res.offline_s[name], res.decode_ms[name]
         lines.append(f"| {name} | {res.startup_s[name]:.2f} | {min(off):.3f} / {statistics.median(off):.3f} "
-                     f"| {gen_tokens / min(off):.0f} / {gen_tokens / statistics.median(off):.0f} "
+                     f"| {_rate(gen_tokens / min(off))} / {_rate(gen_tokens / statistics.median(off))} "
                      f"| {min(dec):.2f} / {statistics.median(dec):.2f} |")
     lines.append("")
     weight_bytes = decode_weight_bytes(config, args.dtype)
