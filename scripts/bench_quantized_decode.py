@@ -125,7 +125,7 @@ WEIGHT_ONLY_KERNELS = ("aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_f
 DENSE_MATMULS = ("aten::mm", "aten::addmm")
 
 
-NATIVE_KERNELS = ("native_matmul",)  # in splitfuse.backends.cpu.quantized: every native call
+NATIVE_KERNELS = ("run_native",)  # in splitfuse.backends.cpu.quantized: every native call
 
 
 @contextlib.contextmanager

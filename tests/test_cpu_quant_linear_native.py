@@ -18,8 +18,9 @@ needs_native = pytest.mark.skipif(native.load("quant_linear") is None,
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
              torch.float16: dict(rtol=2e-3, atol=2e-3)}
 # (N, K, group_size): N not a multiple of the 4-row blocks, K not a multiple of the vector width or
-# of int4's 32-value blocks (K=90: one group of 90, a 26-value tail), int4 groups of 32, 64, 128
-INT4_SHAPES = [(13, 96, 32), (9, 192, 64), (6, 384, 128), (5, 90, 90)]
+# of int4's 32-value blocks (K=90: one group of 90, a 26-value tail), int4 groups of 32, 64, 128 and
+# 192 (groups of a multiple of 64 read 64-value blocks: three per group)
+INT4_SHAPES = [(13, 96, 32), (9, 192, 64), (6, 384, 128), (5, 90, 90), (7, 384, 192)]
 INT8_SHAPES = [(13, 36), (9, 200), (6, 384)]
 ROWS = [1, 2, 3, 5, 9]  # up to 4 rows stream the weights; more dequantize a block of rows once
 
@@ -97,9 +98,8 @@ def test_one_and_two_threads_give_identical_results(fmt, M):
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_cpu_backend_runs_the_native_kernel_on_the_portable_layout(monkeypatch, fmt, dtype):
     calls = []
-    kernel = quantized.native_matmul
-    monkeypatch.setattr(quantized, "native_matmul", lambda kernels, format, *a: calls.append(format) or kernel(
-        kernels, format, *a))
+    kernel = quantized.run_native
+    monkeypatch.setattr(quantized, "run_native", lambda call, *a: calls.append(call.format) or kernel(call, *a))
     backend = CpuBackend()
     weight = quantize(_weight(48, 256).to(dtype), fmt)
     prepared = backend.prepare_linear_weight(weight)
@@ -138,3 +138,21 @@ def test_a_natively_prepared_weight_still_multiplies_with_native_kernels_turned_
     monkeypatch.setenv("SPLITFUSE_NATIVE", "0")
     x = torch.randn(3, 256)
     torch.testing.assert_close(backend.linear(x, prepared), _reference(x, weight), rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+def test_a_prepared_matrix_works_out_its_kernel_arguments_once_and_still_honours_turning_them_off(monkeypatch):
+    made, ran = [], []
+    make, run = quantized.native_call, quantized.run_native
+    monkeypatch.setattr(quantized, "native_call", lambda *a: made.append(1) or make(*a))
+    monkeypatch.setattr(quantized, "run_native", lambda *a: ran.append(1) or run(*a))
+    backend = CpuBackend()
+    weight = quantize(_weight(48, 256), "int4")
+    prepared = backend.prepare_linear_weight(weight)
+    x = torch.randn(1, 256)
+    for _ in range(3):
+        torch.testing.assert_close(backend.linear(x, prepared), _reference(x, weight), rtol=1e-5, atol=1e-5)
+    assert (len(made), len(ran)) == (1, 3)
+    monkeypatch.setenv("SPLITFUSE_NATIVE", "0")
+    torch.testing.assert_close(backend.linear(x, prepared), _reference(x, weight), rtol=1e-4, atol=1e-4)
+    assert len(ran) == 3

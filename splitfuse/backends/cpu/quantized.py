@@ -11,6 +11,8 @@ shape or dtype outside what they take), callers fall back to the dequantizing re
 from __future__ import annotations
 
 import dataclasses
+import weakref
+from collections.abc import Callable
 
 import torch
 
@@ -126,35 +128,75 @@ def native_int4_mm(x2d: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, 
     return native_matmul(native_kernels(), "int4", x2d, data, scales, zeros, group_size, bias, vectorized)
 
 
+@dataclasses.dataclass(frozen=True)
+class NativeCall:
+    """One matrix's arguments to its native kernel, worked out once: a decode step makes about a
+    hundred quantized products, and each one's Python time adds to the step's."""
+
+    format: str
+    function: Callable  # the module's int8_linear or int4_linear
+    weight_args: tuple  # (data, N, scales[, zeros], group_size): pointers and sizes, in the kernel's order
+    shape: tuple[int, int]  # (N, K)
+
+
+def native_call(kernels, format: str, data: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                group_size: int, K: int) -> NativeCall:
+    """The call into the native module (`kernels`) for these contiguous tensors (kept alive by the caller)."""
+    N = data.shape[0]
+    if format == "int8":
+        return NativeCall(format, kernels.int8_linear, (data.data_ptr(), N, scales.data_ptr(), group_size), (N, K))
+    return NativeCall(format, kernels.int4_linear, (data.data_ptr(), N, scales.data_ptr(), zeros.data_ptr(),
+                                                    group_size), (N, K))
+
+
+def run_native(call: NativeCall, x2d: torch.Tensor, bias: torch.Tensor | None, out_shape: tuple[int, ...],
+               vectorized: bool = True) -> torch.Tensor:
+    """x2d [M, K] (contiguous) through `call`, into a new tensor of out_shape (M * N values) in x2d's dtype."""
+    out = torch.empty(out_shape, dtype=x2d.dtype)
+    call.function(x2d.data_ptr(), NATIVE_DTYPE_CODES[x2d.dtype], x2d.shape[0], call.shape[1], *call.weight_args,
+                  None if bias is None else bias.data_ptr(), out.data_ptr(), torch.get_num_threads(), int(vectorized))
+    return out
+
+
 def native_matmul(kernels, format: str, x2d: torch.Tensor, data: torch.Tensor, scales: torch.Tensor,
                   zeros: torch.Tensor | None, group_size: int, bias: torch.Tensor | None,
                   vectorized: bool = True) -> torch.Tensor:
     """One call into the native module (`kernels`): the arguments as pointers and sizes."""
-    out = torch.empty(x2d.shape[0], data.shape[0], dtype=x2d.dtype)
-    operands = (x2d.data_ptr(), NATIVE_DTYPE_CODES[x2d.dtype], x2d.shape[0], x2d.shape[1], data.data_ptr(),
-                data.shape[0], scales.data_ptr())
-    rest = (None if bias is None else bias.data_ptr(), out.data_ptr(), torch.get_num_threads(), int(vectorized))
-    if format == "int8":
-        kernels.int8_linear(*operands, group_size, *rest)
-    else:
-        kernels.int4_linear(*operands, zeros.data_ptr(), group_size, *rest)
-    return out
+    call = native_call(kernels, format, data, scales, zeros, group_size, x2d.shape[1])
+    return run_native(call, x2d, bias, (x2d.shape[0], data.shape[0]), vectorized)
+
+
+# prepared matrix -> its NativeCall (the matrix holds the tensors the pointers point into)
+_NATIVE_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _native_call_of(weight: QuantizedWeight) -> NativeCall | None:
+    """The matrix's NativeCall (worked out on its first product), or None when the native kernels are
+    off or cannot read this matrix as it is (not prepared by prepare_weight)."""
+    if not native.enabled():
+        return None
+    call = _NATIVE_CALLS.get(weight)
+    if call is None:
+        kernels = native_kernels()
+        if kernels is None or not (native_takes(weight) and _is_native_ready(weight)):
+            return None
+        call = _NATIVE_CALLS[weight] = native_call(kernels, weight.format, weight.data, weight.scales, weight.zeros,
+                                                   weight.group_size, weight.shape[1])
+    return call
 
 
 def _native_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """The native product, or None when the native kernels are off or cannot read this matrix as
-    it is (not prepared by prepare_weight)."""
-    kernels = native_kernels()
-    if kernels is None or not (native_takes(weight) and _is_native_ready(weight)):
+    """The native product, or None when no native kernel takes this matrix (see _native_call_of)."""
+    call = _native_call_of(weight)
+    if call is None:
         return None
-    N, K = weight.shape
+    N, K = call.shape
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} input features; the weight {weight} expects {K}")
-    if bias is not None:
+    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         bias = bias.to(x.dtype).contiguous()
     x2d = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, K).contiguous()
-    out = native_matmul(kernels, weight.format, x2d, weight.data, weight.scales, weight.zeros, weight.group_size, bias)
-    return out if x.dim() == 2 else out.view(*x.shape[:-1], N)  # (a view costs microseconds: only when needed)
+    return run_native(call, x2d, bias, x.shape[:-1] + (N,))
 
 
 def kernel_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor | None:

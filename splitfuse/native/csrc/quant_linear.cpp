@@ -8,6 +8,11 @@
 // scale is applied once per group (sum_k q_k x_k, then * scale) and the zero point through the
 // group sums of x:
 //   sum_k (q_k - z) s x_k = s * sum_k q_k x_k - z s * sum_k x_k.
+// int4 groups of a multiple of 64 values unpack 32 bytes with one AND per 8 values (no shifts or
+// shuffles): each nibble stays where it is in its 32-bit word and converts to q * 16^j exactly, and x
+// comes divided by 16^j (exact) to match, so that every product is q * x as written above.
+// Converting x once per call (float32, permuted into the order the format reads, group sums) is
+// vectorizable and costs a few microseconds at K = 4864.
 // More rows (prefill chunks) dequantize a block of W rows to float32 once and reuse it for all.
 // Threads split the output features (blocks of rows of W); each output is summed by one thread in
 // a fixed order, so results do not depend on the number of threads.
@@ -31,6 +36,19 @@ inline float read_value(const void* p, int64_t i, int64_t dtype) {
   if (dtype == kFloat32) return static_cast<const float*>(p)[i];
   uint16_t v = static_cast<const uint16_t*>(p)[i];
   return dtype == kBFloat16 ? bf16_to_float(v) : fp16_to_float(v);
+}
+
+// n values from p + offset as float32 (the dtype test out of the loop, so that it vectorizes)
+void read_values(const void* p, int64_t offset, int64_t n, int64_t dtype, float* out) {
+  if (dtype == kFloat32) {
+    std::memcpy(out, static_cast<const float*>(p) + offset, n * sizeof(float));
+  } else if (dtype == kBFloat16) {
+    const uint16_t* v = static_cast<const uint16_t*>(p) + offset;
+    for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(v[i]);
+  } else {
+    const uint16_t* v = static_cast<const uint16_t*>(p) + offset;
+    for (int64_t i = 0; i < n; ++i) out[i] = fp16_to_float(v[i]);
+  }
 }
 
 inline void write_value(void* p, int64_t i, int64_t dtype, float v) {
@@ -70,6 +88,16 @@ struct Portable {
     for (int j = 0; j < 4; ++j)
       for (int i = 0; i < 8; ++i) q[j].v[i] = float((p[4 * (i % 4) + j] >> (4 * (i / 4))) & 15);
   }
+  // 64 nibbles from 32 bytes as 8 x 8 lanes: lane i of vector j holds nibble j of 32-bit word i,
+  // left in place, i.e. q * 16^j (see Int4Rows64)
+  static void int4x64(const uint8_t* p, F8 q[8]) {
+    for (int i = 0; i < 8; ++i) {
+      uint32_t word;
+      std::memcpy(&word, p + 4 * i, 4);
+      for (int j = 0; j < 7; ++j) q[j].v[i] = float(word & (15u << (4 * j)));
+      q[7].v[i] = float(word >> 28);
+    }
+  }
 };
 
 #ifdef __AVX2__
@@ -101,6 +129,13 @@ struct Avx2 {
     q[2] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 16), mask));
     q[3] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 24), mask));
   }
+  // one AND per vector and no shift (but for the top nibble, whose mask would set the sign bit): the
+  // nibble stays at bit 4j and converts to q * 16^j exactly
+  static void int4x64(const uint8_t* p, F8 q[8]) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    for (int j = 0; j < 7; ++j) q[j] = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15 << (4 * j))));
+    q[7] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 28));
+  }
 };
 #endif
 
@@ -120,6 +155,7 @@ struct Int8Rows {
   float scale(int64_t n, int64_t g) const { return scales[n * num_groups + g]; }
   float offset(int64_t, int64_t) const { return 0.f; }
   static int64_t x_index(int64_t i) { return i; }
+  static float vector_unit(int) { return 1.f; }
 };
 
 // A block is 32 values in 16 bytes; unpacked as 4 vectors of 8 lanes, vector j lane i holding
@@ -142,6 +178,18 @@ struct Int4Rows {
   float offset(int64_t n, int64_t g) const { return -float(zeros[n * num_groups + g]) * scale(n, g); }
   // the k (within a block) whose x goes to position i of the permuted block
   static int64_t x_index(int64_t i) { return 8 * (i % 8 % 4) + 2 * (i / 8) + i % 8 / 4; }
+  static float vector_unit(int) { return 1.f; }
+};
+
+// Groups of a multiple of 64 values read blocks of 64 in 32 bytes: vector j lane i holds k = 8 i + j
+// of the block, as q * 16^j (vector_unit(j)); streaming divides x by the unit (exact: a power of
+// two), dequantizing multiplies the scale by it, so every product q * x is what Int4Rows computes.
+struct Int4Rows64 : Int4Rows {
+  static constexpr int64_t kBlock = 64;
+  template <class V>  // k a multiple of 64 from the group start (even)
+  void q_block(int64_t n, int64_t k, typename V::F8 q[8]) const { V::int4x64(data + n * (K / 2) + k / 2, q); }
+  static int64_t x_index(int64_t i) { return 8 * (i % 8) + i / 8; }
+  static float vector_unit(int j) { return j < 7 ? float(1 << (4 * j)) : 1.f; }
 };
 
 struct Problem {
@@ -238,11 +286,13 @@ void dequantize_rows(const W& w, const Problem& p, int64_t n0, int64_t count, fl
       const int64_t k0 = g * p.group_size, k1 = std::min(p.K, k0 + p.group_size);
       const int64_t k_vec = k0 + (k1 - k0) / W::kBlock * W::kBlock;
       const float s = w.scale(n0 + r, g), b = w.offset(n0 + r, g);
-      const F8 sv = V::set1(s), bv = V::set1(b);
+      const F8 bv = V::set1(b);
+      F8 sv[kVectors];  // the scale of one raw unit of each vector
+      for (int j = 0; j < kVectors; ++j) sv[j] = V::set1(s / W::vector_unit(j));
       for (int64_t k = k0; k < k_vec; k += W::kBlock) {
         F8 q[kVectors];
         w.template q_block<V>(n0 + r, k, q);
-        for (int j = 0; j < kVectors; ++j) V::store(row + k + 8 * j, V::fmadd(q[j], sv, bv));
+        for (int j = 0; j < kVectors; ++j) V::store(row + k + 8 * j, V::fmadd(q[j], sv[j], bv));
       }
       for (int64_t k = k_vec; k < k1; ++k) row[k] = w.q(n0 + r, k) * s + b;
     }
@@ -350,24 +400,28 @@ struct Call {
   template <class W>
   void compute(const W& w) const {
     const int64_t num_groups = K / group_size;
-    // x in float32, each whole block of each group permuted into the order the format reads
-    std::vector<float> x32(M * K);
+    // x in float32, each whole block of each group permuted into the order the format reads (and,
+    // when streaming, divided by the unit of the vector that reads it)
+    const bool streaming = M <= kStreamMaxRows;
+    float inverse_unit[W::kBlock / 8];
+    for (int j = 0; j < W::kBlock / 8; ++j) inverse_unit[j] = streaming ? 1.f / W::vector_unit(j) : 1.f;
+    std::vector<float> x32(M * K), row(K);
+    std::vector<float> xsum(W::kHasZeros ? M * num_groups : 0);  // sums of x over each group
     for (int64_t m = 0; m < M; ++m) {
-      for (int64_t k0 = 0; k0 < K; k0 += group_size) {
+      read_values(x, m * K, K, x_dtype, row.data());
+      for (int64_t g = 0, k0 = 0; k0 < K; ++g, k0 += group_size) {
         const int64_t k_vec = k0 + group_size / W::kBlock * W::kBlock;
-        for (int64_t k = k0; k < k0 + group_size; ++k) {
-          const int64_t source = k < k_vec ? k - (k - k0) % W::kBlock + W::x_index((k - k0) % W::kBlock) : k;
-          x32[m * K + k] = read_value(x, m * K + source, x_dtype);
+        for (int64_t b = k0; b < k_vec; b += W::kBlock)
+          for (int64_t i = 0; i < W::kBlock; ++i) x32[m * K + b + i] = row[b + W::x_index(i)] * inverse_unit[i / 8];
+        for (int64_t k = k_vec; k < k0 + group_size; ++k) x32[m * K + k] = row[k];
+        if (W::kHasZeros) {
+          float sum = 0.f;
+          for (int64_t k = k0; k < k0 + group_size; ++k) sum += row[k];
+          xsum[m * num_groups + g] = sum;
         }
       }
     }
     const float* xf = x32.data();
-    std::vector<float> xsum;
-    if (W::kHasZeros) {
-      xsum.assign(M * num_groups, 0.f);
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t k = 0; k < K; ++k) xsum[m * num_groups + k / group_size] += xf[m * K + k];
-    }
     const bool direct = x_dtype == kFloat32 && bias == nullptr;  // write float32 results in place
     std::vector<float> y32(direct ? 0 : M * N);
     float* y = direct ? static_cast<float*>(out) : y32.data();
@@ -410,7 +464,11 @@ PyObject* int4_linear(PyObject*, PyObject* const* items, Py_ssize_t count) {
   }
   w.num_groups = call.K / call.group_size;
   Py_BEGIN_ALLOW_THREADS
-  call.compute(w);
+  if (call.group_size % Int4Rows64::kBlock == 0) {
+    call.compute(Int4Rows64{w});
+  } else {
+    call.compute(w);
+  }
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
