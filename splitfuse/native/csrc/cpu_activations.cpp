@@ -2,11 +2,12 @@
 //   silu_and_mul / gelu_and_mul: x [M, 2I] = [gate | up] -> act(gate) * up, [M, I], in one pass.
 // Rounding follows the reference ops (torch_ops.py): act(gate) is computed in fp32, rounded to the
 // storage type, and multiplied by up in fp32 before the final rounding (F.silu(gate).mul_(up));
-// the formulas are torch's own, term for term, so fp32 results differ from torch only where its
-// vectorised exp/erf/tanh round differently from libm's (a last-bit difference, rarely).
+// the formulas are torch's own, term for term; fp32 silu uses torch's exp and matches it bit for bit
+// (on AVX2), gelu uses libm's erf / tanh and may differ from torch's vectorised ones in the last bit.
 // Each row is computed by one thread start to end: results do not depend on the thread count.
 
 #include "native.h"
+#include "sleef_exp.h"
 
 #include <algorithm>
 #include <cmath>
@@ -38,70 +39,73 @@ struct AsF16 {
   static uint16_t out(float v) { return float_to_fp16(v); }
 };
 
-// exp as torch's vectorised fp32 silu computes it on AVX2 (Sleef's expf_u10: Cody-Waite reduction
-// and a degree-6 polynomial with fused multiply-adds), so that fp32 silu matches it bit for bit
-inline float sleef_expf(float d) {
-  const float q = std::nearbyint(d * 1.442695040888963407359924681001892137426645954152985934135449406931f);
-  float s = std::fma(q, -0.693145751953125f, d);
-  s = std::fma(q, -1.428606765330187045e-06f, s);
-  float u = 0.000198527617612853646278381f;
-  u = std::fma(u, s, 0.00139304355252534151077271f);
-  u = std::fma(u, s, 0.00833336077630519866943359f);
-  u = std::fma(u, s, 0.0416664853692054748535156f);
-  u = std::fma(u, s, 0.166666671633720397949219f);
-  u = std::fma(u, s, 0.5f);
-  u = 1.0f + std::fma(s * s, u, s);
-  const int32_t e = static_cast<int32_t>(q), h = e >> 1;
-  auto pow2 = [](int32_t k) { const uint32_t bits = uint32_t(k + 0x7f) << 23; float f; std::memcpy(&f, &bits, 4); return f; };
-  u = u * pow2(h) * pow2(e - h);
-  if (d < -104.f) u = 0.f;
-  if (d > 100.f) u = INFINITY;
-  return std::isnan(d) ? d : u;
-}
-
-// torch's formulas (aten/src/ATen/native/cpu/Activation.cpp), in its order of operations
-inline float silu(float x) { return x / (1.f + std::exp(-x)); }
-inline float silu_vec(float x) { return x / (1.f + sleef_expf(-x)); }
-inline float gelu(float x) { return x * 0.5f * (1.f + std::erf(x * static_cast<float>(M_SQRT1_2))); }
-inline float gelu_tanh(float x) {
-  const float beta = static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5), kappa = 0.044715f;
-  const float inner = beta * (x + kappa * (x * x * x));
-  return 0.5f * x * (1.f + std::tanh(inner));
-}
-
-// torch runs the vectorised formula over each row's first multiple of VEC_RUN elements and the scalar
-// one (libm) over the rest; F_vec and F_tail follow that split
+// torch's formulas (aten/src/ATen/native/cpu/Activation.cpp), in its order of operations. torch runs
+// the vectorised formula over each row's first multiple of VEC_RUN elements and the scalar one
+// (libm) over the rest: run(g, a, n_vec, n) follows that split for a chunk whose first n_vec
+// elements are in the vectorised run. silu's vectorised exp is torch's own (sleef_exp.h), so fp32
+// silu matches it bit for bit on AVX2; gelu's erf / tanh are libm's throughout.
 constexpr int64_t VEC_RUN = 16;
 
-template <typename S, float (*F_vec)(float), float (*F_tail)(float)>
+struct Silu {
+  static float scalar(float x) { return x / (1.f + std::exp(-x)); }
+  static void run(const float* g, float* a, int64_t n_vec, int64_t n) {
+    int64_t j = 0;
+#ifdef __AVX2__
+    const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+    for (; j + 8 <= n_vec; j += 8) {
+      const __m256 x = _mm256_loadu_ps(g + j);
+      _mm256_storeu_ps(a + j, _mm256_div_ps(x, _mm256_add_ps(one, sleef_expf8_u10(_mm256_xor_ps(x, sign)))));
+    }
+#endif
+    for (; j < n_vec; ++j) a[j] = g[j] / (1.f + sleef_expf_u10(-g[j]));
+    for (; j < n; ++j) a[j] = scalar(g[j]);
+  }
+};
+
+struct Gelu {
+  static void run(const float* g, float* a, int64_t, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) a[j] = g[j] * 0.5f * (1.f + std::erf(g[j] * static_cast<float>(M_SQRT1_2)));
+  }
+};
+
+struct GeluTanh {
+  static void run(const float* g, float* a, int64_t, int64_t n) {
+    const float beta = static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5), kappa = 0.044715f;
+    for (int64_t j = 0; j < n; ++j) {
+      const float x = g[j], inner = beta * (x + kappa * (x * x * x));
+      a[j] = 0.5f * x * (1.f + std::tanh(inner));
+    }
+  }
+};
+
+template <typename S, typename A>
 void gated(const void* x_, void* out_, int64_t M, int64_t I) {
   using T = typename S::T;
   const T* xp = static_cast<const T*>(x_);
   T* op = static_cast<T*>(out_);
+  const int64_t vec_end = I / VEC_RUN * VEC_RUN;
 #pragma omp parallel for if (M * I > PARALLEL_MIN_ELEMENTS)
   for (int64_t i = 0; i < M; ++i) {
     const T *gate = xp + i * 2 * I, *up = gate + I;
     T* o = op + i * I;
-    float act[CHUNK];
-    const int64_t vec_end = I / VEC_RUN * VEC_RUN;
+    float g[CHUNK], act[CHUNK];
     for (int64_t j0 = 0; j0 < I; j0 += CHUNK) {
-      const int64_t n = std::min(CHUNK, I - j0);
-      // the libm calls stay scalar; the conversions and the product around them vectorise
-      for (int64_t j = 0; j < n; ++j) {
-        const float g = S::in(gate[j0 + j]);
-        act[j] = S::in(S::out(j0 + j < vec_end ? F_vec(g) : F_tail(g)));
-      }
+      const int64_t n = std::min(CHUNK, I - j0), n_vec = std::clamp<int64_t>(vec_end - j0, 0, n);
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) o[j0 + j] = S::out(act[j] * S::in(up[j0 + j]));
+      for (int64_t j = 0; j < n; ++j) g[j] = S::in(gate[j0 + j]);
+      A::run(g, act, n_vec, n);
+      // act(gate) rounded to the storage type, times up, rounded again: F.silu(gate).mul_(up)
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) o[j0 + j] = S::out(S::in(S::out(act[j])) * S::in(up[j0 + j]));
     }
   }
 }
 
 template <typename S>
 void gated_for(int64_t act, const void* x, void* out, int64_t M, int64_t I) {
-  if (act == ACT_SILU) gated<S, silu_vec, silu>(x, out, M, I);
-  else if (act == ACT_GELU) gated<S, gelu, gelu>(x, out, M, I);
-  else gated<S, gelu_tanh, gelu_tanh>(x, out, M, I);
+  if (act == ACT_SILU) gated<S, Silu>(x, out, M, I);
+  else if (act == ACT_GELU) gated<S, Gelu>(x, out, M, I);
+  else gated<S, GeluTanh>(x, out, M, I);
 }
 
 // gated_and_mul(dtype, activation, x, out, rows, I): x contiguous [rows, 2I], out contiguous [rows, I];
