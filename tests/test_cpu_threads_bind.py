@@ -58,21 +58,6 @@ def test_binding_pins_each_openmp_thread_to_its_cpu():
     assert main_thread == str(cpus[0])  # the main thread is OpenMP thread 0
 
 
-def test_auto_pins_torchs_threads_to_the_allowed_cpus_and_none_leaves_them():
-    out = run_isolated("""
-        from splitfuse.backends.cpu.threads import bind_threads, thread_affinity
-        before = thread_affinity()
-        print(bind_threads("none"), thread_affinity() == before)
-        print(bind_threads("auto"))
-        print(thread_affinity())
-    """)
-    unchanged, bound, per_thread = out.splitlines()
-    cpus = ALLOWED[:2]
-    assert unchanged == "None True"
-    assert bound == str(cpus)
-    assert per_thread == str([(cpu,) for cpu in cpus])
-
-
 def test_cpus_outside_the_process_mask_are_refused():
     from splitfuse.backends.cpu.threads import bind_threads
 
@@ -80,15 +65,19 @@ def test_cpus_outside_the_process_mask_are_refused():
         bind_threads(str(max(ALLOWED) + 1000))
 
 
-def test_the_engine_pins_its_threads():
-    out = run_isolated(f"""
+def test_the_engine_pins_its_threads_with_auto_after_none_left_them_free():
+    out = run_isolated("""
         from splitfuse.assembly import build_engine
-        from splitfuse.backends.cpu.threads import thread_affinity
+        from splitfuse.backends.cpu.threads import bind_threads, thread_affinity
         from splitfuse.config import EngineConfig
-        engine = build_engine(backend="cpu", config=EngineConfig(cpu_threads_bind="{ALLOWED[0]}", num_kv_blocks=8))
+        before = thread_affinity()
+        print(bind_threads("none"), thread_affinity() == before)
+        engine = build_engine(backend="cpu", config=EngineConfig(cpu_threads_bind="auto", num_kv_blocks=8))
         print(thread_affinity())
     """)
-    assert out.splitlines()[-1] == str([(ALLOWED[0],)])
+    unchanged, per_thread = out.splitlines()[-2:]
+    assert unchanged == "None True"
+    assert per_thread == str([(cpu,) for cpu in ALLOWED[:2]])  # torch's 2 threads, one per allowed CPU
 
 
 def test_other_backends_refuse_the_setting():
