@@ -8,6 +8,7 @@
 
 #include "native.h"
 #include "sleef_exp.h"
+#include "storage.h"
 
 #include <algorithm>
 #include <cmath>
@@ -21,23 +22,6 @@ constexpr int64_t CHUNK = 64;                     // elements per pass: the acti
 
 enum DType { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 enum Act { ACT_SILU = 0, ACT_GELU = 1, ACT_GELU_TANH = 2 };
-
-// element <-> fp32 for each storage type
-struct AsF32 {
-  using T = float;
-  static float in(float v) { return v; }
-  static float out(float v) { return v; }
-};
-struct AsBF16 {
-  using T = uint16_t;
-  static float in(uint16_t v) { return bf16_to_float(v); }
-  static uint16_t out(float v) { return float_to_bf16(v); }
-};
-struct AsF16 {
-  using T = uint16_t;
-  static float in(uint16_t v) { return fp16_to_float(v); }
-  static uint16_t out(float v) { return float_to_fp16(v); }
-};
 
 // torch's formulas (aten/src/ATen/native/cpu/Activation.cpp), in its order of operations. torch runs
 // the vectorised formula over each row's first multiple of VEC_RUN elements and the scalar one
@@ -92,11 +76,11 @@ void gated(const void* x_, void* out_, int64_t M, int64_t I) {
     for (int64_t j0 = 0; j0 < I; j0 += CHUNK) {
       const int64_t n = std::min(CHUNK, I - j0), n_vec = std::clamp<int64_t>(vec_end - j0, 0, n);
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) g[j] = S::in(gate[j0 + j]);
+      for (int64_t j = 0; j < n; ++j) g[j] = S::load(gate[j0 + j]);
       A::run(g, act, n_vec, n);
       // act(gate) rounded to the storage type, times up, rounded again: F.silu(gate).mul_(up)
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) o[j0 + j] = S::out(S::in(S::out(act[j])) * S::in(up[j0 + j]));
+      for (int64_t j = 0; j < n; ++j) o[j0 + j] = S::store(S::round(act[j]) * S::load(up[j0 + j]));
     }
   }
 }
@@ -125,9 +109,9 @@ PyObject* py_gated_and_mul(PyObject*, PyObject* const* items, Py_ssize_t count) 
     return nullptr;
   }
   Py_BEGIN_ALLOW_THREADS
-  if (dtype == DT_F32) gated_for<AsF32>(act, x, out, M, I);
-  else if (dtype == DT_BF16) gated_for<AsBF16>(act, x, out, M, I);
-  else gated_for<AsF16>(act, x, out, M, I);
+  if (dtype == DT_F32) gated_for<F32>(act, x, out, M, I);
+  else if (dtype == DT_BF16) gated_for<BF16>(act, x, out, M, I);
+  else gated_for<F16>(act, x, out, M, I);
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
