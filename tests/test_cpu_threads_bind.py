@@ -86,3 +86,11 @@ def test_other_backends_refuse_the_setting():
 
     with pytest.raises(ValueError, match="cpu_threads_bind='auto' applies to the cpu backend only"):
         bind_cpu_threads(Backend(), "auto")
+
+
+def test_without_the_native_helper_binding_says_why(monkeypatch):
+    from splitfuse.backends.cpu.threads import bind_threads
+
+    monkeypatch.setenv("SPLITFUSE_NATIVE", "0")
+    with pytest.raises(RuntimeError, match=r"cpu_threads_bind='auto' needs the native thread helper: turned off"):
+        bind_threads("auto")
