@@ -75,12 +75,24 @@ def kv_cache_size(model, backend, config: EngineConfig) -> tuple[int, int]:
     return block_size, num_blocks
 
 
+def bind_cpu_threads(backend, spec: str) -> None:
+    """Pin the cpu backend's OpenMP threads (EngineConfig.cpu_threads_bind); other backends refuse it."""
+    from splitfuse.backends.cpu import CpuBackend
+    from splitfuse.backends.cpu.threads import bind_threads
+
+    if not isinstance(backend, CpuBackend):
+        raise ValueError(f"cpu_threads_bind={spec!r} applies to the cpu backend only, not {backend.name!r}")
+    log.info("OpenMP threads pinned to CPUs %s", bind_threads(spec))
+
+
 def assemble_engine(model, backend, config: EngineConfig, tokenizer=None, eos_token_ids: Iterable[int] = (),
                     sampling_defaults: dict | None = None, parallel=None) -> Engine:
     """An Engine over a model already on the backend's device (loaded from a directory, or built
     with random weights by a benchmark): linear layers are quantized if config.quantization says so,
     then the KV cache is sized from config, else by the backend (seeing the smaller weights).
     `parallel`: the TensorParallelGroup of a sharded model, whose ranks agree on one block count."""
+    if config.cpu_threads_bind not in (None, "none"):
+        bind_cpu_threads(backend, config.cpu_threads_bind)
     prepare_weights(model, backend, config)
     block_size, num_blocks = kv_cache_size(model, backend, config)
     if parallel is not None:

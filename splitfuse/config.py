@@ -36,6 +36,16 @@ class EngineConfig(BaseModel):
     quantization: Quantization | None = Field(
         None, description="quantize linear-layer weights at load, weight-only: int8 (per channel), int4 (groups of 128) "
                     "or fp8 (float8_e4m3fn, per channel)")
+    cpu_threads_bind: str | None = Field(
+        None, description="cpu backend: pin OpenMP threads to CPUs: 'auto' (one per CPU this process may use), "
+                    "a CPU list such as '0-1' (one thread each), or 'none' (default: threads are not pinned)")
+
+    @field_validator("cpu_threads_bind")
+    @classmethod
+    def _cpu_list(cls, value):
+        from splitfuse.backends.cpu.threads import validate
+
+        return validate(value)
 
     @field_validator("quantization", mode="before")
     @classmethod

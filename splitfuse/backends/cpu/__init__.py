@@ -1,5 +1,5 @@
-"""The cpu backend: paged attention, rotary (fused with the KV write) and RMSNorm run as compiled
-kernels built at install time (see native_ops.py), every other op and any case those kernels do not
+"""The cpu backend: paged attention, rotary (fused with the KV write), RMSNorm and the gated MLP
+activations run as compiled kernels built at install time (see native_ops.py), every other op and any case those kernels do not
 cover as the plain-torch reference ops; KV cache sized by `kv_cache_gib`; quantized weights through
 native or torch's CPU weight-only kernels (see quantized.py). Without the kernels (no compiler at install
 time, SPLITFUSE_NATIVE=0) every op is the reference op and describe() says why."""
@@ -24,6 +24,7 @@ class CpuBackend(Backend):
     def __init__(self, device_index: int = 0) -> None:
         super().__init__(device_index)
         self._native = native_ops.load()
+        self._activations = native_ops.load_activations()
         # as of now: describe() must not change when SPLITFUSE_NATIVE does afterwards
         self._kernels = "native kernels" if self._native is not None else self.kernels()
         # the fused kernel replaces rotary() + write_kv(): only while they are this class's own, so a
@@ -60,6 +61,15 @@ class CpuBackend(Backend):
     def rms_norm(self, x, weight, eps, residual=None, weight_offset=0.0):
         out = None if self._native is None else self._native.rms_norm(x, weight, eps, residual, weight_offset)
         return super().rms_norm(x, weight, eps, residual, weight_offset) if out is None else out
+
+    def silu_and_mul(self, x):
+        out = None if self._activations is None else self._activations.gated_and_mul(x, "silu")
+        return super().silu_and_mul(x) if out is None else out
+
+    def gelu_and_mul(self, x, approximate="none"):
+        out = None if self._activations is None or approximate not in ("none", "tanh") else (
+            self._activations.gated_and_mul(x, "gelu" if approximate == "none" else "gelu_tanh"))
+        return super().gelu_and_mul(x, approximate) if out is None else out
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor | QuantizedWeight,
                bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -122,3 +122,31 @@ class NativeOps:
                                weight.data_ptr(), out.data_ptr(), None if total is None else total.data_ptr(),
                                x.numel() // N, N, float(eps), float(weight_offset))
         return out if residual is None else (out, total)
+
+
+ACTIVATIONS_MODULE = "cpu_activations"
+_ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}  # cpu_activations.cpp's Act
+
+
+def load_activations() -> "NativeActivations | None":
+    """The compiled gated activations (splitfuse/native/csrc/cpu_activations.cpp), or None."""
+    module = native.load(ACTIVATIONS_MODULE)
+    return None if module is None else NativeActivations(module)
+
+
+class NativeActivations:
+    """act(gate) * up for x = [gate | up] in one pass; None where the kernel does not apply."""
+
+    def __init__(self, module) -> None:
+        self._kernels = module
+
+    def gated_and_mul(self, x: torch.Tensor, activation: str) -> torch.Tensor | None:
+        """activation: "silu", "gelu" (erf) or "gelu_tanh"; x [..., 2I] contiguous."""
+        code = _DTYPE_CODES.get(x.dtype)
+        if code is None or x.dim() == 0 or x.shape[-1] % 2 or x.shape[-1] == 0 or not _is_dense(x, x.dtype):
+            return None
+        inner = x.shape[-1] // 2
+        out = torch.empty(*x.shape[:-1], inner, dtype=x.dtype)
+        self._kernels.gated_and_mul(code, _ACTIVATION_CODES[activation], x.data_ptr(), out.data_ptr(),
+                                    x.numel() // x.shape[-1], inner)
+        return out

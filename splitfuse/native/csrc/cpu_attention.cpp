@@ -21,6 +21,7 @@
 // without AVX the compiler splits them into SSE pairs (or scalars elsewhere), same results.
 
 #include "native.h"
+#include "storage.h"
 
 #include <omp.h>
 
@@ -38,26 +39,6 @@ constexpr int QUERY_TILE = 8;
 constexpr int KEY_CHUNK = 64;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 constexpr int64_t PARALLEL_MIN_ELEMENTS = 32768;  // below this a parallel region costs more than it saves
-
-// ---- storage types: how an element converts to and from fp32 -------------------------------------
-struct F32 {
-  using T = float;
-  static float load(float x) { return x; }
-  static float store(float x) { return x; }
-  static float round(float x) { return x; }
-};
-struct BF16 {
-  using T = uint16_t;
-  static float load(uint16_t x) { return bf16_to_float(x); }
-  static uint16_t store(float x) { return float_to_bf16(x); }
-  static float round(float x) { return bf16_to_float(float_to_bf16(x)); }
-};
-struct F16 {
-  using T = uint16_t;
-  static float load(uint16_t x) { return fp16_to_float(x); }
-  static uint16_t store(float x) { return float_to_fp16(x); }
-  static float round(float x) { return fp16_to_float(float_to_fp16(x)); }
-};
 
 enum DType { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
