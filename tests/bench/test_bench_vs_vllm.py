@@ -41,7 +41,10 @@ def test_splitfuse_half_reports_every_workload(bench, capsys):
     assert row, out
     startup, best_s, median_s, best_tps, _, best_ms, median_ms = map(float, row.groups())
     assert startup > 0 and 0 < best_s <= median_s and best_ms <= median_ms
-    assert best_tps == pytest.approx(9 / best_s, rel=0.01, abs=1)  # 3 prompts x 3 tokens
+    # 3 prompts x 3 tokens in best_s, which is printed rounded to its last digit
+    digits = row.group(2).partition(".")[2]
+    half_unit = 0.5 * 10 ** -len(digits)
+    assert 9 / (best_s + half_unit) - 1 <= best_tps <= 9 / max(best_s - half_unit, 1e-9) + 1
     assert re.search(r"^Copy bandwidth \(read \+ write\): 1 thread\(s\) [\d.]+ GB/s\. Batch-1 decode reads "
                      r"[\d.]+ MB of weights per token:$", out, flags=re.M)
     assert re.search(r"^- splitfuse: [\d.]+ GB/s at its best decode, \d+% of the 1-thread copy bandwidth$", out, flags=re.M)
