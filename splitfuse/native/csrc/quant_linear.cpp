@@ -151,6 +151,7 @@ struct Int8Rows {
   // (4 rows of a few hundred bytes each read ~1.5x slower), as cheap to unpack as int8 is
   static constexpr int64_t kDecodeRows = 1;
   float q(int64_t n, int64_t k) const { return float(data[n * K + k]); }
+  const void* address(int64_t n, int64_t k) const { return data + n * K + k; }
   template <class V>
   void q_block(int64_t n, int64_t k, typename V::F8 q[4]) const {
     for (int j = 0; j < 4; ++j) q[j] = V::int8x8(data + n * K + k + 8 * j);
@@ -173,6 +174,7 @@ struct Int4Rows {
   static constexpr int64_t kBlock = 32;
   // a single row of x reads 4 W rows at once: unpacking bounds int4, and the rows share x's loads
   static constexpr int64_t kDecodeRows = 4;
+  const void* address(int64_t n, int64_t k) const { return data + n * (K / 2) + k / 2; }
   float q(int64_t n, int64_t k) const {
     uint8_t byte = data[n * (K / 2) + k / 2];
     return float((k & 1) ? byte >> 4 : byte & 15);
@@ -203,6 +205,11 @@ struct Problem {
   int64_t M, K, N, group_size, num_groups;
 };
 
+// how far ahead of each read of W to prefetch: rows are a few hundred bytes, too short for the
+// hardware prefetcher to ramp up on before the next one starts (prefetches never fault, so reading
+// past the last row is harmless)
+constexpr int64_t kPrefetchBytes = 1024;
+
 // y[m, n0 + r] for R rows of W and MT rows of x from m0: per group, sum q * x in vector lanes, then
 // fold the group's scale into the running total
 template <class V, int R, int MT, class W>
@@ -226,6 +233,7 @@ void tile(const W& w, const Problem& p, int64_t n0, int64_t m0, float* y /* [M, 
         for (int c = 0; c < kChains; ++c) part[r][m][c] = V::zero();
     for (int64_t k = k0; k < k_vec; k += W::kBlock) {
       for (int r = 0; r < R; ++r) {
+        __builtin_prefetch(static_cast<const char*>(w.address(n0 + r, k)) + kPrefetchBytes);
         F8 q[kVectors];
         w.template q_block<V>(n0 + r, k, q);
         for (int j = 0; j < kVectors; ++j)
@@ -267,8 +275,8 @@ void block(const W& w, const Problem& p, int64_t n0, int64_t count, float* y) {
   if (p.M - m == 3) rows_of_w<V, 3>(w, p, n0, count, m, y), m += 3;
   if (p.M - m == 2) rows_of_w<V, 2>(w, p, n0, count, m, y), m += 2;
   if (m < p.M) {
-    if (count == kBlockRows && W::kDecodeRows == kBlockRows) {
-      tile<V, 4, 1>(w, p, n0, m, y);
+    if (count == kBlockRows && W::kDecodeRows > 1) {
+      for (int64_t r = 0; r < count; r += W::kDecodeRows) tile<V, W::kDecodeRows, 1>(w, p, n0 + r, m, y);
     } else {
       for (int64_t r = 0; r < count; ++r) tile<V, 1, 1>(w, p, n0 + r, m, y);
     }
