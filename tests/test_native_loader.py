@@ -2,11 +2,18 @@
 
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
 from splitfuse import native
 from splitfuse.native.cpu_tag import cpu_tag
+
+
+@pytest.fixture(autouse=True)
+def native_enabled(monkeypatch):
+    # these tests are about the loader itself, whatever SPLITFUSE_NATIVE the run was given
+    monkeypatch.delenv("SPLITFUSE_NATIVE", raising=False)
 
 
 @pytest.fixture
@@ -51,3 +58,13 @@ def test_turning_native_kernels_off_hides_even_a_good_module(fake_module, monkey
     monkeypatch.setenv("SPLITFUSE_NATIVE", "0")
     assert native.load("fake") is None
     assert native.unavailable_reason("fake") == "turned off (SPLITFUSE_NATIVE=0)"
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mapped libraries (Linux)")
+def test_the_kernels_share_torchs_openmp_runtime():
+    # two OpenMP runtimes would mean two thread pools spinning against each other on the same cores
+    loaded = [name for name in ("cpu_attention", "quant_linear", "sampling") if native.load(name) is not None]
+    assert loaded, native.unavailable_reason("cpu_attention")
+    runtimes = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+                if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) == 1, runtimes
