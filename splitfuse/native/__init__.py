@@ -15,7 +15,12 @@ import functools
 import importlib
 import os
 
+import torch  # first, so the kernels' libgomp.so.1 is torch's: one OpenMP thread pool
+
 from splitfuse.native.cpu_tag import cpu_tag
+
+# how the kernels are told a float tensor's element type (native.h's DType)
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 REBUILD = "reinstall splitfuse (pip install -e .) on this machine with a C++ compiler (g++) present"
 
@@ -27,8 +32,6 @@ def enabled() -> bool:
 @functools.cache
 def _import(name: str):
     """(module, '') or (None, why)."""
-    import torch  # noqa: F401  first, so the kernels' libgomp.so.1 is torch's: one OpenMP thread pool
-
     try:
         module = importlib.import_module(f"splitfuse.native._{name}")
     except ImportError as exc:

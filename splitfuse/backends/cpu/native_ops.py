@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from splitfuse.core.batch import BatchMeta
 
 MODULE = "cpu_attention"
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # cpu_attention.cpp's DType
+_DTYPE_CODES = native.DTYPE_CODES
 
 
 def load() -> "NativeOps | None":

@@ -25,7 +25,6 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel's qGroupSize accep
 INT4_N_MULTIPLE = 16  # the packing op tiles output rows by 16
 # the int8 kernel reads K in vectors of 8 and crashes on a bf16 remainder (torch 2.13): held for all
 INT8_K_MULTIPLE = 8
-NATIVE_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def has_int8_kernel() -> bool:
@@ -153,7 +152,7 @@ def run_native(call: NativeCall, x2d: torch.Tensor, bias: torch.Tensor | None, o
                vectorized: bool = True) -> torch.Tensor:
     """x2d [M, K] (contiguous) through `call`, into a new tensor of out_shape (M * N values) in x2d's dtype."""
     out = torch.empty(out_shape, dtype=x2d.dtype)
-    call.function(x2d.data_ptr(), NATIVE_DTYPE_CODES[x2d.dtype], x2d.shape[0], call.shape[1], *call.weight_args,
+    call.function(x2d.data_ptr(), native.DTYPE_CODES[x2d.dtype], x2d.shape[0], call.shape[1], *call.weight_args,
                   None if bias is None else bias.data_ptr(), out.data_ptr(), torch.get_num_threads(), int(vectorized))
     return out
 

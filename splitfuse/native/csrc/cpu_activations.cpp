@@ -20,7 +20,6 @@ using namespace splitfuse_native;
 constexpr int64_t PARALLEL_MIN_ELEMENTS = 32768;  // below this a parallel region costs more than it saves
 constexpr int64_t CHUNK = 64;                     // elements per pass: the activation, then the product
 
-enum DType { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 enum Act { ACT_SILU = 0, ACT_GELU = 1, ACT_GELU_TANH = 2 };
 
 // torch's formulas (aten/src/ATen/native/cpu/Activation.cpp), in its order of operations. torch runs

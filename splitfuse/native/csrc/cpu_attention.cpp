@@ -40,8 +40,6 @@ constexpr int KEY_CHUNK = 64;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 constexpr int64_t PARALLEL_MIN_ELEMENTS = 32768;  // below this a parallel region costs more than it saves
 
-enum DType { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
-
 // false (ValueError set) unless dtype is one of DType's codes; checked while holding the GIL
 bool check_dtype(int64_t dtype) {
   if (dtype == DT_F32 || dtype == DT_BF16 || dtype == DT_F16) return true;

@@ -62,6 +62,9 @@ inline uint16_t float_to_fp16(float f) {
   return uint16_t(sign | ((rounded - 0x38000000u) >> 13));
 }
 
+// ---- element types of float tensors, as splitfuse.native.DTYPE_CODES passes them ----
+enum DType : int64_t { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+
 // ---- arguments: every function is METH_FASTCALL over ints (pointers, sizes) and floats ----
 struct Args {
   PyObject* const* items;

@@ -30,19 +30,17 @@
 namespace {
 using namespace splitfuse_native;
 
-enum DType : int64_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
-
 inline float read_value(const void* p, int64_t i, int64_t dtype) {
-  if (dtype == kFloat32) return static_cast<const float*>(p)[i];
+  if (dtype == DT_F32) return static_cast<const float*>(p)[i];
   uint16_t v = static_cast<const uint16_t*>(p)[i];
-  return dtype == kBFloat16 ? bf16_to_float(v) : fp16_to_float(v);
+  return dtype == DT_BF16 ? bf16_to_float(v) : fp16_to_float(v);
 }
 
 // n values from p + offset as float32 (the dtype test out of the loop, so that it vectorizes)
 void read_values(const void* p, int64_t offset, int64_t n, int64_t dtype, float* out) {
-  if (dtype == kFloat32) {
+  if (dtype == DT_F32) {
     std::memcpy(out, static_cast<const float*>(p) + offset, n * sizeof(float));
-  } else if (dtype == kBFloat16) {
+  } else if (dtype == DT_BF16) {
     const uint16_t* v = static_cast<const uint16_t*>(p) + offset;
     for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(v[i]);
   } else {
@@ -52,10 +50,10 @@ void read_values(const void* p, int64_t offset, int64_t n, int64_t dtype, float*
 }
 
 inline void write_value(void* p, int64_t i, int64_t dtype, float v) {
-  if (dtype == kFloat32) {
+  if (dtype == DT_F32) {
     static_cast<float*>(p)[i] = v;
   } else {
-    static_cast<uint16_t*>(p)[i] = dtype == kBFloat16 ? float_to_bf16(v) : float_to_fp16(v);
+    static_cast<uint16_t*>(p)[i] = dtype == DT_BF16 ? float_to_bf16(v) : float_to_fp16(v);
   }
 }
 
@@ -396,7 +394,7 @@ struct Call {
   bool vectorized;
 
   bool check(const char* name) const {
-    if (x_dtype < kFloat32 || x_dtype > kFloat16) {
+    if (x_dtype < DT_F32 || x_dtype > DT_F16) {
       PyErr_Format(PyExc_ValueError, "%s: x_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16); got %lld",
                    name, static_cast<long long>(x_dtype));
       return false;
@@ -435,7 +433,7 @@ struct Call {
       }
     }
     const float* xf = x32.data();
-    const bool direct = x_dtype == kFloat32 && bias == nullptr;  // write float32 results in place
+    const bool direct = x_dtype == DT_F32 && bias == nullptr;  // write float32 results in place
     std::vector<float> y32(direct ? 0 : M * N);
     float* y = direct ? static_cast<float*>(out) : y32.data();
     Problem p{xf, xsum.data(), M, K, N, group_size, num_groups};
