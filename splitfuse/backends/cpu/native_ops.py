@@ -33,12 +33,18 @@ def unavailable_reason() -> str:
 
 def _is_dense(t: torch.Tensor, dtype: torch.dtype) -> bool:
     """A contiguous CPU tensor of `dtype`."""
-    return t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
+    # is_cpu, not device.type: these checks run several times per layer and device builds an object
+    return t.dtype == dtype and t.is_cpu and t.is_contiguous()
 
 
 def _is_rows(t: torch.Tensor, dtype: torch.dtype) -> bool:
     """A CPU tensor of `dtype` whose last dimension is contiguous (rows may be strided)."""
-    return t.dtype == dtype and t.device.type == "cpu" and t.stride(-1) == 1
+    return t.dtype == dtype and t.is_cpu and t.stride(-1) == 1
+
+
+def _empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A new contiguous CPU tensor; sizes passed as separate ints parse faster than a torch.Size."""
+    return torch.empty(*shape, dtype=dtype)
 
 
 class NativeOps:
@@ -72,7 +78,7 @@ class NativeOps:
         """(rotated q, rotated k) as new contiguous tensors (see Backend.rotary), or None."""
         if not self._rotary_fits(q, k, positions, cos_sin):
             return None
-        q_out, k_out = torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=k.dtype)
+        q_out, k_out = _empty(q.shape, q.dtype), _empty(k.shape, k.dtype)
         self._rotate(q, k, positions, cos_sin, rotary_dim, interleaved, q_out, k_out, None, None, None)
         return q_out, k_out
 
@@ -84,7 +90,7 @@ class NativeOps:
                 and kv_layer.dim() == 5 and _is_dense(kv_layer, q.dtype) and kv_layer.shape[-2:] == k.shape[-2:]
                 and _is_dense(slot_mapping, torch.int64) and slot_mapping.numel() == q.shape[0]):
             return None
-        q_out = torch.empty(q.shape, dtype=q.dtype)
+        q_out = _empty(q.shape, q.dtype)
         self._rotate(q, k, positions, cos_sin, rotary_dim, interleaved, q_out, None, v, kv_layer, slot_mapping)
         return q_out
 
@@ -97,31 +103,45 @@ class NativeOps:
 
     def _rotate(self, q, k, positions, cos_sin, rotary_dim, interleaved, q_out, k_out, v, kv_layer, slots) -> None:
         T, H, D = q.shape
-        fused = kv_layer is not None
+        q_stride_t, q_stride_h, _ = q.stride()
+        k_stride_t, k_stride_h, _ = k.stride()
+        table_rows, table_width = cos_sin.shape
+        if kv_layer is None:
+            v_ptr = kv_ptr = slots_ptr = None
+            v_stride_t = v_stride_h = num_slots = 0
+        else:
+            v_ptr, kv_ptr, slots_ptr = v.data_ptr(), kv_layer.data_ptr(), slots.data_ptr()
+            v_stride_t, v_stride_h, _ = v.stride()
+            _, num_blocks, block_size, _, _ = kv_layer.shape
+            num_slots = num_blocks * block_size
         self._kernels.rotary(
-            _DTYPE_CODES[q.dtype], q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
+            _DTYPE_CODES[q.dtype], q.data_ptr(), q_stride_t, q_stride_h, k.data_ptr(), k_stride_t, k_stride_h,
             q_out.data_ptr(), None if k_out is None else k_out.data_ptr(), T, H, k.shape[1], D,
-            positions.data_ptr(), cos_sin.data_ptr(), cos_sin.shape[0], cos_sin.shape[1],
-            rotary_dim or cos_sin.shape[-1], bool(interleaved),
-            v.data_ptr() if fused else None, v.stride(0) if fused else 0, v.stride(1) if fused else 0,
-            kv_layer.data_ptr() if fused else None, kv_layer.shape[1] * kv_layer.shape[2] if fused else 0,
-            slots.data_ptr() if fused else None)
+            positions.data_ptr(), cos_sin.data_ptr(), table_rows, table_width, rotary_dim or table_width,
+            bool(interleaved), v_ptr, v_stride_t, v_stride_h, kv_ptr, num_slots, slots_ptr)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
                  weight_offset: float):
         """RMSNorm of x, or (normed, x + residual) (see Backend.rms_norm); None where it does not apply."""
-        code = _DTYPE_CODES.get(x.dtype)
-        if (code is None or x.numel() == 0 or not _is_dense(x, x.dtype) or not _is_dense(weight, x.dtype)
-                or weight.dim() != 1 or weight.numel() != x.shape[-1]
-                or (residual is not None and (not _is_dense(residual, x.dtype) or residual.shape != x.shape))):
+        dtype = x.dtype
+        code = _DTYPE_CODES.get(dtype)
+        if (code is None or not _is_dense(x, dtype) or not _is_dense(weight, dtype) or weight.dim() != 1
+                or (residual is not None and (not _is_dense(residual, dtype) or residual.shape != x.shape))):
             return None
-        N = x.shape[-1]
-        out = torch.empty(x.shape, dtype=x.dtype)
-        total = None if residual is None else torch.empty(x.shape, dtype=x.dtype)
-        self._kernels.rms_norm(code, x.data_ptr(), None if residual is None else residual.data_ptr(),
-                               weight.data_ptr(), out.data_ptr(), None if total is None else total.data_ptr(),
-                               x.numel() // N, N, float(eps), float(weight_offset))
-        return out if residual is None else (out, total)
+        shape = x.shape
+        N = shape[-1] if shape else 0
+        rows = x.numel() // N if N else 0
+        if rows == 0 or weight.shape[0] != N:
+            return None
+        out = _empty(shape, dtype)
+        if residual is None:
+            self._kernels.rms_norm(code, x.data_ptr(), None, weight.data_ptr(), out.data_ptr(), None, rows, N,
+                                   float(eps), float(weight_offset))
+            return out
+        total = _empty(shape, dtype)
+        self._kernels.rms_norm(code, x.data_ptr(), residual.data_ptr(), weight.data_ptr(), out.data_ptr(),
+                               total.data_ptr(), rows, N, float(eps), float(weight_offset))
+        return out, total
 
 
 ACTIVATIONS_MODULE = "cpu_activations"
@@ -145,8 +165,9 @@ class NativeActivations:
         code = _DTYPE_CODES.get(x.dtype)
         if code is None or x.dim() == 0 or x.shape[-1] % 2 or x.shape[-1] == 0 or not _is_dense(x, x.dtype):
             return None
-        inner = x.shape[-1] // 2
-        out = torch.empty(*x.shape[:-1], inner, dtype=x.dtype)
+        *lead, width = x.shape
+        inner = width // 2
+        out = _empty((*lead, inner), x.dtype)
         self._kernels.gated_and_mul(code, _ACTIVATION_CODES[activation], x.data_ptr(), out.data_ptr(),
-                                    x.numel() // x.shape[-1], inner)
+                                    x.numel() // width, inner)
         return out

@@ -38,7 +38,9 @@ using namespace splitfuse_native;
 constexpr int QUERY_TILE = 8;
 constexpr int KEY_CHUNK = 64;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
-constexpr int64_t PARALLEL_MIN_ELEMENTS = 32768;  // below this a parallel region costs more than it saves
+// rotary / rms_norm run in parallel only above this many elements (about 100 us on one thread): a region
+// costs microseconds to start on a quiet machine and up to a scheduler time slice when the other core is busy
+constexpr int64_t PARALLEL_MIN_ELEMENTS = 1 << 18;
 
 // false (ValueError set) unless dtype is one of DType's codes; checked while holding the GIL
 bool check_dtype(int64_t dtype) {
