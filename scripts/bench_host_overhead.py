@@ -2,8 +2,9 @@
 
 Builds an engine on the embedded demo model (cpu backend), fills it with N running sequences and
 times each decode step by phase: scheduler, build_batch, backend metadata prep, forward (its
-matmuls apart), lm_head + logits, the sampling setup and sampling, and the post-step bookkeeping
-(Scheduler.apply, with the detokenizer inside it, then the outputs Engine._apply builds). Phases are timed by wrapping the engine's collaborators in this script;
+matmuls and each other backend op apart), lm_head + logits, the sampling setup and sampling, and
+the post-step bookkeeping (Scheduler.apply, with the detokenizer inside it, then the outputs
+Engine._apply builds). Phases are timed by wrapping the engine's collaborators in this script;
 the engine itself carries no instrumentation.
 
 The batch builder before it was vectorised is kept below (`reference_build_batch`) and the two
@@ -41,6 +42,10 @@ PHASES = ("scheduler.schedule", "build_batch", "backend.prepare_batch", "forward
           "lm_head + logits", "sampling setup", "backend.sample", "Scheduler.apply", "outputs", "rest of step")
 NESTED = {"forward: matmuls": "inside forward", "logits: lm_head matmul": "inside lm_head + logits",
           "apply: detokenize": "inside Scheduler.apply"}
+# the backend ops of the forward besides its matmuls, each timed with its Python wrapper
+FORWARD_OPS = ("embedding", "rms_norm", "rotary_write_kv", "paged_attention", "silu_and_mul")
+NESTED.update({f"forward: {op}": "inside forward" for op in FORWARD_OPS})
+NESTED["forward: the rest"] = "inside forward: model code between the ops"
 
 
 def reference_build_batch(plan: StepPlan, block_size: int, tables=None) -> BatchMeta:
@@ -94,6 +99,7 @@ class PhaseTimer:
 
     def __init__(self, eng) -> None:
         self.times: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)  # per label, counted from the first timed step
         self.builder = "now"
         self.mixed: dict[str, list[float]] = defaultdict(list)  # build_batch µs on mixed steps
         self.compare_mixed = False
@@ -126,6 +132,8 @@ class PhaseTimer:
 
         eng._logits = timed_logits
         eng.backend.linear = timed_linear
+        for op in FORWARD_OPS:
+            self._wrap(eng.backend, op, f"forward: {op}")
         engine_mod.build_batch = self._build_batch
 
     def close(self) -> None:
@@ -135,7 +143,7 @@ class PhaseTimer:
 
     def _wrap(self, owner, name: str, label: str) -> None:
         inner = getattr(owner, name)
-        times = self.times
+        times, calls = self.times, self.calls
 
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
@@ -143,6 +151,7 @@ class PhaseTimer:
                 return inner(*args, **kwargs)
             finally:
                 times[label] += time.perf_counter() - t0
+                calls[label] += 1
 
         setattr(owner, name, timed)
 
@@ -172,6 +181,8 @@ class PhaseTimer:
         us["outputs"] = us.get("Engine._apply", 0.0) - us.get("Scheduler.apply", 0.0)
         us["rest of step"] = us["step"] - sum(us.get(label, 0.0) for label in PHASES[:-1])
         us["matmuls"] = us.get("forward: matmuls", 0.0) + us.get("logits: lm_head matmul", 0.0)
+        us["forward: the rest"] = us.get("forward (all)", 0.0) - sum(
+            us.get(label, 0.0) for label in ("forward: matmuls", *(f"forward: {op}" for op in FORWARD_OPS)))
         return us
 
 
@@ -202,6 +213,7 @@ def run(num_seqs: int, args) -> None:
     while eng.num_waiting or any(seq.num_uncomputed > 1 for seq in eng.scheduler.running):
         eng.step()  # the fill: prompt chunks next to the first decodes
     timer.compare_mixed = False
+    timer.calls.clear()
     per_step: dict[str, list[dict[str, float]]] = {"before": [], "now": []}
     for _ in range(args.rounds):
         for name in ("before", "now"):  # alternate, so both see the same contexts and machine load
@@ -224,6 +236,14 @@ def run(num_seqs: int, args) -> None:
     for name in ("before", "now"):
         ratios = [step["step"] / step["matmuls"] for step in per_step[name]]
         print(f"\nstep time / matmul time, {name}: {statistics.median(ratios):.2f}")
+    steps = per_step["before"] + per_step["now"]  # the forward is the same code in both
+    print("\nforward ops, every timed step (calls per step, µs per call, µs per step):\n")
+    print("| op | calls | µs per call | µs per step |")
+    print("|---|---:|---:|---:|")
+    for op in FORWARD_OPS:
+        per_step_us = statistics.median(step.get(f"forward: {op}", 0.0) for step in steps)
+        calls = timer.calls[f"forward: {op}"] // len(steps)
+        print(f"| {op} | {calls} | {per_step_us / max(calls, 1):.1f} | {per_step_us:.0f} |")
     if timer.mixed["now"]:
         before, now = statistics.median(timer.mixed["before"]), statistics.median(timer.mixed["now"])
         print(f"build_batch on the {len(timer.mixed['now'])} mixed steps of the fill (same plans, outputs checked "

@@ -52,7 +52,7 @@ def test_fp32_silu_is_bit_identical_to_torch_on_avx2(cpu):
 
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_same_result_with_one_and_two_threads(cpu, op):
-    x = gate_up((600, 2 * 256), torch.bfloat16)  # 600 x 256 outputs: above 2**17, the rows run in parallel
+    x = gate_up((1100, 2 * 256), torch.bfloat16)  # 1100 x 256 outputs: above 2**18, rows run in parallel
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

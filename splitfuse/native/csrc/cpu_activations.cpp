@@ -17,9 +17,9 @@ namespace {
 
 using namespace splitfuse_native;
 
-// outputs above which rows run in parallel (about 100 us on one thread): a region costs microseconds to start
+// outputs above which rows run in parallel (about 200 us on one thread): a region costs microseconds to start
 // on a quiet machine and up to a scheduler time slice when the other core is busy with another process
-constexpr int64_t PARALLEL_MIN_ELEMENTS = 1 << 17;
+constexpr int64_t PARALLEL_MIN_ELEMENTS = 1 << 18;
 constexpr int64_t CHUNK = 64;                     // elements per pass: the activation, then the product
 
 enum Act { ACT_SILU = 0, ACT_GELU = 1, ACT_GELU_TANH = 2 };
