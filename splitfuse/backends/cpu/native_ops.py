@@ -31,6 +31,11 @@ def unavailable_reason() -> str:
     return native.unavailable_reason(MODULE)
 
 
+def _empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A new contiguous CPU tensor; sizes passed as separate ints parse faster than a torch.Size."""
+    return torch.empty(*shape, dtype=dtype)
+
+
 def _is_dense(t: torch.Tensor, dtype: torch.dtype) -> bool:
     """A contiguous CPU tensor of `dtype`."""
     # is_cpu, not device.type: these checks run several times per layer and device builds an object
@@ -40,11 +45,6 @@ def _is_dense(t: torch.Tensor, dtype: torch.dtype) -> bool:
 def _is_rows(t: torch.Tensor, dtype: torch.dtype) -> bool:
     """A CPU tensor of `dtype` whose last dimension is contiguous (rows may be strided)."""
     return t.dtype == dtype and t.is_cpu and t.stride(-1) == 1
-
-
-def _empty(shape, dtype: torch.dtype) -> torch.Tensor:
-    """A new contiguous CPU tensor; sizes passed as separate ints parse faster than a torch.Size."""
-    return torch.empty(*shape, dtype=dtype)
 
 
 class NativeOps:
