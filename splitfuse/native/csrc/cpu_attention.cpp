@@ -3,9 +3,11 @@
 //
 // paged_attention: ragged causal attention of a Dynamic SplitFuse step reading K/V straight from
 //   the paged cache [2, num_blocks, block_size, Hkv, D] through the block tables (no gather copy).
-//   Work unit = (sequence, tile of up to QUERY_TILE new tokens, kv head); its rows are the tile's
-//   tokens x the G query heads of that kv head, so every key row loaded serves all of them (GQA).
-//   Keys are visited in chunks of KEY_CHUNK positions with an online softmax in fp32; units are
+//   Work unit = (sequence, tile of new tokens, kv head); its rows are the tile's tokens x the G
+//   query heads of that kv head, so every key row loaded serves all of them (GQA). Keys are visited
+//   in chunks of KEY_CHUNK positions with an online softmax in fp32; a unit of many rows (a prompt
+//   chunk) computes a chunk as two small matrix products with register tiles and fused
+//   multiply-adds, a unit of few rows (a decode) row by row; units are
 //   ordered longest first and handed to OpenMP threads dynamically (decodes and prompt chunks differ
 //   in cost by orders of magnitude). Each unit is computed by one thread start to end, so the result
 //   does not depend on the number of threads.
@@ -15,7 +17,8 @@
 //
 // Every op takes fp32, bf16 or fp16 tensors and rounds as the plain-torch reference ops do: bf16
 // and fp16 elementwise ops round to the storage type after each operation, as torch does; attention
-// and norm statistics accumulate in fp32. Built with -ffp-contract=off (no fused multiply-adds).
+// and norm statistics accumulate in fp32. Built with -ffp-contract=off: the only fused multiply-adds
+// are the explicit ones of the attention tiles (fp32 accumulations, not rounded as torch's ops).
 //
 // Vectors: 8-float GCC vector types; with -march=native on an AVX2 machine they are ymm registers,
 // without AVX the compiler splits them into SSE pairs (or scalars elsewhere), same results.
@@ -25,9 +28,14 @@
 
 #include <omp.h>
 
+#ifdef __FMA__
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -226,7 +234,7 @@ struct WorkUnit {
 };
 
 struct Scratch {
-  std::vector<float> q, acc, m, l, k_chunk, v_chunk;
+  std::vector<float> q, acc, m, l, k_chunk, v_chunk, p;
 };
 
 struct AttentionArgs {
@@ -242,10 +250,15 @@ struct AttentionArgs {
   int64_t table_stride;
   float scale, softcap;  // softcap 0: none
   int window;            // 0: none
+  int path;              // AttentionPath
 };
 
+// Which kernel computes a unit: by its shape, or (side-by-side benchmarks, tests) always one of them.
+enum AttentionPath : int { PATH_AUTO = 0, PATH_ROWS = 1, PATH_TILES = 2 };
+
+// The unit row by row: each row's scores against 8 keys at a time, then its P x V.
 template <typename S>
-void attend_unit(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
+void attend_rows(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
   using T = typename S::T;
   const int D = static_cast<int>(a.head_dim), G = static_cast<int>(a.num_heads / a.num_kv_heads);
   const int block_size = static_cast<int>(a.block_size), window = a.window;
@@ -334,6 +347,187 @@ void attend_unit(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
   }
 }
 
+// ---- query tiles as small matrix products ----------------------------------------------------------
+// A unit with many rows (a prompt chunk: tokens x GQA group) works with its rows as the vector lanes:
+// queries transposed once per unit (qt [D][Rp]), per key chunk the scores st [n][Rp] = K Q^T and the
+// output ot [D][Rp] += V^T P^T as small matrix products with register tiles (every broadcast key or
+// value element serves 8 to 24 rows) and fused multiply-adds; the online softmax runs 8 rows at a
+// time with no horizontal reductions. Rp = rows rounded up to 8; padding rows are never stored.
+constexpr int TILE_ROWS = 48;     // rows (tokens x group) a prompt unit aims at; plan_units sizes units by it
+constexpr int TILE_MIN_ROWS = 6;  // fewer rows (a decode of a small group): the row-by-row kernel
+constexpr int TILE_KEYS = 4;      // keys of a score register tile
+constexpr int TILE_DIMS = 4;      // head dims of an output register tile
+constexpr int TILE_VECTORS = 3;   // row vectors (of 8 rows) of a register tile
+
+// a * b + c, fused where the CPU has FMA
+inline v8f fma8(v8f a, v8f b, v8f c) {
+#ifdef __FMA__
+  return (v8f)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+
+// How a chunk's raw dot products become scores: scale, softcap (0: none), and the causal / window
+// mask where some row does not see every key of the chunk.
+struct ScoreRule {
+  float scale, softcap;
+  bool masked;
+  int c0;                                      // position of the chunk's first key
+  const v8i *first_visible, *last_visible;     // per row lane
+};
+
+// st[j][0 .. 8 NV) = score of k[j] . qt[:, 0 .. 8 NV) for the KB keys from j0 (row stride ld); cmax
+// takes their maximum per row lane (-inf where masked)
+template <int KB, int NV>
+inline void score_tile(const float* const* k, int j0, const float* qt, float* st, int ld, int D,
+                       const ScoreRule& rule, v8f* cmax) {
+  v8f acc[KB][NV];
+  for (int i = 0; i < KB; ++i)
+    for (int u = 0; u < NV; ++u) acc[i][u] = splat8(0.f);
+  for (int d = 0; d < D; ++d) {
+    v8f qv[NV];
+    for (int u = 0; u < NV; ++u) qv[u] = load8(qt + d * ld + 8 * u);
+    for (int i = 0; i < KB; ++i) {
+      const v8f kb = splat8(k[j0 + i][d]);
+      for (int u = 0; u < NV; ++u) acc[i][u] = fma8(kb, qv[u], acc[i][u]);
+    }
+  }
+  for (int i = 0; i < KB; ++i) {
+    const v8i pos = v8i{} + (rule.c0 + j0 + i);
+    for (int u = 0; u < NV; ++u) {
+      v8f score = acc[i][u] * splat8(rule.scale);
+      if (rule.softcap > 0.f)
+        for (int e = 0; e < 8; ++e) score[e] = rule.softcap * std::tanh(score[e] / rule.softcap);
+      if (rule.masked)
+        score = (pos >= rule.first_visible[u]) & (pos <= rule.last_visible[u]) ? score : splat8(NEG_INF);
+      cmax[u] = cmax[u] > score ? cmax[u] : score;
+      store8(st + (j0 + i) * ld + 8 * u, score);
+    }
+  }
+}
+
+// ot[d0 + i][0 .. 8 NV) += sum over j < n of v[j][d0 + i] * pt[j][0 .. 8 NV), i < TILE_DIMS (row stride ld)
+template <int NV>
+inline void value_tile(const float* const* v, int n, const float* pt, float* ot, int ld, int d0) {
+  v8f acc[TILE_DIMS][NV];
+  for (int i = 0; i < TILE_DIMS; ++i)
+    for (int u = 0; u < NV; ++u) acc[i][u] = load8(ot + (d0 + i) * ld + 8 * u);
+  for (int j = 0; j < n; ++j) {
+    v8f pv[NV];
+    for (int u = 0; u < NV; ++u) pv[u] = load8(pt + j * ld + 8 * u);
+    for (int i = 0; i < TILE_DIMS; ++i) {
+      const v8f vb = splat8(v[j][d0 + i]);
+      for (int u = 0; u < NV; ++u) acc[i][u] = fma8(vb, pv[u], acc[i][u]);
+    }
+  }
+  for (int i = 0; i < TILE_DIMS; ++i)
+    for (int u = 0; u < NV; ++u) store8(ot + (d0 + i) * ld + 8 * u, acc[i][u]);
+}
+
+// Scores, online softmax, then P V of one chunk of n keys for the NV row vectors at qt, st, ot.
+template <int NV>
+void chunk_products(const float* const* k, const float* const* v, int n, const float* qt, float* st, float* ot,
+                    int ld, int D, v8f* m, v8f* l, const ScoreRule& rule) {
+  v8f cmax[NV];
+  for (int u = 0; u < NV; ++u) cmax[u] = splat8(NEG_INF);
+  int j = 0;
+  for (; j + TILE_KEYS <= n; j += TILE_KEYS) score_tile<TILE_KEYS, NV>(k, j, qt, st, ld, D, rule, cmax);
+  for (; j < n; ++j) score_tile<1, NV>(k, j, qt, st, ld, D, rule, cmax);
+  for (int u = 0; u < NV; ++u) {
+    const v8f m_new = m[u] > cmax[u] ? m[u] : cmax[u];
+    // exp8 gives 0 for -inf and NaN: a row with no visible key so far keeps l = 0, acc = 0
+    const v8f alpha = exp8(m[u] - m_new);
+    v8f lsum = splat8(0.f);
+    for (j = 0; j < n; ++j) {
+      const v8f p = exp8(load8(st + j * ld + 8 * u) - m_new);
+      store8(st + j * ld + 8 * u, p);
+      lsum += p;
+    }
+    l[u] = l[u] * alpha + lsum;
+    m[u] = m_new;
+    for (int d = 0; d < D; ++d) store8(ot + d * ld + 8 * u, load8(ot + d * ld + 8 * u) * alpha);
+  }
+  for (int d0 = 0; d0 < D; d0 += TILE_DIMS) value_tile<NV>(v, n, st, ot, ld, d0);
+}
+
+// The unit with its rows as vector lanes (head_dim a multiple of TILE_DIMS); the same keys, masks
+// and online softmax as attend_rows.
+template <typename S>
+void attend_tiles(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
+  using T = typename S::T;
+  const int D = static_cast<int>(a.head_dim), G = static_cast<int>(a.num_heads / a.num_kv_heads);
+  const int block_size = static_cast<int>(a.block_size), window = a.window;
+  const int64_t slot_stride = a.num_kv_heads * a.head_dim;
+  const T* k_cache = static_cast<const T*>(a.kv);
+  const T* v_cache = k_cache + a.num_blocks * a.block_size * slot_stride;
+  const int32_t* table = a.block_tables + w.seq * a.table_stride;
+  const int R = w.num_tokens * G;  // row r = token (r / G), query head kv_head * G + r % G
+  const int NVR = (R + 7) / 8, ld = NVR * 8;
+  s.q.assign(static_cast<size_t>(D) * ld, 0.f);    // qt [D][ld]
+  s.acc.assign(static_cast<size_t>(D) * ld, 0.f);  // ot [D][ld]
+  s.p.resize(static_cast<size_t>(KEY_CHUNK) * ld);  // st [KEY_CHUNK][ld]
+  s.k_chunk.resize(static_cast<size_t>(KEY_CHUNK) * D);
+  s.v_chunk.resize(static_cast<size_t>(KEY_CHUNK) * D);
+  const T* q = static_cast<const T*>(a.q);
+  for (int r = 0; r < R; ++r) {
+    const T* src = q + (w.token0 + r / G) * a.q_stride_t + (w.kv_head * G + r % G) * a.q_stride_h;
+    for (int d = 0; d < D; ++d) s.q[d * ld + r] = S::load(src[d]);
+  }
+  const int last_pos = w.first_pos + w.num_tokens - 1;
+  // per row lane: running max, sum, and its visible key positions (padding rows: the last token's)
+  std::vector<v8f> m(NVR, splat8(NEG_INF)), l(NVR, splat8(0.f));
+  std::vector<v8i> first_visible(NVR), last_visible(NVR);
+  for (int r = 0; r < ld; ++r) {
+    const int qpos = r < R ? w.first_pos + r / G : last_pos;
+    last_visible[r / 8][r % 8] = qpos;
+    first_visible[r / 8][r % 8] = window > 0 ? qpos - window + 1 : 0;
+  }
+  const int lo = window > 0 ? std::max(0, w.first_pos - window + 1) : 0;
+  const int64_t head_off = static_cast<int64_t>(w.kv_head) * D;
+  const float* k_rows[KEY_CHUNK];  // the cache's own rows for fp32, converted copies otherwise
+  const float* v_rows[KEY_CHUNK];
+  for (int c0 = lo; c0 <= last_pos; c0 += KEY_CHUNK) {
+    const int n = std::min(KEY_CHUNK, last_pos + 1 - c0);
+    int blk = c0 / block_size, off = c0 - blk * block_size;
+    for (int j = 0; j < n; ++j) {
+      const int64_t slot = static_cast<int64_t>(table[blk]) * block_size + off;
+      k_rows[j] = row_as_float<S>(k_cache + slot * slot_stride + head_off, s.k_chunk.data() + j * D, D);
+      v_rows[j] = row_as_float<S>(v_cache + slot * slot_stride + head_off, s.v_chunk.data() + j * D, D);
+      if (++off == block_size) { off = 0; ++blk; }
+    }
+    // keys past the unit's first token, or a window: some row does not see every key
+    const bool masked = window > 0 || c0 + n - 1 > w.first_pos;
+    for (int u = 0; u < NVR; u += TILE_VECTORS) {
+      const float* qt = s.q.data() + 8 * u;
+      float *st = s.p.data() + 8 * u, *ot = s.acc.data() + 8 * u;
+      const ScoreRule rule{a.scale, a.softcap, masked, c0, first_visible.data() + u, last_visible.data() + u};
+      switch (std::min(TILE_VECTORS, NVR - u)) {
+        case 3: chunk_products<3>(k_rows, v_rows, n, qt, st, ot, ld, D, &m[u], &l[u], rule); break;
+        case 2: chunk_products<2>(k_rows, v_rows, n, qt, st, ot, ld, D, &m[u], &l[u], rule); break;
+        default: chunk_products<1>(k_rows, v_rows, n, qt, st, ot, ld, D, &m[u], &l[u], rule);
+      }
+    }
+  }
+  T* out = static_cast<T*>(a.out);
+  for (int r = 0; r < R; ++r) {
+    T* dst = out + ((w.token0 + r / G) * a.num_heads + w.kv_head * G + r % G) * D;
+    const float inv = 1.f / l[r / 8][r % 8];
+    for (int d = 0; d < D; ++d) dst[d] = S::store(s.acc[d * ld + r] * inv);
+  }
+}
+
+// Tiles for units with enough rows (prompt chunks, decodes of large GQA groups), else row by row;
+// the choice depends on the unit alone, so results do not depend on the number of threads.
+template <typename S>
+void attend_unit(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
+  const bool tiles = a.head_dim % TILE_DIMS == 0 &&
+                     (a.path == PATH_TILES ||
+                      (a.path == PATH_AUTO && w.num_tokens * (a.num_heads / a.num_kv_heads) >= TILE_MIN_ROWS));
+  if (tiles) attend_tiles<S>(w, a, s);
+  else attend_rows<S>(w, a, s);
+}
+
 template <typename S>
 void paged_attention_impl(const AttentionArgs& a, const std::vector<WorkUnit>& units) {
   const int64_t num_units = static_cast<int64_t>(units.size());
@@ -343,6 +537,13 @@ void paged_attention_impl(const AttentionArgs& a, const std::vector<WorkUnit>& u
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < num_units; ++i) attend_unit<S>(units[i], a, scratch);
   }
+}
+
+// Tokens per unit for the register tiles: rows (tokens x group size G) a multiple of 8 (no padding
+// lanes), as many as fit TILE_ROWS.
+int tile_tokens(int G) {
+  const int step = 8 / std::gcd(G, 8);
+  return step * std::max(1, TILE_ROWS / (step * G));
 }
 
 // The work units of a step, longest first; false (ValueError set) when the metadata does not
@@ -355,6 +556,7 @@ bool plan_units(const AttentionArgs& a, std::vector<WorkUnit>& units) {
     return false;
   }
   const int64_t max_keys = a.table_stride * a.block_size;
+  const int tile = a.path == PATH_ROWS ? QUERY_TILE : tile_tokens(static_cast<int>(a.num_heads / a.num_kv_heads));
   for (int s = 0; s < a.num_seqs; ++s) {
     const int n_q = qs[s + 1] - qs[s], ctx = a.context_lens[s];
     if (n_q < 0 || ctx < n_q || ctx > max_keys) {
@@ -372,8 +574,8 @@ bool plan_units(const AttentionArgs& a, std::vector<WorkUnit>& units) {
       }
     }
     const int first = ctx - n_q;  // new tokens are the last n_q of the context
-    for (int t = 0; t < n_q; t += QUERY_TILE) {
-      const int n = std::min(QUERY_TILE, n_q - t);
+    for (int t = 0; t < n_q; t += tile) {
+      const int n = std::min(tile, n_q - t);
       const int keys = a.window > 0 ? std::min<int>(first + t + n, a.window + n - 1) : first + t + n;
       for (int h = 0; h < a.num_kv_heads; ++h)
         units.push_back({s, qs[s] + t, n, first + t, h, static_cast<int64_t>(keys) * n});
@@ -385,17 +587,21 @@ bool plan_units(const AttentionArgs& a, std::vector<WorkUnit>& units) {
 
 // paged_attention(dtype, q, q_stride_t, q_stride_h, out, kv, num_blocks, block_size, num_kv_heads,
 //                 head_dim, num_heads, num_tokens, query_start, context_lens, num_seqs, block_tables,
-//                 table_stride, scale, window, softcap)
+//                 table_stride, scale, window, softcap, path)
 PyObject* py_paged_attention(PyObject*, PyObject* const* items, Py_ssize_t count) {
-  if (!check_arity("paged_attention", count, 20)) return nullptr;
+  if (!check_arity("paged_attention", count, 21)) return nullptr;
   const Args in{items, count};
   AttentionArgs a{in.ptr<const void>(1), in.i64(2), in.i64(3), in.ptr<void>(4), in.ptr<const void>(5),
                   in.i64(6), in.i64(7), in.i64(8), in.i64(9), in.i64(10), in.i64(11),
                   in.ptr<const int32_t>(12), in.ptr<const int32_t>(13), in.i64(14), in.ptr<const int32_t>(15),
                   in.i64(16), static_cast<float>(in.f64(17)), static_cast<float>(in.f64(19)),
-                  static_cast<int>(in.i64(18))};
+                  static_cast<int>(in.i64(18)), static_cast<int>(in.i64(20))};
   const int64_t dtype = in.i64(0);
   if (failed() || !check_dtype(dtype)) return nullptr;
+  if (a.path < PATH_AUTO || a.path > PATH_TILES) {
+    PyErr_Format(PyExc_ValueError, "path %d: expected 0 (by shape), 1 (row by row) or 2 (register tiles)", a.path);
+    return nullptr;
+  }
   if (a.num_kv_heads <= 0 || a.num_heads % a.num_kv_heads != 0 || a.head_dim <= 0 || a.block_size <= 0) {
     PyErr_Format(PyExc_ValueError, "num_heads %lld must be a multiple of num_kv_heads %lld; head_dim and "
                  "block_size must be positive", static_cast<long long>(a.num_heads),
