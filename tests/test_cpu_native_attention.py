@@ -109,6 +109,51 @@ def test_a_cache_of_another_dtype_runs_the_reference(cpu, reference):
     assert torch.equal(cpu.paged_attention(q, kv, meta, 0.2), reference.paged_attention(q, kv, meta, 0.2))
 
 
+# ---- prompt chunks: units of many rows run the register-tile kernel -----------------------------
+# long prompts over many blocks and key chunks, a chunk continuing a cached prefix, and decodes
+PROMPT_CHUNKS = [(150, 150), (230, 90), (40, 1), (97, 1)]
+SHAPES = [(8, 4, 32), (14, 2, 64), (14, 2, 128), (4, 1, 18)]
+SHAPE_IDS = ["group2-d32", "group7-d64", "group7-d128", "group4-d18"]
+
+
+@pytest.mark.parametrize("H,Hkv,D", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("window,softcap", [(None, None), (50, None), (None, 30.0)],
+                         ids=["causal", "window", "softcap"])
+def test_prompt_chunks_match_the_reference(cpu, reference, H, Hkv, D, window, softcap):
+    q, kv, meta = attention_case(torch.float32, specs=PROMPT_CHUNKS, block_size=16, H=H, Hkv=Hkv, D=D)
+    assert_close(cpu.paged_attention(q, kv, meta, D ** -0.5, window, softcap),
+                 reference.paged_attention(q, kv, meta, D ** -0.5, window, softcap), torch.float32, "paged_attention")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_prompt_chunks_in_half_precision_match_the_reference(cpu, reference, dtype):
+    q, kv, meta = attention_case(dtype, specs=PROMPT_CHUNKS, block_size=16, H=14, Hkv=2, D=64)
+    assert_close(cpu.paged_attention(q, kv, meta, 0.125, 70, 30.0),
+                 reference.paged_attention(q, kv, meta, 0.125, 70, 30.0), dtype, "paged_attention")
+
+
+@pytest.mark.parametrize("path", ["rows", "tiles"])
+@pytest.mark.parametrize("H,Hkv,D", SHAPES[:2], ids=SHAPE_IDS[:2])
+def test_either_kernel_runs_every_kind_of_unit(cpu, reference, path, H, Hkv, D):
+    # the row-by-row kernel on prompt chunks, the tiles on decodes of a small group (padding lanes)
+    q, kv, meta = attention_case(torch.float32, specs=PROMPT_CHUNKS + [(5, 3)], block_size=8, H=H, Hkv=Hkv, D=D)
+    got = native_ops.load().paged_attention(q, kv, meta, 0.2, 33, 25.0, path=path)
+    assert_close(got, reference.paged_attention(q, kv, meta, 0.2, 33, 25.0), torch.float32, "paged_attention")
+
+
+def test_an_unknown_kernel_path_is_refused_by_name(cpu):
+    q, kv, meta = attention_case(torch.float32)
+    with pytest.raises(ValueError, match=r"path 'fast': expected one of \['auto', 'rows', 'tiles'\]"):
+        native_ops.load().paged_attention(q, kv, meta, 0.2, None, None, path="fast")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prompt_chunks_are_identical_with_one_and_two_threads(cpu, threads, dtype):
+    q, kv, meta = attention_case(dtype, specs=PROMPT_CHUNKS, block_size=16, H=14, Hkv=2, D=64)
+    one, two = (threads(n, lambda: cpu.paged_attention(q, kv, meta, 0.125, 70, None)) for n in (1, 2))
+    assert torch.equal(one, two)
+
+
 # ---- rotary ------------------------------------------------------------------------------------
 def rotary_case(dtype, D=32, rotary_dim=None, T=7, H=4, Hkv=2, seed=0):
     """q, k, v as views of one fused qkv projection (the models' layout), positions, cos/sin table."""
