@@ -5,7 +5,8 @@ Each case is one ragged step over a paged cache (prompt chunks, a chunk continui
 a batch of decodes) on the demo model's attention shape and on the 0.5B shape. The kernel paths
 ("rows": every unit row by row, the kernel before the tiles; "tiles": every unit with register
 tiles; "auto": what the backend runs, by each unit's shape) are timed in alternation, so load from
-other processes hits them alike. Prints the best time of each, GFLOP/s (causal work: 4 * keys * D
+other processes hits them alike; with one thread the clock is the process's CPU time (steadier on
+a shared machine), else wall time. Prints the best time of each, GFLOP/s (causal work: 4 * keys * D
 per query head and token) and the ratio rows / auto, plus the largest difference from the rows path.
 
     python scripts/bench_cpu_attention.py [--threads 2] [--repeats 7] [--dtype float32]
@@ -39,14 +40,14 @@ def causal_flops(specs: list[tuple[int, int]], num_heads: int, head_dim: int) ->
     return 4 * keys * num_heads * head_dim
 
 
-def time_paths(ops, q, kv, meta, scale, repeats: int) -> dict[str, float]:
-    """Best wall time of each path, the paths alternating in every round."""
+def time_paths(ops, q, kv, meta, scale, repeats: int, clock) -> dict[str, float]:
+    """Best time of each path, the paths alternating in every round."""
     best = dict.fromkeys(PATHS, float("inf"))
     for _ in range(repeats):
         for path in PATHS:
-            start = time.perf_counter()
+            start = clock()
             ops.paged_attention(q, kv, meta, scale, None, None, path=path)
-            best[path] = min(best[path], time.perf_counter() - start)
+            best[path] = min(best[path], clock() - start)
     return best
 
 
@@ -61,8 +62,9 @@ def main() -> None:
     ops = native_ops.load()
     if ops is None:
         raise SystemExit(f"the native kernels are not there: {native_ops.unavailable_reason()}")
-    print(f"{cpu_model()}, {args.dtype}, {args.threads} threads, best of {args.repeats} alternating runs, "
-          f"block size {BLOCK_SIZE}")
+    clock = time.process_time if args.threads == 1 else time.perf_counter
+    print(f"{cpu_model()}, {args.dtype}, {args.threads} threads, best of {args.repeats} alternating runs "
+          f"({'CPU' if args.threads == 1 else 'wall'} time), block size {BLOCK_SIZE}")
     print(f"{'shape':26} {'case':32} {'rows ms':>8} {'tiles ms':>9} {'auto ms':>8} {'auto GF/s':>9} "
           f"{'rows/auto':>9} {'max diff':>9}")
     for shape, (H, Hkv, D) in SHAPES.items():
@@ -73,7 +75,7 @@ def main() -> None:
             scale = D ** -0.5
             rows = ops.paged_attention(q, kv, step.meta, scale, None, None, path="rows")
             diff = (ops.paged_attention(q, kv, step.meta, scale, None, None).float() - rows.float()).abs().max()
-            best = time_paths(ops, q, kv, step.meta, scale, args.repeats)
+            best = time_paths(ops, q, kv, step.meta, scale, args.repeats, clock)
             gflops = causal_flops(specs, H, D) / best["auto"] / 1e9
             print(f"{shape:26} {case:32} {best['rows'] * 1e3:8.2f} {best['tiles'] * 1e3:9.2f} "
                   f"{best['auto'] * 1e3:8.2f} {gflops:9.1f} {best['rows'] / best['auto']:9.2f} {diff:9.2e}")

@@ -7,7 +7,7 @@
 //   query heads of that kv head, so every key row loaded serves all of them (GQA). Keys are visited
 //   in chunks of KEY_CHUNK positions with an online softmax in fp32; a unit of many rows (a prompt
 //   chunk) computes a chunk as two small matrix products with register tiles and fused
-//   multiply-adds, a unit of few rows (a decode) row by row; units are
+//   multiply-adds, a decode's unit row by row; units are
 //   ordered longest first and handed to OpenMP threads dynamically (decodes and prompt chunks differ
 //   in cost by orders of magnitude). Each unit is computed by one thread start to end, so the result
 //   does not depend on the number of threads.
@@ -354,7 +354,7 @@ void attend_rows(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
 // value element serves 8 to 24 rows) and fused multiply-adds; the online softmax runs 8 rows at a
 // time with no horizontal reductions. Rp = rows rounded up to 8; padding rows are never stored.
 constexpr int TILE_ROWS = 48;     // rows (tokens x group) a prompt unit aims at; plan_units sizes units by it
-constexpr int TILE_MIN_ROWS = 6;  // fewer rows (a decode of a small group): the row-by-row kernel
+constexpr int TILE_MIN_ROWS = 6;  // fewer rows (a chunk of 2 tokens of a small group): the row-by-row kernel
 constexpr int TILE_KEYS = 4;      // keys of a score register tile
 constexpr int TILE_DIMS = 4;      // head dims of an output register tile
 constexpr int TILE_VECTORS = 3;   // row vectors (of 8 rows) of a register tile
@@ -517,13 +517,15 @@ void attend_tiles(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
   }
 }
 
-// Tiles for units with enough rows (prompt chunks, decodes of large GQA groups), else row by row;
+// Tiles for prompt-chunk units with enough rows, row by row for decodes (memory-bound: the tiles'
+// transposes and padding lanes did not pay there) and small units;
 // the choice depends on the unit alone, so results do not depend on the number of threads.
 template <typename S>
 void attend_unit(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
   const bool tiles = a.head_dim % TILE_DIMS == 0 &&
                      (a.path == PATH_TILES ||
-                      (a.path == PATH_AUTO && w.num_tokens * (a.num_heads / a.num_kv_heads) >= TILE_MIN_ROWS));
+                      (a.path == PATH_AUTO && w.num_tokens > 1 &&
+                       w.num_tokens * (a.num_heads / a.num_kv_heads) >= TILE_MIN_ROWS));
   if (tiles) attend_tiles<S>(w, a, s);
   else attend_rows<S>(w, a, s);
 }
