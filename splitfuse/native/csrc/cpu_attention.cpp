@@ -256,17 +256,45 @@ struct AttentionArgs {
 // Which kernel computes a unit: by its shape, or (side-by-side benchmarks, tests) always one of them.
 enum AttentionPath : int { PATH_AUTO = 0, PATH_ROWS = 1, PATH_TILES = 2 };
 
+// The keys and values a unit reads: its sequence's blocks of the cache, its kv head, whose G query
+// heads make the unit's rows (row r = token r / G, query head kv_head * G + r % G).
+template <typename S>
+struct UnitKeys {
+  using T = typename S::T;
+  const T *k_cache, *v_cache;
+  const int32_t* table;
+  int64_t slot_stride, head_off;
+  int block_size, D, G;
+
+  UnitKeys(const WorkUnit& w, const AttentionArgs& a)
+      : k_cache(static_cast<const T*>(a.kv)),
+        v_cache(k_cache + a.num_blocks * a.block_size * a.num_kv_heads * a.head_dim),
+        table(a.block_tables + w.seq * a.table_stride),
+        slot_stride(a.num_kv_heads * a.head_dim),
+        head_off(static_cast<int64_t>(w.kv_head) * a.head_dim),
+        block_size(static_cast<int>(a.block_size)),
+        D(static_cast<int>(a.head_dim)),
+        G(static_cast<int>(a.num_heads / a.num_kv_heads)) {}
+
+  // k_rows[j], v_rows[j] = the rows of position c0 + j (j < n) as floats: the cache's own rows for
+  // fp32, converted copies in s otherwise. Walks the block table (no division per key).
+  void gather(int c0, int n, const float** k_rows, const float** v_rows, Scratch& s) const {
+    int blk = c0 / block_size, off = c0 - blk * block_size;
+    for (int j = 0; j < n; ++j) {
+      const int64_t slot = static_cast<int64_t>(table[blk]) * block_size + off;
+      k_rows[j] = row_as_float<S>(k_cache + slot * slot_stride + head_off, s.k_chunk.data() + j * D, D);
+      v_rows[j] = row_as_float<S>(v_cache + slot * slot_stride + head_off, s.v_chunk.data() + j * D, D);
+      if (++off == block_size) { off = 0; ++blk; }
+    }
+  }
+};
+
 // The unit row by row: each row's scores against 8 keys at a time, then its P x V.
 template <typename S>
 void attend_rows(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
   using T = typename S::T;
-  const int D = static_cast<int>(a.head_dim), G = static_cast<int>(a.num_heads / a.num_kv_heads);
-  const int block_size = static_cast<int>(a.block_size), window = a.window;
-  const int64_t slot_stride = a.num_kv_heads * a.head_dim;
-  const T* k_cache = static_cast<const T*>(a.kv);
-  const T* v_cache = k_cache + a.num_blocks * a.block_size * slot_stride;
-  const int32_t* table = a.block_tables + w.seq * a.table_stride;
-  const int R = w.num_tokens * G;  // row r = token (r / G), query head kv_head * G + r % G
+  const UnitKeys<S> keys(w, a);
+  const int D = keys.D, G = keys.G, R = w.num_tokens * G, window = a.window;  // row r: see UnitKeys
   s.q.resize(static_cast<size_t>(R) * D);
   s.acc.assign(static_cast<size_t>(R) * D, 0.f);
   s.m.assign(R, NEG_INF);
@@ -281,22 +309,14 @@ void attend_rows(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
   }
   const int last_pos = w.first_pos + w.num_tokens - 1;
   const int lo = window > 0 ? std::max(0, w.first_pos - window + 1) : 0;
-  const int64_t head_off = static_cast<int64_t>(w.kv_head) * D;
   alignas(32) float sc[KEY_CHUNK];
-  const float* k_rows[KEY_CHUNK];  // the cache's own rows for fp32, converted copies otherwise
+  const float* k_rows[KEY_CHUNK];
   const float* v_rows[KEY_CHUNK];
   const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
   const bool capped = a.softcap > 0.f;
   for (int c0 = lo; c0 <= last_pos; c0 += KEY_CHUNK) {
     const int n = std::min(KEY_CHUNK, last_pos + 1 - c0);
-    // walk the block table (no division per key)
-    int blk = c0 / block_size, off = c0 - blk * block_size;
-    for (int j = 0; j < n; ++j) {
-      const int64_t slot = static_cast<int64_t>(table[blk]) * block_size + off;
-      k_rows[j] = row_as_float<S>(k_cache + slot * slot_stride + head_off, s.k_chunk.data() + j * D, D);
-      v_rows[j] = row_as_float<S>(v_cache + slot * slot_stride + head_off, s.v_chunk.data() + j * D, D);
-      if (++off == block_size) { off = 0; ++blk; }
-    }
+    keys.gather(c0, n, k_rows, v_rows, s);
     for (int j = n; j < (n + 7) / 8 * 8; ++j) k_rows[j] = k_rows[0];  // padding lanes, masked below
     for (int r = 0; r < R; ++r) {
       const int qpos = w.first_pos + r / G;
@@ -456,13 +476,8 @@ void chunk_products(const float* const* k, const float* const* v, int n, const f
 template <typename S>
 void attend_tiles(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
   using T = typename S::T;
-  const int D = static_cast<int>(a.head_dim), G = static_cast<int>(a.num_heads / a.num_kv_heads);
-  const int block_size = static_cast<int>(a.block_size), window = a.window;
-  const int64_t slot_stride = a.num_kv_heads * a.head_dim;
-  const T* k_cache = static_cast<const T*>(a.kv);
-  const T* v_cache = k_cache + a.num_blocks * a.block_size * slot_stride;
-  const int32_t* table = a.block_tables + w.seq * a.table_stride;
-  const int R = w.num_tokens * G;  // row r = token (r / G), query head kv_head * G + r % G
+  const UnitKeys<S> keys(w, a);
+  const int D = keys.D, G = keys.G, R = w.num_tokens * G, window = a.window;  // row r: see UnitKeys
   const int NVR = (R + 7) / 8, ld = NVR * 8;
   s.q.assign(static_cast<size_t>(D) * ld, 0.f);    // qt [D][ld]
   s.acc.assign(static_cast<size_t>(D) * ld, 0.f);  // ot [D][ld]
@@ -484,18 +499,11 @@ void attend_tiles(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
     first_visible[r / 8][r % 8] = window > 0 ? qpos - window + 1 : 0;
   }
   const int lo = window > 0 ? std::max(0, w.first_pos - window + 1) : 0;
-  const int64_t head_off = static_cast<int64_t>(w.kv_head) * D;
-  const float* k_rows[KEY_CHUNK];  // the cache's own rows for fp32, converted copies otherwise
+  const float* k_rows[KEY_CHUNK];
   const float* v_rows[KEY_CHUNK];
   for (int c0 = lo; c0 <= last_pos; c0 += KEY_CHUNK) {
     const int n = std::min(KEY_CHUNK, last_pos + 1 - c0);
-    int blk = c0 / block_size, off = c0 - blk * block_size;
-    for (int j = 0; j < n; ++j) {
-      const int64_t slot = static_cast<int64_t>(table[blk]) * block_size + off;
-      k_rows[j] = row_as_float<S>(k_cache + slot * slot_stride + head_off, s.k_chunk.data() + j * D, D);
-      v_rows[j] = row_as_float<S>(v_cache + slot * slot_stride + head_off, s.v_chunk.data() + j * D, D);
-      if (++off == block_size) { off = 0; ++blk; }
-    }
+    keys.gather(c0, n, k_rows, v_rows, s);
     // keys past the unit's first token, or a window: some row does not see every key
     const bool masked = window > 0 || c0 + n - 1 > w.first_pos;
     for (int u = 0; u < NVR; u += TILE_VECTORS) {
