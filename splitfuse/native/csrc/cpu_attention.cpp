@@ -277,13 +277,27 @@ struct UnitKeys {
         G(static_cast<int>(a.num_heads / a.num_kv_heads)) {}
 
   // k_rows[j], v_rows[j] = the rows of position c0 + j (j < n) as floats: the cache's own rows for
-  // fp32, converted copies in s otherwise. Walks the block table (no division per key).
-  void gather(int c0, int n, const float** k_rows, const float** v_rows, Scratch& s) const {
+  // fp32, converted copies in s otherwise. Walks the block table (no division per key). Then asks
+  // for the next chunk's rows (up to position end) ahead: the blocks are scattered over the cache,
+  // and a head's rows are strided within them, so the hardware prefetchers do not see them coming.
+  void gather(int c0, int n, int end, const float** k_rows, const float** v_rows, Scratch& s) const {
     int blk = c0 / block_size, off = c0 - blk * block_size;
     for (int j = 0; j < n; ++j) {
       const int64_t slot = static_cast<int64_t>(table[blk]) * block_size + off;
       k_rows[j] = row_as_float<S>(k_cache + slot * slot_stride + head_off, s.k_chunk.data() + j * D, D);
       v_rows[j] = row_as_float<S>(v_cache + slot * slot_stride + head_off, s.v_chunk.data() + j * D, D);
+      if (++off == block_size) { off = 0; ++blk; }
+    }
+    const int ahead = std::min(end - c0 - n, KEY_CHUNK);
+    const int64_t row_bytes = static_cast<int64_t>(D) * sizeof(T);
+    for (int j = 0; j < ahead; ++j) {
+      const int64_t slot = static_cast<int64_t>(table[blk]) * block_size + off;
+      const char* k_row = reinterpret_cast<const char*>(k_cache + slot * slot_stride + head_off);
+      const char* v_row = reinterpret_cast<const char*>(v_cache + slot * slot_stride + head_off);
+      for (int64_t b = 0; b < row_bytes; b += 64) {
+        __builtin_prefetch(k_row + b);
+        __builtin_prefetch(v_row + b);
+      }
       if (++off == block_size) { off = 0; ++blk; }
     }
   }
@@ -316,7 +330,7 @@ void attend_rows(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
   const bool capped = a.softcap > 0.f;
   for (int c0 = lo; c0 <= last_pos; c0 += KEY_CHUNK) {
     const int n = std::min(KEY_CHUNK, last_pos + 1 - c0);
-    keys.gather(c0, n, k_rows, v_rows, s);
+    keys.gather(c0, n, last_pos + 1, k_rows, v_rows, s);
     for (int j = n; j < (n + 7) / 8 * 8; ++j) k_rows[j] = k_rows[0];  // padding lanes, masked below
     for (int r = 0; r < R; ++r) {
       const int qpos = w.first_pos + r / G;
@@ -388,6 +402,29 @@ inline v8f fma8(v8f a, v8f b, v8f c) {
 #endif
 }
 
+// exp of 8 softmax inputs x - max (<= 0, -inf for masked keys, NaN where a row has seen no key
+// yet): Cephes' expf as exp8, with fused multiply-adds and round-to-nearest (about half the
+// instructions). Inputs below -88, -inf and NaN give exactly 0: the clamp to -88 makes 2^n vanish.
+inline v8f exp8_softmax(v8f x) {
+#if defined(__FMA__) && defined(__AVX__)
+  x = (v8f)_mm256_max_ps((__m256)x, (__m256)splat8(-88.f));  // NaN -> -88 (max returns its second operand)
+  const v8f n = (v8f)_mm256_round_ps((__m256)(x * splat8(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  v8f r = fma8(n, splat8(-0.693359375f), x);
+  r = fma8(n, splat8(2.12194440e-4f), r);
+  v8f y = splat8(1.9875691500e-4f);
+  y = fma8(y, r, splat8(1.3981999507e-3f));
+  y = fma8(y, r, splat8(8.3334519073e-3f));
+  y = fma8(y, r, splat8(4.1665795894e-2f));
+  y = fma8(y, r, splat8(1.6666665459e-1f));
+  y = fma8(y, r, splat8(5.0000001201e-1f));
+  y = fma8(y, r * r, r) + splat8(1.f);
+  const v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
+  return y * (v8f)bits;
+#else
+  return exp8(x);
+#endif
+}
+
 // How a chunk's raw dot products become scores: scale, softcap (0: none), and the causal / window
 // mask where some row does not see every key of the chunk.
 struct ScoreRule {
@@ -456,11 +493,11 @@ void chunk_products(const float* const* k, const float* const* v, int n, const f
   for (; j < n; ++j) score_tile<1, NV>(k, j, qt, st, ld, D, rule, cmax);
   for (int u = 0; u < NV; ++u) {
     const v8f m_new = m[u] > cmax[u] ? m[u] : cmax[u];
-    // exp8 gives 0 for -inf and NaN: a row with no visible key so far keeps l = 0, acc = 0
-    const v8f alpha = exp8(m[u] - m_new);
+    // exp of -inf or NaN is 0: a row with no visible key so far keeps l = 0, acc = 0
+    const v8f alpha = exp8_softmax(m[u] - m_new);
     v8f lsum = splat8(0.f);
     for (j = 0; j < n; ++j) {
-      const v8f p = exp8(load8(st + j * ld + 8 * u) - m_new);
+      const v8f p = exp8_softmax(load8(st + j * ld + 8 * u) - m_new);
       store8(st + j * ld + 8 * u, p);
       lsum += p;
     }
@@ -503,7 +540,7 @@ void attend_tiles(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
   const float* v_rows[KEY_CHUNK];
   for (int c0 = lo; c0 <= last_pos; c0 += KEY_CHUNK) {
     const int n = std::min(KEY_CHUNK, last_pos + 1 - c0);
-    keys.gather(c0, n, k_rows, v_rows, s);
+    keys.gather(c0, n, last_pos + 1, k_rows, v_rows, s);
     // keys past the unit's first token, or a window: some row does not see every key
     const bool masked = window > 0 || c0 + n - 1 > w.first_pos;
     for (int u = 0; u < NVR; u += TILE_VECTORS) {
