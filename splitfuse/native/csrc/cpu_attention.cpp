@@ -425,6 +425,25 @@ inline v8f exp8_softmax(v8f x) {
 #endif
 }
 
+// x[i][j] <- x[j][i]: an 8 x 8 block transposed in registers (unpack, shuffle, swap 128-bit halves)
+inline void transpose8(v8f* x) {
+  v8f t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(x[i], x[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(x[i], x[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int i = 0; i < 4; ++i) {
+    x[i] = __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    x[i + 4] = __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
 // How a chunk's raw dot products become scores: scale, softcap (0: none), and the causal / window
 // mask where some row does not see every key of the chunk.
 struct ScoreRule {
@@ -508,7 +527,7 @@ void chunk_products(const float* const* k, const float* const* v, int n, const f
   for (int d0 = 0; d0 < D; d0 += TILE_DIMS) value_tile<NV>(v, n, st, ot, ld, d0);
 }
 
-// The unit with its rows as vector lanes (head_dim a multiple of TILE_DIMS); the same keys, masks
+// The unit with its rows as vector lanes (head_dim a multiple of 8); the same keys, masks
 // and online softmax as attend_rows.
 template <typename S>
 void attend_tiles(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
@@ -522,10 +541,17 @@ void attend_tiles(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
   s.k_chunk.resize(static_cast<size_t>(KEY_CHUNK) * D);
   s.v_chunk.resize(static_cast<size_t>(KEY_CHUNK) * D);
   const T* q = static_cast<const T*>(a.q);
-  for (int r = 0; r < R; ++r) {
-    const T* src = q + (w.token0 + r / G) * a.q_stride_t + (w.kv_head * G + r % G) * a.q_stride_h;
-    for (int d = 0; d < D; ++d) s.q[d * ld + r] = S::load(src[d]);
-  }
+  for (int r0 = 0; r0 < R; r0 += 8)  // 8 rows x 8 dims at a time
+    for (int d0 = 0; d0 < D; d0 += 8) {
+      v8f x[8];
+      for (int i = 0; i < 8; ++i) {
+        const int r = r0 + i;
+        x[i] = r < R ? vload<S>(q + (w.token0 + r / G) * a.q_stride_t + (w.kv_head * G + r % G) * a.q_stride_h + d0)
+                     : splat8(0.f);
+      }
+      transpose8(x);
+      for (int i = 0; i < 8; ++i) store8(s.q.data() + (d0 + i) * ld + r0, x[i]);
+    }
   const int last_pos = w.first_pos + w.num_tokens - 1;
   // per row lane: running max, sum, and its visible key positions (padding rows: the last token's)
   std::vector<v8f> m(NVR, splat8(NEG_INF)), l(NVR, splat8(0.f));
@@ -555,10 +581,17 @@ void attend_tiles(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
     }
   }
   T* out = static_cast<T*>(a.out);
-  for (int r = 0; r < R; ++r) {
-    T* dst = out + ((w.token0 + r / G) * a.num_heads + w.kv_head * G + r % G) * D;
-    const float inv = 1.f / l[r / 8][r % 8];
-    for (int d = 0; d < D; ++d) dst[d] = S::store(s.acc[d * ld + r] * inv);
+  for (int r0 = 0; r0 < R; r0 += 8) {
+    const v8f inv = splat8(1.f) / l[r0 / 8];
+    for (int d0 = 0; d0 < D; d0 += 8) {
+      v8f x[8];
+      for (int i = 0; i < 8; ++i) x[i] = load8(s.acc.data() + (d0 + i) * ld + r0);
+      transpose8(x);
+      for (int i = 0; i < 8 && r0 + i < R; ++i) {
+        const int r = r0 + i;
+        vstore<S>(out + ((w.token0 + r / G) * a.num_heads + w.kv_head * G + r % G) * D + d0, x[i] * splat8(inv[i]));
+      }
+    }
   }
 }
 
@@ -567,7 +600,7 @@ void attend_tiles(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
 // the choice depends on the unit alone, so results do not depend on the number of threads.
 template <typename S>
 void attend_unit(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
-  const bool tiles = a.head_dim % TILE_DIMS == 0 &&
+  const bool tiles = a.head_dim % 8 == 0 &&
                      (a.path == PATH_TILES ||
                       (a.path == PATH_AUTO && w.num_tokens > 1 &&
                        w.num_tokens * (a.num_heads / a.num_kv_heads) >= TILE_MIN_ROWS));
