@@ -567,16 +567,21 @@ void attend_tiles(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
   for (int c0 = lo; c0 <= last_pos; c0 += KEY_CHUNK) {
     const int n = std::min(KEY_CHUNK, last_pos + 1 - c0);
     keys.gather(c0, n, last_pos + 1, k_rows, v_rows, s);
-    // keys past the unit's first token, or a window: some row does not see every key
-    const bool masked = window > 0 || c0 + n - 1 > w.first_pos;
     for (int u = 0; u < NVR; u += TILE_VECTORS) {
+      const int nv = std::min(TILE_VECTORS, NVR - u);
+      // this row block's tokens: keys past its last one are skipped, keys past its first one masked
+      const int block_first = w.first_pos + 8 * u / G;
+      const int block_last = w.first_pos + (std::min(R, 8 * (u + nv)) - 1) / G;
+      const int nu = std::min(n, block_last - c0 + 1);
+      if (nu <= 0) continue;
       const float* qt = s.q.data() + 8 * u;
       float *st = s.p.data() + 8 * u, *ot = s.acc.data() + 8 * u;
-      const ScoreRule rule{a.scale, a.softcap, masked, c0, first_visible.data() + u, last_visible.data() + u};
-      switch (std::min(TILE_VECTORS, NVR - u)) {
-        case 3: chunk_products<3>(k_rows, v_rows, n, qt, st, ot, ld, D, &m[u], &l[u], rule); break;
-        case 2: chunk_products<2>(k_rows, v_rows, n, qt, st, ot, ld, D, &m[u], &l[u], rule); break;
-        default: chunk_products<1>(k_rows, v_rows, n, qt, st, ot, ld, D, &m[u], &l[u], rule);
+      const ScoreRule rule{a.scale, a.softcap, window > 0 || c0 + nu - 1 > block_first, c0,
+                           first_visible.data() + u, last_visible.data() + u};
+      switch (nv) {
+        case 3: chunk_products<3>(k_rows, v_rows, nu, qt, st, ot, ld, D, &m[u], &l[u], rule); break;
+        case 2: chunk_products<2>(k_rows, v_rows, nu, qt, st, ot, ld, D, &m[u], &l[u], rule); break;
+        default: chunk_products<1>(k_rows, v_rows, nu, qt, st, ot, ld, D, &m[u], &l[u], rule);
       }
     }
   }
