@@ -3,6 +3,10 @@ reference ops, and the fallback to those ops when the kernels are not there."""
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +16,8 @@ from splitfuse.backends.cpu import CpuBackend, native_ops
 from splitfuse.backends.torch_ops import build_cos_sin_cache
 from splitfuse.testing.conformance.tolerances import assert_close
 from splitfuse.testing.ragged import filled_cache, ragged_step
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 # decodes at block edges and mid-block, a first chunk, a later chunk, a long prompt over several
 # key chunks of the kernel, a sequence of one token
@@ -280,3 +286,17 @@ def test_splitfuse_backends_shows_which_ops_the_cpu_backend_runs(monkeypatch, ca
     assert main(["backends"]) == 0
     cpu_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("cpu "))
     assert cpu_line.endswith("available (plain torch: turned off (SPLITFUSE_NATIVE=0))")
+
+
+# ---- the side-by-side benchmark ------------------------------------------------------------------
+def test_the_attention_benchmark_prints_every_case_with_its_ratio(cpu, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    bench = importlib.import_module("bench_cpu_attention")
+    assert bench.causal_flops([(3, 2)], num_heads=2, head_dim=4) == 4 * (2 + 3) * 2 * 4  # keys 2 and 3
+    monkeypatch.setattr(bench, "SHAPES", {"tiny": (4, 2, 8)})
+    monkeypatch.setattr(bench, "CASES", {"chunk": [(20, 12)], "decode": [(9, 1)] * 3})
+    monkeypatch.setattr(sys, "argv", ["bench_cpu_attention.py", "--threads", "1", "--repeats", "1"])
+    bench.main()
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("tiny")]
+    assert [row[1] for row in rows] == ["chunk", "decode"]
+    assert all(float(row[-2]) > 0 and float(row[-1]) < 1e-5 for row in rows)  # rows / auto, max difference

@@ -408,7 +408,8 @@ inline v8f fma8(v8f a, v8f b, v8f c) {
 inline v8f exp8_softmax(v8f x) {
 #if defined(__FMA__) && defined(__AVX__)
   x = (v8f)_mm256_max_ps((__m256)x, (__m256)splat8(-88.f));  // NaN -> -88 (max returns its second operand)
-  const v8f n = (v8f)_mm256_round_ps((__m256)(x * splat8(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const v8f n = (v8f)_mm256_round_ps((__m256)(x * splat8(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   v8f r = fma8(n, splat8(-0.693359375f), x);
   r = fma8(n, splat8(2.12194440e-4f), r);
   v8f y = splat8(1.9875691500e-4f);
