@@ -3,6 +3,10 @@ reference ops, and the fallback to those ops when the kernels are not there."""
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +16,8 @@ from splitfuse.backends.cpu import CpuBackend, native_ops
 from splitfuse.backends.torch_ops import build_cos_sin_cache
 from splitfuse.testing.conformance.tolerances import assert_close
 from splitfuse.testing.ragged import filled_cache, ragged_step
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 # decodes at block edges and mid-block, a first chunk, a later chunk, a long prompt over several
 # key chunks of the kernel, a sequence of one token
@@ -107,6 +113,51 @@ def test_a_cache_of_another_dtype_runs_the_reference(cpu, reference):
     q, kv, meta = attention_case(torch.float32)
     kv = kv.to(torch.bfloat16)
     assert torch.equal(cpu.paged_attention(q, kv, meta, 0.2), reference.paged_attention(q, kv, meta, 0.2))
+
+
+# ---- prompt chunks: units of many rows run the register-tile kernel -----------------------------
+# long prompts over many blocks and key chunks, a chunk continuing a cached prefix, and decodes
+PROMPT_CHUNKS = [(150, 150), (230, 90), (40, 1), (97, 1)]
+SHAPES = [(8, 4, 32), (14, 2, 64), (14, 2, 128), (4, 1, 18)]
+SHAPE_IDS = ["group2-d32", "group7-d64", "group7-d128", "group4-d18"]
+
+
+@pytest.mark.parametrize("H,Hkv,D", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("window,softcap", [(None, None), (50, None), (None, 30.0)],
+                         ids=["causal", "window", "softcap"])
+def test_prompt_chunks_match_the_reference(cpu, reference, H, Hkv, D, window, softcap):
+    q, kv, meta = attention_case(torch.float32, specs=PROMPT_CHUNKS, block_size=16, H=H, Hkv=Hkv, D=D)
+    assert_close(cpu.paged_attention(q, kv, meta, D ** -0.5, window, softcap),
+                 reference.paged_attention(q, kv, meta, D ** -0.5, window, softcap), torch.float32, "paged_attention")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_prompt_chunks_in_half_precision_match_the_reference(cpu, reference, dtype):
+    q, kv, meta = attention_case(dtype, specs=PROMPT_CHUNKS, block_size=16, H=14, Hkv=2, D=64)
+    assert_close(cpu.paged_attention(q, kv, meta, 0.125, 70, 30.0),
+                 reference.paged_attention(q, kv, meta, 0.125, 70, 30.0), dtype, "paged_attention")
+
+
+@pytest.mark.parametrize("path", ["rows", "tiles"])
+@pytest.mark.parametrize("H,Hkv,D", SHAPES[:2], ids=SHAPE_IDS[:2])
+def test_either_kernel_runs_every_kind_of_unit(cpu, reference, path, H, Hkv, D):
+    # the row-by-row kernel on prompt chunks, the tiles on decodes of a small group (padding lanes)
+    q, kv, meta = attention_case(torch.float32, specs=PROMPT_CHUNKS + [(5, 3)], block_size=8, H=H, Hkv=Hkv, D=D)
+    got = native_ops.load().paged_attention(q, kv, meta, 0.2, 33, 25.0, path=path)
+    assert_close(got, reference.paged_attention(q, kv, meta, 0.2, 33, 25.0), torch.float32, "paged_attention")
+
+
+def test_an_unknown_kernel_path_is_refused_by_name(cpu):
+    q, kv, meta = attention_case(torch.float32)
+    with pytest.raises(ValueError, match=r"path 'fast': expected one of \['auto', 'rows', 'tiles'\]"):
+        native_ops.load().paged_attention(q, kv, meta, 0.2, None, None, path="fast")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prompt_chunks_are_identical_with_one_and_two_threads(cpu, threads, dtype):
+    q, kv, meta = attention_case(dtype, specs=PROMPT_CHUNKS, block_size=16, H=14, Hkv=2, D=64)
+    one, two = (threads(n, lambda: cpu.paged_attention(q, kv, meta, 0.125, 70, None)) for n in (1, 2))
+    assert torch.equal(one, two)
 
 
 # ---- rotary ------------------------------------------------------------------------------------
@@ -235,3 +286,17 @@ def test_splitfuse_backends_shows_which_ops_the_cpu_backend_runs(monkeypatch, ca
     assert main(["backends"]) == 0
     cpu_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("cpu "))
     assert cpu_line.endswith("available (plain torch: turned off (SPLITFUSE_NATIVE=0))")
+
+
+# ---- the side-by-side benchmark ------------------------------------------------------------------
+def test_the_attention_benchmark_prints_every_case_with_its_ratio(cpu, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    bench = importlib.import_module("bench_cpu_attention")
+    assert bench.causal_flops([(3, 2)], num_heads=2, head_dim=4) == 4 * (2 + 3) * 2 * 4  # keys 2 and 3
+    monkeypatch.setattr(bench, "SHAPES", {"tiny": (4, 2, 8)})
+    monkeypatch.setattr(bench, "CASES", {"chunk": [(20, 12)], "decode": [(9, 1)] * 3})
+    monkeypatch.setattr(sys, "argv", ["bench_cpu_attention.py", "--threads", "1", "--repeats", "1"])
+    bench.main()
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("tiny")]
+    assert [row[1] for row in rows] == ["chunk", "decode"]
+    assert all(float(row[-2]) > 0 and float(row[-1]) < 1e-5 for row in rows)  # rows / auto, max difference

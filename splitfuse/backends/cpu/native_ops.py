@@ -47,6 +47,10 @@ def _is_rows(t: torch.Tensor, dtype: torch.dtype) -> bool:
     return t.dtype == dtype and t.is_cpu and t.stride(-1) == 1
 
 
+# the attention kernel's path codes: by each unit's shape, row by row, register tiles
+ATTENTION_PATHS = {"auto": 0, "rows": 1, "tiles": 2}
+
+
 class NativeOps:
     """The kernels of one loaded module; every op returns None where it does not apply."""
 
@@ -54,8 +58,12 @@ class NativeOps:
         self._kernels = module
 
     def paged_attention(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: "BatchMeta", scale: float,
-                        sliding_window: int | None, logit_softcap: float | None) -> torch.Tensor | None:
-        """Causal paged attention of q [T, H, D] (see Backend.paged_attention), or None."""
+                        sliding_window: int | None, logit_softcap: float | None,
+                        path: str = "auto") -> torch.Tensor | None:
+        """Causal paged attention of q [T, H, D] (see Backend.paged_attention), or None. `path` picks
+        the kernel of every unit: "auto" by its shape, "rows" or "tiles" (side-by-side comparisons)."""
+        if path not in ATTENTION_PATHS:
+            raise ValueError(f"path {path!r}: expected one of {sorted(ATTENTION_PATHS)}")
         code = _DTYPE_CODES.get(q.dtype)
         if (code is None or q.dim() != 3 or kv_layer.dim() != 5 or q.numel() == 0
                 or not _is_rows(q, q.dtype) or not _is_dense(kv_layer, q.dtype) or kv_layer.shape[-1] != q.shape[-1]
@@ -70,7 +78,7 @@ class NativeOps:
             code, q.data_ptr(), q.stride(0), q.stride(1), out.data_ptr(), kv_layer.data_ptr(), num_blocks,
             block_size, num_kv_heads, D, H, T, meta.query_start.data_ptr(), meta.context_lens.data_ptr(),
             meta.context_lens.numel(), tables.data_ptr(), tables.stride(0), float(scale), int(sliding_window or 0),
-            float(logit_softcap or 0.0))
+            float(logit_softcap or 0.0), ATTENTION_PATHS[path])
         return out
 
     def rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,

@@ -3,9 +3,11 @@
 //
 // paged_attention: ragged causal attention of a Dynamic SplitFuse step reading K/V straight from
 //   the paged cache [2, num_blocks, block_size, Hkv, D] through the block tables (no gather copy).
-//   Work unit = (sequence, tile of up to QUERY_TILE new tokens, kv head); its rows are the tile's
-//   tokens x the G query heads of that kv head, so every key row loaded serves all of them (GQA).
-//   Keys are visited in chunks of KEY_CHUNK positions with an online softmax in fp32; units are
+//   Work unit = (sequence, tile of new tokens, kv head); its rows are the tile's tokens x the G
+//   query heads of that kv head, so every key row loaded serves all of them (GQA). Keys are visited
+//   in chunks of KEY_CHUNK positions with an online softmax in fp32; a unit of many rows (a prompt
+//   chunk) computes a chunk as two small matrix products with register tiles and fused
+//   multiply-adds, a decode's unit row by row; units are
 //   ordered longest first and handed to OpenMP threads dynamically (decodes and prompt chunks differ
 //   in cost by orders of magnitude). Each unit is computed by one thread start to end, so the result
 //   does not depend on the number of threads.
@@ -15,7 +17,8 @@
 //
 // Every op takes fp32, bf16 or fp16 tensors and rounds as the plain-torch reference ops do: bf16
 // and fp16 elementwise ops round to the storage type after each operation, as torch does; attention
-// and norm statistics accumulate in fp32. Built with -ffp-contract=off (no fused multiply-adds).
+// and norm statistics accumulate in fp32. Built with -ffp-contract=off: the only fused multiply-adds
+// are the explicit ones of the attention tiles (fp32 accumulations, not rounded as torch's ops).
 //
 // Vectors: 8-float GCC vector types; with -march=native on an AVX2 machine they are ymm registers,
 // without AVX the compiler splits them into SSE pairs (or scalars elsewhere), same results.
@@ -25,9 +28,14 @@
 
 #include <omp.h>
 
+#ifdef __FMA__
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -228,7 +236,7 @@ struct WorkUnit {
 };
 
 struct Scratch {
-  std::vector<float> q, acc, m, l, k_chunk, v_chunk;
+  std::vector<float> q, acc, m, l, k_chunk, v_chunk, p;
 };
 
 struct AttentionArgs {
@@ -244,18 +252,65 @@ struct AttentionArgs {
   int64_t table_stride;
   float scale, softcap;  // softcap 0: none
   int window;            // 0: none
+  int path;              // AttentionPath
 };
 
+// Which kernel computes a unit: by its shape, or (side-by-side benchmarks, tests) always one of them.
+enum AttentionPath : int { PATH_AUTO = 0, PATH_ROWS = 1, PATH_TILES = 2 };
+
+// The keys and values a unit reads: its sequence's blocks of the cache, its kv head, whose G query
+// heads make the unit's rows (row r = token r / G, query head kv_head * G + r % G).
 template <typename S>
-void attend_unit(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
+struct UnitKeys {
   using T = typename S::T;
-  const int D = static_cast<int>(a.head_dim), G = static_cast<int>(a.num_heads / a.num_kv_heads);
-  const int block_size = static_cast<int>(a.block_size), window = a.window;
-  const int64_t slot_stride = a.num_kv_heads * a.head_dim;
-  const T* k_cache = static_cast<const T*>(a.kv);
-  const T* v_cache = k_cache + a.num_blocks * a.block_size * slot_stride;
-  const int32_t* table = a.block_tables + w.seq * a.table_stride;
-  const int R = w.num_tokens * G;  // row r = token (r / G), query head kv_head * G + r % G
+  const T *k_cache, *v_cache;
+  const int32_t* table;
+  int64_t slot_stride, head_off;
+  int block_size, D, G;
+
+  UnitKeys(const WorkUnit& w, const AttentionArgs& a)
+      : k_cache(static_cast<const T*>(a.kv)),
+        v_cache(k_cache + a.num_blocks * a.block_size * a.num_kv_heads * a.head_dim),
+        table(a.block_tables + w.seq * a.table_stride),
+        slot_stride(a.num_kv_heads * a.head_dim),
+        head_off(static_cast<int64_t>(w.kv_head) * a.head_dim),
+        block_size(static_cast<int>(a.block_size)),
+        D(static_cast<int>(a.head_dim)),
+        G(static_cast<int>(a.num_heads / a.num_kv_heads)) {}
+
+  // k_rows[j], v_rows[j] = the rows of position c0 + j (j < n) as floats: the cache's own rows for
+  // fp32, converted copies in s otherwise. Walks the block table (no division per key). Then asks
+  // for the next chunk's rows (up to position end) ahead: the blocks are scattered over the cache,
+  // and a head's rows are strided within them, so the hardware prefetchers do not see them coming.
+  void gather(int c0, int n, int end, const float** k_rows, const float** v_rows, Scratch& s) const {
+    int blk = c0 / block_size, off = c0 - blk * block_size;
+    for (int j = 0; j < n; ++j) {
+      const int64_t slot = static_cast<int64_t>(table[blk]) * block_size + off;
+      k_rows[j] = row_as_float<S>(k_cache + slot * slot_stride + head_off, s.k_chunk.data() + j * D, D);
+      v_rows[j] = row_as_float<S>(v_cache + slot * slot_stride + head_off, s.v_chunk.data() + j * D, D);
+      if (++off == block_size) { off = 0; ++blk; }
+    }
+    const int ahead = std::min(end - c0 - n, KEY_CHUNK);
+    const int64_t row_bytes = static_cast<int64_t>(D) * sizeof(T);
+    for (int j = 0; j < ahead; ++j) {
+      const int64_t slot = static_cast<int64_t>(table[blk]) * block_size + off;
+      const char* k_row = reinterpret_cast<const char*>(k_cache + slot * slot_stride + head_off);
+      const char* v_row = reinterpret_cast<const char*>(v_cache + slot * slot_stride + head_off);
+      for (int64_t b = 0; b < row_bytes; b += 64) {
+        __builtin_prefetch(k_row + b);
+        __builtin_prefetch(v_row + b);
+      }
+      if (++off == block_size) { off = 0; ++blk; }
+    }
+  }
+};
+
+// The unit row by row: each row's scores against 8 keys at a time, then its P x V.
+template <typename S>
+void attend_rows(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
+  using T = typename S::T;
+  const UnitKeys<S> keys(w, a);
+  const int D = keys.D, G = keys.G, R = w.num_tokens * G, window = a.window;  // row r: see UnitKeys
   s.q.resize(static_cast<size_t>(R) * D);
   s.acc.assign(static_cast<size_t>(R) * D, 0.f);
   s.m.assign(R, NEG_INF);
@@ -270,22 +325,14 @@ void attend_unit(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
   }
   const int last_pos = w.first_pos + w.num_tokens - 1;
   const int lo = window > 0 ? std::max(0, w.first_pos - window + 1) : 0;
-  const int64_t head_off = static_cast<int64_t>(w.kv_head) * D;
   alignas(32) float sc[KEY_CHUNK];
-  const float* k_rows[KEY_CHUNK];  // the cache's own rows for fp32, converted copies otherwise
+  const float* k_rows[KEY_CHUNK];
   const float* v_rows[KEY_CHUNK];
   const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
   const bool capped = a.softcap > 0.f;
   for (int c0 = lo; c0 <= last_pos; c0 += KEY_CHUNK) {
     const int n = std::min(KEY_CHUNK, last_pos + 1 - c0);
-    // walk the block table (no division per key)
-    int blk = c0 / block_size, off = c0 - blk * block_size;
-    for (int j = 0; j < n; ++j) {
-      const int64_t slot = static_cast<int64_t>(table[blk]) * block_size + off;
-      k_rows[j] = row_as_float<S>(k_cache + slot * slot_stride + head_off, s.k_chunk.data() + j * D, D);
-      v_rows[j] = row_as_float<S>(v_cache + slot * slot_stride + head_off, s.v_chunk.data() + j * D, D);
-      if (++off == block_size) { off = 0; ++blk; }
-    }
+    keys.gather(c0, n, last_pos + 1, k_rows, v_rows, s);
     for (int j = n; j < (n + 7) / 8 * 8; ++j) k_rows[j] = k_rows[0];  // padding lanes, masked below
     for (int r = 0; r < R; ++r) {
       const int qpos = w.first_pos + r / G;
@@ -336,6 +383,239 @@ void attend_unit(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
   }
 }
 
+// ---- query tiles as small matrix products ----------------------------------------------------------
+// A unit with many rows (a prompt chunk: tokens x GQA group) works with its rows as the vector lanes:
+// queries transposed once per unit (qt [D][Rp]), per key chunk the scores st [n][Rp] = K Q^T and the
+// output ot [D][Rp] += V^T P^T as small matrix products with register tiles (every broadcast key or
+// value element serves 8 to 24 rows) and fused multiply-adds; the online softmax runs 8 rows at a
+// time with no horizontal reductions. Rp = rows rounded up to 8; padding rows are never stored.
+constexpr int TILE_ROWS = 48;     // rows (tokens x group) a prompt unit aims at; plan_units sizes units by it
+constexpr int TILE_MIN_ROWS = 6;  // fewer rows (a chunk of 2 tokens of a small group): the row-by-row kernel
+constexpr int TILE_KEYS = 4;      // keys of a score register tile
+constexpr int TILE_DIMS = 4;      // head dims of an output register tile
+constexpr int TILE_VECTORS = 3;   // row vectors (of 8 rows) of a register tile
+
+// a * b + c, fused where the CPU has FMA
+inline v8f fma8(v8f a, v8f b, v8f c) {
+#ifdef __FMA__
+  return (v8f)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+
+// exp of 8 softmax inputs x - max (<= 0, -inf for masked keys, NaN where a row has seen no key
+// yet): Cephes' expf as exp8, with fused multiply-adds and round-to-nearest (about half the
+// instructions). Inputs below -88, -inf and NaN give exactly 0: the clamp to -88 makes 2^n vanish.
+inline v8f exp8_softmax(v8f x) {
+#if defined(__FMA__) && defined(__AVX__)
+  x = (v8f)_mm256_max_ps((__m256)x, (__m256)splat8(-88.f));  // NaN -> -88 (max returns its second operand)
+  const v8f n = (v8f)_mm256_round_ps((__m256)(x * splat8(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  v8f r = fma8(n, splat8(-0.693359375f), x);
+  r = fma8(n, splat8(2.12194440e-4f), r);
+  v8f y = splat8(1.9875691500e-4f);
+  y = fma8(y, r, splat8(1.3981999507e-3f));
+  y = fma8(y, r, splat8(8.3334519073e-3f));
+  y = fma8(y, r, splat8(4.1665795894e-2f));
+  y = fma8(y, r, splat8(1.6666665459e-1f));
+  y = fma8(y, r, splat8(5.0000001201e-1f));
+  y = fma8(y, r * r, r) + splat8(1.f);
+  const v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
+  return y * (v8f)bits;
+#else
+  return exp8(x);
+#endif
+}
+
+// x[i][j] <- x[j][i]: an 8 x 8 block transposed in registers (unpack, shuffle, swap 128-bit halves)
+inline void transpose8(v8f* x) {
+  v8f t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(x[i], x[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(x[i], x[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int i = 0; i < 4; ++i) {
+    x[i] = __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    x[i + 4] = __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
+// How a chunk's raw dot products become scores: scale, softcap (0: none), and the causal / window
+// mask where some row does not see every key of the chunk.
+struct ScoreRule {
+  float scale, softcap;
+  bool masked;
+  int c0;                                      // position of the chunk's first key
+  const v8i *first_visible, *last_visible;     // per row lane
+};
+
+// st[j][0 .. 8 NV) = score of k[j] . qt[:, 0 .. 8 NV) for the KB keys from j0 (row stride ld); cmax
+// takes their maximum per row lane (-inf where masked)
+template <int KB, int NV>
+inline void score_tile(const float* const* k, int j0, const float* qt, float* st, int ld, int D,
+                       const ScoreRule& rule, v8f* cmax) {
+  v8f acc[KB][NV];
+  for (int i = 0; i < KB; ++i)
+    for (int u = 0; u < NV; ++u) acc[i][u] = splat8(0.f);
+  for (int d = 0; d < D; ++d) {
+    v8f qv[NV];
+    for (int u = 0; u < NV; ++u) qv[u] = load8(qt + d * ld + 8 * u);
+    for (int i = 0; i < KB; ++i) {
+      const v8f kb = splat8(k[j0 + i][d]);
+      for (int u = 0; u < NV; ++u) acc[i][u] = fma8(kb, qv[u], acc[i][u]);
+    }
+  }
+  for (int i = 0; i < KB; ++i) {
+    const v8i pos = v8i{} + (rule.c0 + j0 + i);
+    for (int u = 0; u < NV; ++u) {
+      v8f score = acc[i][u] * splat8(rule.scale);
+      if (rule.softcap > 0.f)
+        for (int e = 0; e < 8; ++e) score[e] = rule.softcap * std::tanh(score[e] / rule.softcap);
+      if (rule.masked)
+        score = (pos >= rule.first_visible[u]) & (pos <= rule.last_visible[u]) ? score : splat8(NEG_INF);
+      cmax[u] = cmax[u] > score ? cmax[u] : score;
+      store8(st + (j0 + i) * ld + 8 * u, score);
+    }
+  }
+}
+
+// ot[d0 + i][0 .. 8 NV) += sum over j < n of v[j][d0 + i] * pt[j][0 .. 8 NV), i < TILE_DIMS (row stride ld)
+template <int NV>
+inline void value_tile(const float* const* v, int n, const float* pt, float* ot, int ld, int d0) {
+  v8f acc[TILE_DIMS][NV];
+  for (int i = 0; i < TILE_DIMS; ++i)
+    for (int u = 0; u < NV; ++u) acc[i][u] = load8(ot + (d0 + i) * ld + 8 * u);
+  for (int j = 0; j < n; ++j) {
+    v8f pv[NV];
+    for (int u = 0; u < NV; ++u) pv[u] = load8(pt + j * ld + 8 * u);
+    for (int i = 0; i < TILE_DIMS; ++i) {
+      const v8f vb = splat8(v[j][d0 + i]);
+      for (int u = 0; u < NV; ++u) acc[i][u] = fma8(vb, pv[u], acc[i][u]);
+    }
+  }
+  for (int i = 0; i < TILE_DIMS; ++i)
+    for (int u = 0; u < NV; ++u) store8(ot + (d0 + i) * ld + 8 * u, acc[i][u]);
+}
+
+// Scores, online softmax, then P V of one chunk of n keys for the NV row vectors at qt, st, ot.
+template <int NV>
+void chunk_products(const float* const* k, const float* const* v, int n, const float* qt, float* st, float* ot,
+                    int ld, int D, v8f* m, v8f* l, const ScoreRule& rule) {
+  v8f cmax[NV];
+  for (int u = 0; u < NV; ++u) cmax[u] = splat8(NEG_INF);
+  int j = 0;
+  for (; j + TILE_KEYS <= n; j += TILE_KEYS) score_tile<TILE_KEYS, NV>(k, j, qt, st, ld, D, rule, cmax);
+  for (; j < n; ++j) score_tile<1, NV>(k, j, qt, st, ld, D, rule, cmax);
+  for (int u = 0; u < NV; ++u) {
+    const v8f m_new = m[u] > cmax[u] ? m[u] : cmax[u];
+    // exp of -inf or NaN is 0: a row with no visible key so far keeps l = 0, acc = 0
+    const v8f alpha = exp8_softmax(m[u] - m_new);
+    v8f lsum = splat8(0.f);
+    for (j = 0; j < n; ++j) {
+      const v8f p = exp8_softmax(load8(st + j * ld + 8 * u) - m_new);
+      store8(st + j * ld + 8 * u, p);
+      lsum += p;
+    }
+    l[u] = l[u] * alpha + lsum;
+    m[u] = m_new;
+    for (int d = 0; d < D; ++d) store8(ot + d * ld + 8 * u, load8(ot + d * ld + 8 * u) * alpha);
+  }
+  for (int d0 = 0; d0 < D; d0 += TILE_DIMS) value_tile<NV>(v, n, st, ot, ld, d0);
+}
+
+// The unit with its rows as vector lanes (head_dim a multiple of 8); the same keys, masks
+// and online softmax as attend_rows.
+template <typename S>
+void attend_tiles(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
+  using T = typename S::T;
+  const UnitKeys<S> keys(w, a);
+  const int D = keys.D, G = keys.G, R = w.num_tokens * G, window = a.window;  // row r: see UnitKeys
+  const int NVR = (R + 7) / 8, ld = NVR * 8;
+  s.q.assign(static_cast<size_t>(D) * ld, 0.f);    // qt [D][ld]
+  s.acc.assign(static_cast<size_t>(D) * ld, 0.f);  // ot [D][ld]
+  s.p.resize(static_cast<size_t>(KEY_CHUNK) * ld);  // st [KEY_CHUNK][ld]
+  s.k_chunk.resize(static_cast<size_t>(KEY_CHUNK) * D);
+  s.v_chunk.resize(static_cast<size_t>(KEY_CHUNK) * D);
+  const T* q = static_cast<const T*>(a.q);
+  for (int r0 = 0; r0 < R; r0 += 8)  // 8 rows x 8 dims at a time
+    for (int d0 = 0; d0 < D; d0 += 8) {
+      v8f x[8];
+      for (int i = 0; i < 8; ++i) {
+        const int r = r0 + i;
+        x[i] = r < R ? vload<S>(q + (w.token0 + r / G) * a.q_stride_t + (w.kv_head * G + r % G) * a.q_stride_h + d0)
+                     : splat8(0.f);
+      }
+      transpose8(x);
+      for (int i = 0; i < 8; ++i) store8(s.q.data() + (d0 + i) * ld + r0, x[i]);
+    }
+  const int last_pos = w.first_pos + w.num_tokens - 1;
+  // per row lane: running max, sum, and its visible key positions (padding rows: the last token's)
+  std::vector<v8f> m(NVR, splat8(NEG_INF)), l(NVR, splat8(0.f));
+  std::vector<v8i> first_visible(NVR), last_visible(NVR);
+  for (int r = 0; r < ld; ++r) {
+    const int qpos = r < R ? w.first_pos + r / G : last_pos;
+    last_visible[r / 8][r % 8] = qpos;
+    first_visible[r / 8][r % 8] = window > 0 ? qpos - window + 1 : 0;
+  }
+  const int lo = window > 0 ? std::max(0, w.first_pos - window + 1) : 0;
+  const float* k_rows[KEY_CHUNK];
+  const float* v_rows[KEY_CHUNK];
+  for (int c0 = lo; c0 <= last_pos; c0 += KEY_CHUNK) {
+    const int n = std::min(KEY_CHUNK, last_pos + 1 - c0);
+    keys.gather(c0, n, last_pos + 1, k_rows, v_rows, s);
+    for (int u = 0; u < NVR; u += TILE_VECTORS) {
+      const int nv = std::min(TILE_VECTORS, NVR - u);
+      // this row block's tokens: keys past its last one are skipped, keys past its first one masked
+      const int block_first = w.first_pos + 8 * u / G;
+      const int block_last = w.first_pos + (std::min(R, 8 * (u + nv)) - 1) / G;
+      const int nu = std::min(n, block_last - c0 + 1);
+      if (nu <= 0) continue;
+      const float* qt = s.q.data() + 8 * u;
+      float *st = s.p.data() + 8 * u, *ot = s.acc.data() + 8 * u;
+      const ScoreRule rule{a.scale, a.softcap, window > 0 || c0 + nu - 1 > block_first, c0,
+                           first_visible.data() + u, last_visible.data() + u};
+      switch (nv) {
+        case 3: chunk_products<3>(k_rows, v_rows, nu, qt, st, ot, ld, D, &m[u], &l[u], rule); break;
+        case 2: chunk_products<2>(k_rows, v_rows, nu, qt, st, ot, ld, D, &m[u], &l[u], rule); break;
+        default: chunk_products<1>(k_rows, v_rows, nu, qt, st, ot, ld, D, &m[u], &l[u], rule);
+      }
+    }
+  }
+  T* out = static_cast<T*>(a.out);
+  for (int r0 = 0; r0 < R; r0 += 8) {
+    const v8f inv = splat8(1.f) / l[r0 / 8];
+    for (int d0 = 0; d0 < D; d0 += 8) {
+      v8f x[8];
+      for (int i = 0; i < 8; ++i) x[i] = load8(s.acc.data() + (d0 + i) * ld + r0);
+      transpose8(x);
+      for (int i = 0; i < 8 && r0 + i < R; ++i) {
+        const int r = r0 + i;
+        vstore<S>(out + ((w.token0 + r / G) * a.num_heads + w.kv_head * G + r % G) * D + d0, x[i] * splat8(inv[i]));
+      }
+    }
+  }
+}
+
+// Tiles for prompt-chunk units with enough rows, row by row for decodes (memory-bound: the tiles'
+// transposes and padding lanes did not pay there) and small units;
+// the choice depends on the unit alone, so results do not depend on the number of threads.
+template <typename S>
+void attend_unit(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
+  const bool tiles = a.head_dim % 8 == 0 &&
+                     (a.path == PATH_TILES ||
+                      (a.path == PATH_AUTO && w.num_tokens > 1 &&
+                       w.num_tokens * (a.num_heads / a.num_kv_heads) >= TILE_MIN_ROWS));
+  if (tiles) attend_tiles<S>(w, a, s);
+  else attend_rows<S>(w, a, s);
+}
+
 template <typename S>
 void paged_attention_impl(const AttentionArgs& a, const std::vector<WorkUnit>& units) {
   const int64_t num_units = static_cast<int64_t>(units.size());
@@ -345,6 +625,13 @@ void paged_attention_impl(const AttentionArgs& a, const std::vector<WorkUnit>& u
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < num_units; ++i) attend_unit<S>(units[i], a, scratch);
   }
+}
+
+// Tokens per unit for the register tiles: rows (tokens x group size G) a multiple of 8 (no padding
+// lanes), as many as fit TILE_ROWS.
+int tile_tokens(int G) {
+  const int step = 8 / std::gcd(G, 8);
+  return step * std::max(1, TILE_ROWS / (step * G));
 }
 
 // The work units of a step, longest first; false (ValueError set) when the metadata does not
@@ -357,6 +644,7 @@ bool plan_units(const AttentionArgs& a, std::vector<WorkUnit>& units) {
     return false;
   }
   const int64_t max_keys = a.table_stride * a.block_size;
+  const int tile = a.path == PATH_ROWS ? QUERY_TILE : tile_tokens(static_cast<int>(a.num_heads / a.num_kv_heads));
   for (int s = 0; s < a.num_seqs; ++s) {
     const int n_q = qs[s + 1] - qs[s], ctx = a.context_lens[s];
     if (n_q < 0 || ctx < n_q || ctx > max_keys) {
@@ -374,8 +662,8 @@ bool plan_units(const AttentionArgs& a, std::vector<WorkUnit>& units) {
       }
     }
     const int first = ctx - n_q;  // new tokens are the last n_q of the context
-    for (int t = 0; t < n_q; t += QUERY_TILE) {
-      const int n = std::min(QUERY_TILE, n_q - t);
+    for (int t = 0; t < n_q; t += tile) {
+      const int n = std::min(tile, n_q - t);
       const int keys = a.window > 0 ? std::min<int>(first + t + n, a.window + n - 1) : first + t + n;
       for (int h = 0; h < a.num_kv_heads; ++h)
         units.push_back({s, qs[s] + t, n, first + t, h, static_cast<int64_t>(keys) * n});
@@ -387,17 +675,21 @@ bool plan_units(const AttentionArgs& a, std::vector<WorkUnit>& units) {
 
 // paged_attention(dtype, q, q_stride_t, q_stride_h, out, kv, num_blocks, block_size, num_kv_heads,
 //                 head_dim, num_heads, num_tokens, query_start, context_lens, num_seqs, block_tables,
-//                 table_stride, scale, window, softcap)
+//                 table_stride, scale, window, softcap, path)
 PyObject* py_paged_attention(PyObject*, PyObject* const* items, Py_ssize_t count) {
-  if (!check_arity("paged_attention", count, 20)) return nullptr;
+  if (!check_arity("paged_attention", count, 21)) return nullptr;
   const Args in{items, count};
   AttentionArgs a{in.ptr<const void>(1), in.i64(2), in.i64(3), in.ptr<void>(4), in.ptr<const void>(5),
                   in.i64(6), in.i64(7), in.i64(8), in.i64(9), in.i64(10), in.i64(11),
                   in.ptr<const int32_t>(12), in.ptr<const int32_t>(13), in.i64(14), in.ptr<const int32_t>(15),
                   in.i64(16), static_cast<float>(in.f64(17)), static_cast<float>(in.f64(19)),
-                  static_cast<int>(in.i64(18))};
+                  static_cast<int>(in.i64(18)), static_cast<int>(in.i64(20))};
   const int64_t dtype = in.i64(0);
   if (failed() || !check_dtype(dtype)) return nullptr;
+  if (a.path < PATH_AUTO || a.path > PATH_TILES) {
+    PyErr_Format(PyExc_ValueError, "path %d: expected 0 (by shape), 1 (row by row) or 2 (register tiles)", a.path);
+    return nullptr;
+  }
   if (a.num_kv_heads <= 0 || a.num_heads % a.num_kv_heads != 0 || a.head_dim <= 0 || a.block_size <= 0) {
     PyErr_Format(PyExc_ValueError, "num_heads %lld must be a multiple of num_kv_heads %lld; head_dim and "
                  "block_size must be positive", static_cast<long long>(a.num_heads),
