@@ -41,7 +41,7 @@ def _reference(x: torch.Tensor, weight, bias=None) -> torch.Tensor:
 
 @needs_native
 @pytest.mark.parametrize("vectorized", [True, False], ids=["avx2", "portable"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("M", ROWS)
 @pytest.mark.parametrize("N,K,group_size", INT4_SHAPES)
 def test_int4_kernel_matches_the_dequantized_matmul(N, K, group_size, M, dtype, vectorized):
