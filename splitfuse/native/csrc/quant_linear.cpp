@@ -313,7 +313,7 @@ void int4_decode_tile(const Int4Rows64& w, const Problem& p, int64_t n0, int64_t
 
 constexpr int kInt4DecodeRows = 4;  // 2 rows (4 chains each) read about 5 % slower
 
-// kInt4DecodeRows rows of W from n0 against the last row of x (m)
+// the kBlockRows rows of W from n0 against the last row of x (m), W::kDecodeRows at a time
 template <class V, class W>
 void decode_rows(const W& w, const Problem& p, int64_t n0, int64_t m, float* y) {
   for (int64_t r = 0; r < kBlockRows; r += W::kDecodeRows) tile<V, W::kDecodeRows, 1>(w, p, n0 + r, m, y);
@@ -334,7 +334,7 @@ void decode_rows(const Int4Rows64& w, const Problem& p, int64_t n0, int64_t m, f
 }
 
 // rows [n0, n0 + count) of W, count <= kBlockRows, against every row of x: up to 4 rows of x share
-// each unpacked weight (1 W row x 4 x rows); a last single x row takes W::kDecodeRows W rows at once
+// each unpacked weight (1 W row x 4 x rows); a last single x row goes through decode_rows
 template <class V, int MT, class W>
 void rows_of_w(const W& w, const Problem& p, int64_t n0, int64_t count, int64_t m0, float* y) {
   for (int64_t r = 0; r < count; ++r) tile<V, 1, MT>(w, p, n0 + r, m0, y);
