@@ -43,6 +43,18 @@ void read_values(const void* p, int64_t offset, int64_t n, int64_t dtype, float*
   }
 }
 
+// the sum of n values in 8 partial sums (one dependent chain of additions takes 4864 x 3 cycles)
+float sum_of(const float* v, int64_t n) {
+  float lanes[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += v[i + l];
+  float sum = 0.f;
+  for (; i < n; ++i) sum += v[i];
+  for (float lane : lanes) sum += lane;
+  return sum;
+}
+
 // n float32 values to p + offset in dtype (the dtype test out of the loop, so that it vectorizes:
 // a decode step writes about 13 thousand outputs per layer)
 void write_values(const float* in, int64_t n, int64_t dtype, void* p, int64_t offset) {
@@ -499,11 +511,7 @@ struct Call {
         for (int64_t b = k0; b < k_vec; b += W::kBlock)
           for (int64_t i = 0; i < W::kBlock; ++i) x32[m * K + b + i] = row[b + W::x_index(i)] * inverse_unit[i / 8];
         for (int64_t k = k_vec; k < k0 + group_size; ++k) x32[m * K + k] = row[k];
-        if (W::kHasZeros) {
-          float sum = 0.f;
-          for (int64_t k = k0; k < k0 + group_size; ++k) sum += row[k];
-          xsum[m * num_groups + g] = sum;
-        }
+        if (W::kHasZeros) xsum[m * num_groups + g] = sum_of(row.data() + k0, group_size);
       }
     }
     const float* xf = x32.data();
