@@ -306,7 +306,9 @@ void int4_decode_tile(const Int4Rows64& w, const Problem& p, int64_t n0, int64_t
     for (int64_t b = 0; b < group_blocks; ++b) {
       for (int r = 0; r < R; ++r) {
         const uint8_t* block = wg + r * row_bytes + 32 * b;
-        __builtin_prefetch(block + kPrefetchBytes);
+        // past its row's end, a row prefetches the row that follows it in the next tile (R rows on)
+        const bool within_row = (g * p.group_size / 2 + 32 * b + kPrefetchBytes) < row_bytes;
+        __builtin_prefetch(block + kPrefetchBytes + (within_row ? 0 : (R - 1) * row_bytes));
         const typename V::I8 v = V::load_int4x64(block);
         for (int j = 0; j < 8; ++j)
           part[r][j % kChains] = V::fmadd(V::nibbles(v, j), V::load(xg + 64 * b + 8 * j), part[r][j % kChains]);
