@@ -18,9 +18,10 @@ needs_native = pytest.mark.skipif(native.load("quant_linear") is None,
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
              torch.float16: dict(rtol=2e-3, atol=2e-3)}
 # (N, K, group_size): N not a multiple of the 4-row blocks, K not a multiple of the vector width or
-# of int4's 32-value blocks (K=90: one group of 90, a 26-value tail), int4 groups of 32, 64, 128 and
-# 192 (groups of a multiple of 64 read 64-value blocks: three per group)
-INT4_SHAPES = [(13, 96, 32), (9, 192, 64), (6, 384, 128), (5, 90, 90), (7, 384, 192)]
+# of int4's 32-value blocks (K=90: one group of 90, a 26-value tail), int4 groups of 32, 64, 128,
+# 192 and 256 (groups of a multiple of 64 read 64-value blocks; one row of x reads groups of 64, 128
+# and 256 through code compiled for that size, 192 through the general loop)
+INT4_SHAPES = [(13, 96, 32), (9, 192, 64), (6, 384, 128), (5, 90, 90), (7, 384, 192), (10, 512, 256)]
 INT8_SHAPES = [(13, 36), (9, 200), (6, 384)]
 ROWS = [1, 2, 3, 5, 9]  # up to 4 rows stream the weights; more dequantize a block of rows once
 
@@ -40,7 +41,7 @@ def _reference(x: torch.Tensor, weight, bias=None) -> torch.Tensor:
 
 @needs_native
 @pytest.mark.parametrize("vectorized", [True, False], ids=["avx2", "portable"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("M", ROWS)
 @pytest.mark.parametrize("N,K,group_size", INT4_SHAPES)
 def test_int4_kernel_matches_the_dequantized_matmul(N, K, group_size, M, dtype, vectorized):

@@ -30,12 +30,6 @@
 namespace {
 using namespace splitfuse_native;
 
-inline float read_value(const void* p, int64_t i, int64_t dtype) {
-  if (dtype == DT_F32) return static_cast<const float*>(p)[i];
-  uint16_t v = static_cast<const uint16_t*>(p)[i];
-  return dtype == DT_BF16 ? bf16_to_float(v) : fp16_to_float(v);
-}
-
 // n values from p + offset as float32 (the dtype test out of the loop, so that it vectorizes)
 void read_values(const void* p, int64_t offset, int64_t n, int64_t dtype, float* out) {
   if (dtype == DT_F32) {
@@ -49,11 +43,29 @@ void read_values(const void* p, int64_t offset, int64_t n, int64_t dtype, float*
   }
 }
 
-inline void write_value(void* p, int64_t i, int64_t dtype, float v) {
+// the sum of n values in 8 partial sums (one dependent chain of additions takes 4864 x 3 cycles)
+float sum_of(const float* v, int64_t n) {
+  float lanes[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += v[i + l];
+  float sum = 0.f;
+  for (; i < n; ++i) sum += v[i];
+  for (float lane : lanes) sum += lane;
+  return sum;
+}
+
+// n float32 values to p + offset in dtype (the dtype test out of the loop, so that it vectorizes:
+// a decode step writes about 13 thousand outputs per layer)
+void write_values(const float* in, int64_t n, int64_t dtype, void* p, int64_t offset) {
   if (dtype == DT_F32) {
-    static_cast<float*>(p)[i] = v;
+    std::memcpy(static_cast<float*>(p) + offset, in, n * sizeof(float));
+  } else if (dtype == DT_BF16) {
+    uint16_t* v = static_cast<uint16_t*>(p) + offset;
+    for (int64_t i = 0; i < n; ++i) v[i] = float_to_bf16(in[i]);
   } else {
-    static_cast<uint16_t*>(p)[i] = dtype == DT_BF16 ? float_to_bf16(v) : float_to_fp16(v);
+    uint16_t* v = static_cast<uint16_t*>(p) + offset;
+    for (int64_t i = 0; i < n; ++i) v[i] = float_to_fp16(in[i]);
   }
 }
 
@@ -86,15 +98,18 @@ struct Portable {
     for (int j = 0; j < 4; ++j)
       for (int i = 0; i < 8; ++i) q[j].v[i] = float((p[4 * (i % 4) + j] >> (4 * (i / 4))) & 15);
   }
-  // 64 nibbles from 32 bytes as 8 x 8 lanes: lane i of vector j holds nibble j of 32-bit word i,
-  // left in place, i.e. q * 16^j (see Int4Rows64)
+  // 64 nibbles in 32 bytes (eight 32-bit words), and vector j of them: lane i holds nibble j of
+  // word i, left in place, i.e. q * 16^j (see Int4Rows64)
+  struct I8 { uint32_t v[8]; };
+  static I8 load_int4x64(const uint8_t* p) { I8 r; std::memcpy(r.v, p, sizeof r.v); return r; }
+  static F8 nibbles(const I8& w, int j) {
+    F8 r;
+    for (int i = 0; i < 8; ++i) r.v[i] = float(j < 7 ? w.v[i] & (15u << (4 * j)) : w.v[i] >> 28);
+    return r;
+  }
   static void int4x64(const uint8_t* p, F8 q[8]) {
-    for (int i = 0; i < 8; ++i) {
-      uint32_t word;
-      std::memcpy(&word, p + 4 * i, 4);
-      for (int j = 0; j < 7; ++j) q[j].v[i] = float(word & (15u << (4 * j)));
-      q[7].v[i] = float(word >> 28);
-    }
+    const I8 v = load_int4x64(p);
+    for (int j = 0; j < 8; ++j) q[j] = nibbles(v, j);
   }
 };
 
@@ -127,12 +142,17 @@ struct Avx2 {
     q[2] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 16), mask));
     q[3] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 24), mask));
   }
+  using I8 = __m256i;
+  static I8 load_int4x64(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   // one AND per vector and no shift (but for the top nibble, whose mask would set the sign bit): the
   // nibble stays at bit 4j and converts to q * 16^j exactly
+  static F8 nibbles(I8 v, int j) {
+    return j < 7 ? _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15 << (4 * j))))
+                 : _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 28));
+  }
   static void int4x64(const uint8_t* p, F8 q[8]) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    for (int j = 0; j < 7; ++j) q[j] = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15 << (4 * j))));
-    q[7] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 28));
+    const I8 v = load_int4x64(p);
+    for (int j = 0; j < 8; ++j) q[j] = nibbles(v, j);
   }
 };
 #endif
@@ -259,8 +279,76 @@ void tile(const W& w, const Problem& p, int64_t n0, int64_t m0, float* y /* [M, 
 
 constexpr int64_t kBlockRows = 4;
 
+// One row of x against R rows of int4 W in 64-value blocks (groups of kGroupBlocks blocks; 0: as
+// many as the call's group size says), the decode path that bounds int4. Apart from tile because:
+// - each 8 values are unpacked where they are used (an array of them is spilled to the stack);
+// - the running totals stay in memory (`totals`, R x 8 floats, touched once per group): in
+//   registers they push the 8 accumulator chains out of AVX2's 16 registers, and the spills
+//   lengthen the chains (the two together: gate/up 0.67 -> 0.52 ms, one row, one thread);
+// - a group's blocks unroll when its size is known when compiled (64, 128, 256).
+template <class V, int R, int kGroupBlocks>
+void int4_decode_tile(const Int4Rows64& w, const Problem& p, int64_t n0, int64_t m, float* y, float* totals) {
+  using F8 = typename V::F8;
+  constexpr int kChains = 8 / R;  // 8 independent FMA chains in flight (see tile)
+  const int64_t group_blocks = kGroupBlocks ? kGroupBlocks : p.group_size / Int4Rows64::kBlock;
+  const int64_t row_bytes = p.K / 2;
+  const uint8_t* rows = w.data + n0 * row_bytes;
+  const float* x = p.x + m * p.K;
+  const float* xsum = p.xsum + m * p.num_groups;
+  float offset[R];
+  for (int r = 0; r < R; ++r) V::store(totals + 8 * r, V::zero()), offset[r] = 0.f;
+  for (int64_t g = 0; g < p.num_groups; ++g) {
+    const float* xg = x + g * p.group_size;
+    const uint8_t* wg = rows + g * p.group_size / 2;
+    F8 part[R][kChains];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < kChains; ++c) part[r][c] = V::zero();
+    for (int64_t b = 0; b < group_blocks; ++b) {
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* block = wg + r * row_bytes + 32 * b;
+        // past its row's end, a row prefetches the row that follows it in the next tile (R rows on)
+        const bool within_row = (g * p.group_size / 2 + 32 * b + kPrefetchBytes) < row_bytes;
+        __builtin_prefetch(block + kPrefetchBytes + (within_row ? 0 : (R - 1) * row_bytes));
+        const typename V::I8 v = V::load_int4x64(block);
+        for (int j = 0; j < 8; ++j)
+          part[r][j % kChains] = V::fmadd(V::nibbles(v, j), V::load(xg + 64 * b + 8 * j), part[r][j % kChains]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const F8 s = V::set1(w.scale(n0 + r, g));
+      F8 total = V::load(totals + 8 * r);
+      for (int c = 0; c < kChains; ++c) total = V::fmadd(part[r][c], s, total);
+      V::store(totals + 8 * r, total);
+      offset[r] += w.offset(n0 + r, g) * xsum[g];
+    }
+  }
+  for (int r = 0; r < R; ++r) y[m * p.N + n0 + r] = V::hsum(V::load(totals + 8 * r)) + offset[r];
+}
+
+constexpr int kInt4DecodeRows = 4;  // 2 rows (4 chains each) read about 5 % slower
+
+// the kBlockRows rows of W from n0 against the last row of x (m), W::kDecodeRows at a time
+template <class V, class W>
+void decode_rows(const W& w, const Problem& p, int64_t n0, int64_t m, float* y) {
+  for (int64_t r = 0; r < kBlockRows; r += W::kDecodeRows) tile<V, W::kDecodeRows, 1>(w, p, n0 + r, m, y);
+}
+
+template <class V>
+void decode_rows(const Int4Rows64& w, const Problem& p, int64_t n0, int64_t m, float* y) {
+  constexpr int R = kInt4DecodeRows;
+  alignas(32) float totals[8 * R];
+  for (int64_t r = 0; r < kBlockRows; r += R) {
+    switch (p.group_size) {
+      case 64: int4_decode_tile<V, R, 1>(w, p, n0 + r, m, y, totals); break;
+      case 128: int4_decode_tile<V, R, 2>(w, p, n0 + r, m, y, totals); break;
+      case 256: int4_decode_tile<V, R, 4>(w, p, n0 + r, m, y, totals); break;
+      default: int4_decode_tile<V, R, 0>(w, p, n0 + r, m, y, totals);
+    }
+  }
+}
+
 // rows [n0, n0 + count) of W, count <= kBlockRows, against every row of x: up to 4 rows of x share
-// each unpacked weight (1 W row x 4 x rows); a last single x row takes W::kDecodeRows W rows at once
+// each unpacked weight (1 W row x 4 x rows); a last single x row goes through decode_rows
 template <class V, int MT, class W>
 void rows_of_w(const W& w, const Problem& p, int64_t n0, int64_t count, int64_t m0, float* y) {
   for (int64_t r = 0; r < count; ++r) tile<V, 1, MT>(w, p, n0 + r, m0, y);
@@ -273,8 +361,8 @@ void block(const W& w, const Problem& p, int64_t n0, int64_t count, float* y) {
   if (p.M - m == 3) rows_of_w<V, 3>(w, p, n0, count, m, y), m += 3;
   if (p.M - m == 2) rows_of_w<V, 2>(w, p, n0, count, m, y), m += 2;
   if (m < p.M) {
-    if (count == kBlockRows && W::kDecodeRows > 1) {
-      for (int64_t r = 0; r < count; r += W::kDecodeRows) tile<V, W::kDecodeRows, 1>(w, p, n0 + r, m, y);
+    if (count == kBlockRows) {
+      decode_rows<V>(w, p, n0, m, y);
     } else {
       for (int64_t r = 0; r < count; ++r) tile<V, 1, 1>(w, p, n0 + r, m, y);
     }
@@ -425,11 +513,7 @@ struct Call {
         for (int64_t b = k0; b < k_vec; b += W::kBlock)
           for (int64_t i = 0; i < W::kBlock; ++i) x32[m * K + b + i] = row[b + W::x_index(i)] * inverse_unit[i / 8];
         for (int64_t k = k_vec; k < k0 + group_size; ++k) x32[m * K + k] = row[k];
-        if (W::kHasZeros) {
-          float sum = 0.f;
-          for (int64_t k = k0; k < k0 + group_size; ++k) sum += row[k];
-          xsum[m * num_groups + g] = sum;
-        }
+        if (W::kHasZeros) xsum[m * num_groups + g] = sum_of(row.data() + k0, group_size);
       }
     }
     const float* xf = x32.data();
@@ -439,9 +523,13 @@ struct Call {
     Problem p{xf, xsum.data(), M, K, N, group_size, num_groups};
     run_any(w, p, num_threads, vectorized, y);
     if (direct) return;
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n)
-        write_value(out, m * N + n, x_dtype, y[m * N + n] + (bias ? read_value(bias, n, x_dtype) : 0.f));
+    std::vector<float> bias32(bias ? N : 0);
+    if (bias) read_values(bias, 0, N, x_dtype, bias32.data());
+    for (int64_t m = 0; m < M; ++m) {
+      float* row = y + m * N;
+      for (int64_t n = 0; n < static_cast<int64_t>(bias32.size()); ++n) row[n] += bias32[n];
+      write_values(row, N, x_dtype, out, m * N);
+    }
   }
 };
 
