@@ -108,7 +108,7 @@ def _rows(x: torch.Tensor, K: int) -> torch.Tensor:
     """x as a contiguous [M, K]."""
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} input features; the weight expects {K}")
-    return x.reshape(-1, K).contiguous()
+    return x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, K).contiguous()
 
 
 def stream_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
