@@ -219,3 +219,14 @@ def test_describe_names_the_half_precision_linear_path_of_the_model(monkeypatch)
 
 def test_cpu_flags_are_read_once_per_process():
     assert dense_linear.cpu_flags() is dense_linear.cpu_flags()
+
+
+def test_splitfuse_backends_says_how_bfloat16_linears_run(monkeypatch, capsys):
+    from splitfuse.cli import main
+
+    monkeypatch.setattr(dense_linear, "cpu_flags", lambda: AVX2)
+    monkeypatch.setenv(dense_linear.ENV, "torch")
+    assert main(["backends"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    cpu = next(i for i, line in enumerate(lines) if line.startswith("cpu "))
+    assert lines[cpu + 1].split() == "bfloat16 linear: torch's matmul (SPLITFUSE_CPU_DENSE_LINEAR=torch)".split()

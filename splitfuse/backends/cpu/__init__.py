@@ -84,6 +84,11 @@ class CpuBackend(Backend):
     def prepare_linear_weight(self, weight: QuantizedWeight) -> QuantizedWeight:
         return prepare_weight(weight)
 
+    @classmethod
+    def linear_paths(cls) -> str:
+        """How bfloat16 linears run here, for `splitfuse backends`."""
+        return dense_linear.describe(torch.bfloat16)
+
     def warm_up(self, model, kv_cache, config, max_model_len: int, block_size: int) -> None:
         # describe() names the half-precision linear path of the model this backend runs
         if getattr(model, "dtype", None) in dense_linear.HALF_DTYPES:
