@@ -28,6 +28,11 @@ struct Portable {
   struct F8 { float v[8]; };
   static F8 zero() { return F8{}; }
   static F8 load(const float* p) { F8 r; std::memcpy(r.v, p, sizeof r.v); return r; }
+  static F8 add(const F8& a, const F8& b) {
+    F8 r;
+    for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] + b.v[i];
+    return r;
+  }
   static F8 fmadd(const F8& a, const F8& b, const F8& c) {
     F8 r;
     for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i];
@@ -47,6 +52,7 @@ struct Avx2 {
   using F8 = __m256;
   static F8 zero() { return _mm256_setzero_ps(); }
   static F8 load(const float* p) { return _mm256_loadu_ps(p); }
+  static F8 add(F8 a, F8 b) { return _mm256_add_ps(a, b); }
   static F8 fmadd(F8 a, F8 b, F8 c) { return _mm256_fmadd_ps(a, b, c); }
   static float hsum(F8 a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -96,20 +102,26 @@ void tile(const Problem& p, int64_t n0, int64_t m0) {
   using F8 = typename V::F8;
   const float* x = p.x + m0 * p.K;
   const uint16_t* w = p.w + n0 * p.K;
-  const int64_t k_vec = p.K & ~int64_t(7);
-  F8 acc[R][MT];
+  // independent sums per output (C), so that at least 4 FMA chains hide the FMA latency
+  constexpr int C = R * MT >= 4 ? 1 : 4 / (R * MT);
+  const int64_t k_vec = p.K / (8 * C) * (8 * C);
+  F8 acc[R][MT][C];
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m) acc[r][m] = V::zero();
-  for (int64_t k = 0; k < k_vec; k += 8) {
+    for (int m = 0; m < MT; ++m)
+      for (int c = 0; c < C; ++c) acc[r][m][c] = V::zero();
+  for (int64_t k = 0; k < k_vec; k += 8 * C) {
     for (int r = 0; r < R; ++r) {
       __builtin_prefetch(reinterpret_cast<const char*>(w + r * p.K + k) + kPrefetchBytes);
-      const F8 wv = V::template widen<DTYPE>(w + r * p.K + k);
-      for (int m = 0; m < MT; ++m) acc[r][m] = V::fmadd(wv, V::load(x + m * p.K + k), acc[r][m]);
+      for (int c = 0; c < C; ++c) {
+        const F8 wv = V::template widen<DTYPE>(w + r * p.K + k + 8 * c);
+        for (int m = 0; m < MT; ++m) acc[r][m][c] = V::fmadd(wv, V::load(x + m * p.K + k + 8 * c), acc[r][m][c]);
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
     for (int m = 0; m < MT; ++m) {
-      float sum = V::hsum(acc[r][m]);
+      for (int c = 1; c < C; ++c) acc[r][m][0] = V::add(acc[r][m][0], acc[r][m][c]);
+      float sum = V::hsum(acc[r][m][0]);
       for (int64_t k = k_vec; k < p.K; ++k) sum += to_float(w[r * p.K + k], DTYPE) * x[m * p.K + k];
       write_value(p, m0 + m, n0 + r, sum);
     }
