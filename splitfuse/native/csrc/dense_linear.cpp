@@ -11,61 +11,34 @@
 #include <algorithm>
 #include <vector>
 
+#include "lanes.h"
 #include "native.h"
-
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
 
 namespace {
 using namespace splitfuse_native;
 
 inline float to_float(uint16_t v, int64_t dtype) { return dtype == DT_BF16 ? bf16_to_float(v) : fp16_to_float(v); }
 
-// ---- 8 float32 lanes: AVX2 registers, or plain arrays (the portable path, also built on AVX2
-// machines so that tests can check it) ----
-struct Portable {
-  struct F8 { float v[8]; };
-  static F8 zero() { return F8{}; }
-  static F8 load(const float* p) { F8 r; std::memcpy(r.v, p, sizeof r.v); return r; }
-  static F8 add(const F8& a, const F8& b) {
-    F8 r;
-    for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] + b.v[i];
-    return r;
-  }
-  static F8 fmadd(const F8& a, const F8& b, const F8& c) {
-    F8 r;
-    for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i];
-    return r;
-  }
-  static float hsum(const F8& a) {
-    float s = 0.f;
-    for (float v : a.v) s += v;
-    return s;
-  }
+// ---- 8 float32 lanes (lanes.h) and the widening of 8 weight values into them ----
+struct Portable : PortableLanes {
   template <int64_t DTYPE>
   static F8 widen(const uint16_t* p) { F8 r; for (int i = 0; i < 8; ++i) r.v[i] = to_float(p[i], DTYPE); return r; }
 };
 
 #ifdef __AVX2__
-struct Avx2 {
-  using F8 = __m256;
-  static F8 zero() { return _mm256_setzero_ps(); }
-  static F8 load(const float* p) { return _mm256_loadu_ps(p); }
-  static F8 add(F8 a, F8 b) { return _mm256_add_ps(a, b); }
-  static F8 fmadd(F8 a, F8 b, F8 c) { return _mm256_fmadd_ps(a, b, c); }
-  static float hsum(F8 a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
+struct Avx2 : Avx2Lanes {
   // bf16 is the top half of a float32: zero-extend to 32 bits and shift up; fp16 through F16C
   template <int64_t DTYPE>
   static F8 widen(const uint16_t* p) {
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     if (DTYPE == DT_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+#ifdef __F16C__
     return _mm256_cvtph_ps(v);
+#else
+    float values[8];  // (no AVX2 CPU lacks F16C: for completeness)
+    for (int i = 0; i < 8; ++i) values[i] = fp16_to_float(p[i]);
+    return _mm256_loadu_ps(values);
+#endif
   }
 };
 #endif
