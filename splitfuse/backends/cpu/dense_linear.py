@@ -33,6 +33,9 @@ MODULE = "dense_linear"
 STREAM_MAX_ROWS = 32
 UPCAST_MIN_ROWS = 16
 UPCAST_CHUNK_VALUES = 1 << 21  # weight values converted at a time (8 MiB of float32)
+# the streaming kernel runs smaller weights on one thread: tens of microseconds of work, where
+# waking a second OpenMP thread on a busy machine can take milliseconds
+STREAM_PARALLEL_MIN_VALUES = 1 << 19
 
 TORCH, STREAM, UPCAST = "torch", "stream", "upcast"
 
@@ -121,7 +124,8 @@ def stream_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     bias = None if bias is None else bias.contiguous()
     kernel().dense_linear(x2d.data_ptr(), native.DTYPE_CODES[x.dtype], x2d.shape[0], K, weight.data_ptr(),
                           native.DTYPE_CODES[weight.dtype], N, None if bias is None else bias.data_ptr(),
-                          out.data_ptr(), torch.get_num_threads(), int(vectorized))
+                          out.data_ptr(), torch.get_num_threads() if N * K >= STREAM_PARALLEL_MIN_VALUES else 1,
+                          int(vectorized))
     return out
 
 
