@@ -27,9 +27,9 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 NATIVE_MATMUL_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
 ENV = "SPLITFUSE_CPU_DENSE_LINEAR"  # "auto" (default) or "torch"
 MODULE = "dense_linear"
-# Crossovers measured on an AVX2 EPYC with 2 threads (scripts/bench_cpu_dense_linear.py): the
+# Crossovers measured on an AVX2 EPYC with 1 and 2 threads (scripts/bench_cpu_dense_linear.py): the
 # streaming kernel matches the fp32 GEMM plus the weight's conversion up to ~32-48 rows, and torch's
-# bf16 GEMM loses to the upcast from ~8-16 rows on.
+# bf16 GEMM loses to the upcast from ~8-16 rows on (the weight's conversion dominates below).
 STREAM_MAX_ROWS = 32
 UPCAST_MIN_ROWS = 16
 UPCAST_CHUNK_VALUES = 1 << 21  # weight values converted at a time (8 MiB of float32)
@@ -59,6 +59,7 @@ def has_native_matmul(dtype: torch.dtype, flags: frozenset[str] | None = None) -
 
 
 def forced_torch() -> bool:
+    """Whether SPLITFUSE_CPU_DENSE_LINEAR=torch asks for torch's matmul everywhere."""
     value = os.environ.get(ENV, "auto")
     if value not in ("auto", "torch"):
         raise ValueError(f"{ENV} must be 'auto' or 'torch'; got {value!r}")
