@@ -52,6 +52,16 @@ def test_streaming_kernel_matches_the_float32_product(N, K, M, dtype, vectorized
     _check(dense_linear.stream_linear(x, w, vectorized=vectorized), x, w)
 
 
+@needs_native
+@pytest.mark.parametrize("vectorized", [True, False], ids=["avx2", "portable"])
+def test_streaming_kernel_takes_float32_inputs_with_a_bf16_weight(vectorized):
+    x, w, b = _case(5, 37, 29, torch.bfloat16)
+    x32, b32 = torch.randn(5, 29, generator=torch.Generator().manual_seed(3)), b.float()
+    got = dense_linear.stream_linear(x32, w, b32, vectorized=vectorized)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, F.linear(x32, w.float(), b32), rtol=1e-5, atol=1e-5)  # summation order only
+
+
 @pytest.mark.parametrize("chunk_values", [1 << 21, 64], ids=["whole", "chunked"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("M", ROWS)
