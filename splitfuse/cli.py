@@ -252,6 +252,8 @@ def cmd_backends(args: argparse.Namespace) -> int:
         if info.available and "kernels" in vars(cls):
             state += f" ({cls.kernels()})"
         print(f"{info.name:<12} priority {info.priority:>4}  {registry.source(info.name):<{width}}  {state}")
+        if info.available and "linear_paths" in vars(cls):  # the cpu backend's dense bf16 linear
+            print(f"{'':<12} {cls.linear_paths()}")
     _print_plugin_failures(manager)
     return 0
 

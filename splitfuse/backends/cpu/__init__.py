@@ -10,7 +10,7 @@ import torch
 
 from splitfuse.backends import torch_ops
 from splitfuse.backends.base import Backend
-from splitfuse.backends.cpu import native_ops
+from splitfuse.backends.cpu import dense_linear, native_ops
 from splitfuse.backends.cpu.quantized import kernel_linear, prepare_weight
 from splitfuse.quant.weights import QuantizedWeight
 
@@ -20,6 +20,7 @@ class CpuBackend(Backend):
     priority = 0  # every other backend is preferred by `auto`
     dtypes = (torch.float32, torch.bfloat16)
     quantized_formats = ("int8", "int4")
+    _dense_linear: str | None = None  # the bf16/fp16 linear path of the model run here (see warm_up)
 
     def __init__(self, device_index: int = 0) -> None:
         super().__init__(device_index)
@@ -77,13 +78,26 @@ class CpuBackend(Backend):
             out = kernel_linear(x, weight, bias)
             if out is not None:
                 return out
-        return torch_ops.linear(x, weight, bias)
+            return torch_ops.linear(x, weight, bias)
+        return dense_linear.linear(x, weight, bias)
 
     def prepare_linear_weight(self, weight: QuantizedWeight) -> QuantizedWeight:
         return prepare_weight(weight)
 
+    @classmethod
+    def linear_paths(cls) -> str:
+        """How bfloat16 linears run here, for `splitfuse backends`."""
+        return dense_linear.describe(torch.bfloat16)
+
+    def warm_up(self, model, kv_cache, config, max_model_len: int, block_size: int) -> None:
+        # describe() names the half-precision linear path of the model this backend runs
+        if getattr(model, "dtype", None) in dense_linear.HALF_DTYPES:
+            self._dense_linear = dense_linear.describe(model.dtype)
+        super().warm_up(model, kv_cache, config, max_model_len, block_size)
+
     def describe(self) -> str:
-        return f"cpu ({torch.get_num_threads()} threads, {self._kernels})"
+        dense = "" if self._dense_linear is None else f", {self._dense_linear}"
+        return f"cpu ({torch.get_num_threads()} threads, {self._kernels}{dense})"
 
 
 __all__ = ["CpuBackend"]
