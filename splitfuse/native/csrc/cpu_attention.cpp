@@ -256,6 +256,17 @@ struct Plan {
 
 struct Scratch {
   std::vector<float> q, acc, m, l, k_chunk, v_chunk, p;
+
+  // for R rows of D dims computed row by row (running max -inf, sum and output 0) over key chunks
+  // of rows `width` elements wide
+  void start_rows(int R, int D, int width) {
+    q.resize(static_cast<size_t>(R) * D);
+    acc.assign(static_cast<size_t>(R) * D, 0.f);
+    m.assign(R, NEG_INF);
+    l.assign(R, 0.f);
+    k_chunk.resize(static_cast<size_t>(KEY_CHUNK) * width);
+    v_chunk.resize(static_cast<size_t>(KEY_CHUNK) * width);
+  }
 };
 
 struct AttentionArgs {
@@ -404,12 +415,7 @@ void attend_rows(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
   using T = typename S::T;
   const UnitKeys<S> keys(w, a);
   const int D = keys.D, G = keys.G, R = w.num_tokens * G, window = a.window;  // row r: see UnitKeys
-  s.q.resize(static_cast<size_t>(R) * D);
-  s.acc.assign(static_cast<size_t>(R) * D, 0.f);
-  s.m.assign(R, NEG_INF);
-  s.l.assign(R, 0.f);
-  s.k_chunk.resize(static_cast<size_t>(KEY_CHUNK) * D);
-  s.v_chunk.resize(static_cast<size_t>(KEY_CHUNK) * D);
+  s.start_rows(R, D, D);
   const T* q = static_cast<const T*>(a.q);
   for (int r = 0; r < R; ++r) {
     const T* src = q + (w.token0 + r / G) * a.q_stride_t + (w.kv_head * G + r % G) * a.q_stride_h;
@@ -721,13 +727,7 @@ void attend_decode(const WorkUnit& w, const AttentionArgs& a, Scratch& s, float*
   using T = typename S::T;
   const UnitKeys<S> keys(w, a);
   const int D = keys.D, G = keys.G, H = static_cast<int>(a.num_heads), Hkv = static_cast<int>(a.num_kv_heads);
-  const int width = Hkv * D;
-  s.q.resize(static_cast<size_t>(H) * D);
-  s.acc.assign(static_cast<size_t>(H) * D, 0.f);
-  s.m.assign(H, NEG_INF);
-  s.l.assign(H, 0.f);
-  s.k_chunk.resize(static_cast<size_t>(KEY_CHUNK) * width);
-  s.v_chunk.resize(static_cast<size_t>(KEY_CHUNK) * width);
+  s.start_rows(H, D, Hkv * D);
   s.p.resize(static_cast<size_t>(KEY_CHUNK) * G);
   const T* q = static_cast<const T*>(a.q);
   for (int r = 0; r < H; ++r) {
