@@ -181,7 +181,10 @@ def test_decode_units_in_half_precision_match_the_reference(cpu, reference, dtyp
 @pytest.mark.parametrize("specs", [DECODES, DECODE_BATCH], ids=["one-long", "batch"])
 def test_decode_units_are_identical_with_one_and_two_threads(cpu, threads, specs):
     q, kv, meta = attention_case(torch.float32, specs=specs, block_size=16, H=8, Hkv=4, D=32)
-    run = lambda: native_ops.load().paged_attention(q, kv, meta, 0.2, 250, 20.0, path="decode")  # noqa: E731
+
+    def run():
+        return native_ops.load().paged_attention(q, kv, meta, 0.2, 250, 20.0, path="decode")
+
     assert torch.equal(threads(1, run), threads(2, run))
 
 

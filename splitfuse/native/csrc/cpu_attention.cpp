@@ -718,8 +718,8 @@ void attend_group_chunk(const RowChunk& c, const float* q, int G, int n, float* 
       group_values<1, VALUE_DIMS>(c.v_rows, sc + g * KEY_CHUNK, n, acc + g * D, D, d0);
 }
 
-// A decode's unit reads each slot's whole row (all kv heads, contiguous) once: the blocks stream
-// from memory instead of one head's rows at the slot stride, Hkv times over. Row r = query head r
+// A decode's unit reads each slot's whole row (all kv heads, contiguous) once, so a block is read
+// in order rather than one head's rows at the slot stride, Hkv times over. Row r = query head r
 // (kv head r / G). A long context on few sequences is split into key ranges (plan_units), each
 // unit leaving its softmax state (m, l, unnormalised output) in partials for merge_decode.
 template <typename S>
@@ -750,7 +750,8 @@ void attend_decode(const WorkUnit& w, const AttentionArgs& a, Scratch& s, float*
       }
       for (int j = n; j < (n + 7) / 8 * 8; ++j) k_rows[j] = k_rows[0];  // padding lanes, masked
       const int r0 = h * G;
-      attend_group_chunk(chunk, s.q.data() + r0 * D, G, n, &s.m[r0], &s.l[r0], s.acc.data() + r0 * D, s.p.data());
+      float* acc = s.acc.data() + r0 * D;
+      attend_group_chunk(chunk, s.q.data() + r0 * D, G, n, &s.m[r0], &s.l[r0], acc, s.p.data());
     }
   }
   if (w.partial >= 0) {
