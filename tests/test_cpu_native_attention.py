@@ -138,7 +138,7 @@ def test_prompt_chunks_in_half_precision_match_the_reference(cpu, reference, dty
                  reference.paged_attention(q, kv, meta, 0.125, 70, 30.0), dtype, "paged_attention")
 
 
-@pytest.mark.parametrize("path", ["rows", "tiles"])
+@pytest.mark.parametrize("path", ["rows", "tiles", "decode"])
 @pytest.mark.parametrize("H,Hkv,D", SHAPES[:2], ids=SHAPE_IDS[:2])
 def test_either_kernel_runs_every_kind_of_unit(cpu, reference, path, H, Hkv, D):
     # the row-by-row kernel on prompt chunks, the tiles on decodes of a small group (padding lanes)
@@ -149,8 +149,43 @@ def test_either_kernel_runs_every_kind_of_unit(cpu, reference, path, H, Hkv, D):
 
 def test_an_unknown_kernel_path_is_refused_by_name(cpu):
     q, kv, meta = attention_case(torch.float32)
-    with pytest.raises(ValueError, match=r"path 'fast': expected one of \['auto', 'rows', 'tiles'\]"):
+    with pytest.raises(ValueError, match=r"path 'fast': expected one of \['auto', 'decode', 'rows', 'tiles'\]"):
         native_ops.load().paged_attention(q, kv, meta, 0.2, None, None, path="fast")
+
+
+# ---- decodes: units of every kv head, long contexts of few decodes split into merged key ranges ----
+# one decode of a long context (split), decodes of short ones, next to a prompt chunk
+DECODES = [(700, 1)]
+DECODE_BATCH = [(300, 1), (65, 1), (1, 1), (129, 1), (40, 8)]
+
+
+@pytest.mark.parametrize("specs", [DECODES, DECODE_BATCH], ids=["one-long", "batch"])
+@pytest.mark.parametrize("H,Hkv,D", SHAPES[:2] + [(4, 1, 18), (3, 1, 40)],
+                         ids=SHAPE_IDS[:2] + ["group4-d18", "group3-d40"])
+@pytest.mark.parametrize("window,softcap", [(None, None), (90, None), (None, 30.0)],
+                         ids=["causal", "window", "softcap"])
+def test_decode_units_match_the_reference(cpu, reference, specs, H, Hkv, D, window, softcap):
+    q, kv, meta = attention_case(torch.float32, specs=specs, block_size=16, H=H, Hkv=Hkv, D=D)
+    got = native_ops.load().paged_attention(q, kv, meta, D ** -0.5, window, softcap, path="decode")
+    assert_close(got, reference.paged_attention(q, kv, meta, D ** -0.5, window, softcap), torch.float32,
+                 "paged_attention")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_decode_units_in_half_precision_match_the_reference(cpu, reference, dtype):
+    q, kv, meta = attention_case(dtype, specs=DECODES + DECODE_BATCH, block_size=16, H=14, Hkv=2, D=64)
+    assert_close(cpu.paged_attention(q, kv, meta, 0.125, 200, 30.0),
+                 reference.paged_attention(q, kv, meta, 0.125, 200, 30.0), dtype, "paged_attention")
+
+
+@pytest.mark.parametrize("specs", [DECODES, DECODE_BATCH], ids=["one-long", "batch"])
+def test_decode_units_are_identical_with_one_and_two_threads(cpu, threads, specs):
+    q, kv, meta = attention_case(torch.float32, specs=specs, block_size=16, H=8, Hkv=4, D=32)
+
+    def run():
+        return native_ops.load().paged_attention(q, kv, meta, 0.2, 250, 20.0, path="decode")
+
+    assert torch.equal(threads(1, run), threads(2, run))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -300,3 +335,17 @@ def test_the_attention_benchmark_prints_every_case_with_its_ratio(cpu, monkeypat
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("tiny")]
     assert [row[1] for row in rows] == ["chunk", "decode"]
     assert all(float(row[-2]) > 0 and float(row[-1]) < 1e-5 for row in rows)  # rows / auto, max difference
+    assert all(float(row[-3]) > 0 for row in rows)  # rows / decode
+
+
+def test_the_attention_benchmark_can_evict_the_caches_before_every_run(cpu, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    bench = importlib.import_module("bench_cpu_attention")
+    monkeypatch.setattr(bench, "SHAPES", {"tiny": (4, 2, 8)})
+    monkeypatch.setattr(bench, "CASES", {"decode": [(9, 1)] * 2})
+    monkeypatch.setattr(bench, "EVICT_BYTES", 1 << 16)
+    monkeypatch.setattr(sys, "argv", ["bench_cpu_attention.py", "--threads", "1", "--repeats", "1", "--cold"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "cold caches" in out.splitlines()[0]
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("tiny")] == ["decode"]

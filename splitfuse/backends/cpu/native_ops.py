@@ -47,8 +47,9 @@ def _is_rows(t: torch.Tensor, dtype: torch.dtype) -> bool:
     return t.dtype == dtype and t.is_cpu and t.stride(-1) == 1
 
 
-# the attention kernel's path codes: by each unit's shape, row by row, register tiles
-ATTENTION_PATHS = {"auto": 0, "rows": 1, "tiles": 2}
+# the attention kernel's path codes: by each unit's shape, row by row, register tiles, decodes over
+# every kv head (other units as "auto", which runs decodes that way too)
+ATTENTION_PATHS = {"auto": 0, "rows": 1, "tiles": 2, "decode": 3}
 
 
 class NativeOps:
@@ -61,7 +62,8 @@ class NativeOps:
                         sliding_window: int | None, logit_softcap: float | None,
                         path: str = "auto") -> torch.Tensor | None:
         """Causal paged attention of q [T, H, D] (see Backend.paged_attention), or None. `path` picks
-        the kernel of every unit: "auto" by its shape, "rows" or "tiles" (side-by-side comparisons)."""
+        the kernel of every unit: "auto" by its shape, "rows" or "tiles" (side-by-side comparisons),
+        "decode": decodes as units of every kv head whatever the group size, other units as "auto"."""
         if path not in ATTENTION_PATHS:
             raise ValueError(f"path {path!r}: expected one of {sorted(ATTENTION_PATHS)}")
         code = _DTYPE_CODES.get(q.dtype)

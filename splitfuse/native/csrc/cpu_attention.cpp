@@ -7,10 +7,13 @@
 //   query heads of that kv head, so every key row loaded serves all of them (GQA). Keys are visited
 //   in chunks of KEY_CHUNK positions with an online softmax in fp32; a unit of many rows (a prompt
 //   chunk) computes a chunk as two small matrix products with register tiles and fused
-//   multiply-adds, a decode's unit row by row; units are
+//   multiply-adds, a small unit row by row. A decode (one new token) with a large enough GQA group
+//   is one unit over every kv head reading whole slot rows, its key range split into parts (merged
+//   after) when the step has few decodes. Units are
 //   ordered longest first and handed to OpenMP threads dynamically (decodes and prompt chunks differ
-//   in cost by orders of magnitude). Each unit is computed by one thread start to end, so the result
-//   does not depend on the number of threads.
+//   in cost by orders of magnitude). Each unit is computed by one thread start to end and how a
+//   step is cut into units depends on the step alone, so the result does not depend on the number
+//   of threads.
 // rotary: rotary embedding of q and k (GPT-NeoX or GPT-J pairs, partial rotary), optionally also
 //   storing the rotated k and v into the cache at slot_mapping (the fused KV write).
 // rms_norm: RMSNorm of x, or of x + residual in the same pass (returning the sum too).
@@ -18,7 +21,8 @@
 // Every op takes fp32, bf16 or fp16 tensors and rounds as the plain-torch reference ops do: bf16
 // and fp16 elementwise ops round to the storage type after each operation, as torch does; attention
 // and norm statistics accumulate in fp32. Built with -ffp-contract=off: the only fused multiply-adds
-// are the explicit ones of the attention tiles (fp32 accumulations, not rounded as torch's ops).
+// are the explicit ones of the attention tiles and the decodes' P x V (fp32 accumulations, not
+// rounded as torch's ops).
 //
 // Vectors: 8-float GCC vector types; with -march=native on an AVX2 machine they are ymm registers,
 // without AVX the compiler splits them into SSE pairs (or scalars elsewhere), same results.
@@ -230,13 +234,39 @@ inline void accumulate_any(float* acc, const float* p, const float* const* v, in
 }
 
 // ---- paged attention -----------------------------------------------------------------------------
+// decode: a unit of one token and every kv head over keys [key0, key1) of its context, whose softmax
+// state goes to partials[partial] for a merge, or straight to the output (partial -1)
 struct WorkUnit {
   int seq, token0, num_tokens, first_pos, kv_head;
   int64_t cost;
+  bool decode = false;
+  int key0 = 0, key1 = 0, partial = -1;
+};
+
+// A decode whose keys were split over several units: its partial states, merged in order.
+struct DecodeMerge {
+  int token0, first_partial, num_parts;
+};
+
+struct Plan {
+  std::vector<WorkUnit> units;
+  std::vector<DecodeMerge> merges;
+  int num_partials = 0;
 };
 
 struct Scratch {
   std::vector<float> q, acc, m, l, k_chunk, v_chunk, p;
+
+  // for R rows of D dims computed row by row (running max -inf, sum and output 0) over key chunks
+  // of rows `width` elements wide
+  void start_rows(int R, int D, int width) {
+    q.resize(static_cast<size_t>(R) * D);
+    acc.assign(static_cast<size_t>(R) * D, 0.f);
+    m.assign(R, NEG_INF);
+    l.assign(R, 0.f);
+    k_chunk.resize(static_cast<size_t>(KEY_CHUNK) * width);
+    v_chunk.resize(static_cast<size_t>(KEY_CHUNK) * width);
+  }
 };
 
 struct AttentionArgs {
@@ -256,7 +286,9 @@ struct AttentionArgs {
 };
 
 // Which kernel computes a unit: by its shape, or (side-by-side benchmarks, tests) always one of them.
-enum AttentionPath : int { PATH_AUTO = 0, PATH_ROWS = 1, PATH_TILES = 2 };
+// PATH_DECODE: decodes by attend_decode, other units as PATH_AUTO (which runs decodes that way
+// too where the GQA group is large enough, see DECODE_MIN_GROUP).
+enum AttentionPath : int { PATH_AUTO = 0, PATH_ROWS = 1, PATH_TILES = 2, PATH_DECODE = 3 };
 
 // The keys and values a unit reads: its sequence's blocks of the cache, its kv head, whose G query
 // heads make the unit's rows (row r = token r / G, query head kv_head * G + r % G).
@@ -283,19 +315,34 @@ struct UnitKeys {
   // for the next chunk's rows (up to position end) ahead: the blocks are scattered over the cache,
   // and a head's rows are strided within them, so the hardware prefetchers do not see them coming.
   void gather(int c0, int n, int end, const float** k_rows, const float** v_rows, Scratch& s) const {
+    gather_rows(c0, n, end, head_off, D, k_rows, v_rows, s);
+  }
+
+  // As gather, the whole slot rows (every kv head, Hkv * D elements) of positions c0 .. c0 + n.
+  void gather_slots(int c0, int n, int end, const float** k_rows, const float** v_rows, Scratch& s) const {
+    gather_rows(c0, n, end, 0, static_cast<int>(slot_stride), k_rows, v_rows, s);
+  }
+
+  // the `width` elements from `row_off` of each slot
+  void gather_rows(int c0, int n, int end, int64_t row_off, int width, const float** k_rows, const float** v_rows,
+                   Scratch& s) const {
     int blk = c0 / block_size, off = c0 - blk * block_size;
     for (int j = 0; j < n; ++j) {
       const int64_t slot = static_cast<int64_t>(table[blk]) * block_size + off;
-      k_rows[j] = row_as_float<S>(k_cache + slot * slot_stride + head_off, s.k_chunk.data() + j * D, D);
-      v_rows[j] = row_as_float<S>(v_cache + slot * slot_stride + head_off, s.v_chunk.data() + j * D, D);
+      k_rows[j] = row_as_float<S>(k_cache + slot * slot_stride + row_off, s.k_chunk.data() + j * width, width);
+      v_rows[j] = row_as_float<S>(v_cache + slot * slot_stride + row_off, s.v_chunk.data() + j * width, width);
       if (++off == block_size) { off = 0; ++blk; }
     }
-    const int ahead = std::min(end - c0 - n, KEY_CHUNK);
-    const int64_t row_bytes = static_cast<int64_t>(D) * sizeof(T);
-    for (int j = 0; j < ahead; ++j) {
+    prefetch_rows(blk, off, std::min(end - c0 - n, KEY_CHUNK), row_off, width);
+  }
+
+  // asks for `count` slots' rows from block table entry blk, offset off, ahead of their use
+  void prefetch_rows(int blk, int off, int count, int64_t row_off, int width) const {
+    const int64_t row_bytes = static_cast<int64_t>(width) * sizeof(T);
+    for (int j = 0; j < count; ++j) {
       const int64_t slot = static_cast<int64_t>(table[blk]) * block_size + off;
-      const char* k_row = reinterpret_cast<const char*>(k_cache + slot * slot_stride + head_off);
-      const char* v_row = reinterpret_cast<const char*>(v_cache + slot * slot_stride + head_off);
+      const char* k_row = reinterpret_cast<const char*>(k_cache + slot * slot_stride + row_off);
+      const char* v_row = reinterpret_cast<const char*>(v_cache + slot * slot_stride + row_off);
       for (int64_t b = 0; b < row_bytes; b += 64) {
         __builtin_prefetch(k_row + b);
         __builtin_prefetch(v_row + b);
@@ -305,18 +352,70 @@ struct UnitKeys {
   }
 };
 
+// How a row's chunk of keys k_rows / v_rows [0, n) is read and scored. k_rows holds n rounded up
+// to 8 pointers (padding lanes are masked).
+struct RowChunk {
+  const float* const* k_rows;
+  const float* const* v_rows;
+  int D;
+  float scale, softcap;  // softcap 0: none
+};
+
+// sc[j] = the scores of row qr against the keys of the 8-key groups [g0, g1), -inf outside the
+// visible [j_lo, j_hi); returns their maximum
+inline float row_scores(const RowChunk& c, const float* qr, int j_lo, int j_hi, int g0, int g1, float* sc) {
+  const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  v8f vmax = splat8(NEG_INF);
+  for (int j = g0; j < g1; j += 8) {
+    v8f score = dot8(qr, c.k_rows + j, c.D) * splat8(c.scale);
+    if (c.softcap > 0.f)
+      for (int i = 0; i < 8; ++i) score[i] = c.softcap * std::tanh(score[i] / c.softcap);
+    const v8i idx = lane + j;
+    score = (idx >= j_lo) & (idx < j_hi) ? score : splat8(NEG_INF);
+    store8(sc + j, score);
+    vmax = vmax > score ? vmax : score;
+  }
+  return std::max(std::max(std::max(vmax[0], vmax[1]), std::max(vmax[2], vmax[3])),
+                  std::max(std::max(vmax[4], vmax[5]), std::max(vmax[6], vmax[7])));
+}
+
+// Online softmax over the chunk's scores sc[g0, g1) of maximum cmax: rescales the row's running
+// sum l and output acc once if its max m moved, then turns sc into probabilities and adds them to l.
+inline void row_softmax(float* sc, int g0, int g1, float cmax, float& m, float& l, float* acc, int D) {
+  const float m_new = std::max(m, cmax);
+  if (m != m_new) {
+    const float alpha = m == NEG_INF ? 0.f : std::exp(m - m_new);
+    l *= alpha;
+    scale_row(acc, alpha, D);
+    m = m_new;
+  }
+  v8f lsum = splat8(0.f);
+  for (int j = g0; j < g1; j += 8) {
+    const v8f p = exp8(load8(sc + j) - splat8(m_new));
+    store8(sc + j, p);
+    lsum += p;
+  }
+  l += hsum8(lsum);
+}
+
+// One row over a chunk with visible keys [j_lo, j_hi): scores against 8 keys at a time (only the
+// groups that hold visible keys: causal and window edges skip the rest), softmax, then P x V.
+inline void attend_row_chunk(const RowChunk& c, const float* qr, int j_lo, int j_hi, float& m, float& l,
+                             float* acc) {
+  alignas(32) float sc[KEY_CHUNK];
+  const int g0 = j_lo / 8 * 8, g1 = (j_hi + 7) / 8 * 8;
+  const float cmax = row_scores(c, qr, j_lo, j_hi, g0, g1, sc);
+  row_softmax(sc, g0, g1, cmax, m, l, acc, c.D);
+  accumulate_any(acc, sc, c.v_rows, j_lo, j_hi, c.D);
+}
+
 // The unit row by row: each row's scores against 8 keys at a time, then its P x V.
 template <typename S>
 void attend_rows(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
   using T = typename S::T;
   const UnitKeys<S> keys(w, a);
   const int D = keys.D, G = keys.G, R = w.num_tokens * G, window = a.window;  // row r: see UnitKeys
-  s.q.resize(static_cast<size_t>(R) * D);
-  s.acc.assign(static_cast<size_t>(R) * D, 0.f);
-  s.m.assign(R, NEG_INF);
-  s.l.assign(R, 0.f);
-  s.k_chunk.resize(static_cast<size_t>(KEY_CHUNK) * D);
-  s.v_chunk.resize(static_cast<size_t>(KEY_CHUNK) * D);
+  s.start_rows(R, D, D);
   const T* q = static_cast<const T*>(a.q);
   for (int r = 0; r < R; ++r) {
     const T* src = q + (w.token0 + r / G) * a.q_stride_t + (w.kv_head * G + r % G) * a.q_stride_h;
@@ -325,11 +424,9 @@ void attend_rows(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
   }
   const int last_pos = w.first_pos + w.num_tokens - 1;
   const int lo = window > 0 ? std::max(0, w.first_pos - window + 1) : 0;
-  alignas(32) float sc[KEY_CHUNK];
   const float* k_rows[KEY_CHUNK];
   const float* v_rows[KEY_CHUNK];
-  const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
-  const bool capped = a.softcap > 0.f;
+  const RowChunk chunk{k_rows, v_rows, D, a.scale, a.softcap};
   for (int c0 = lo; c0 <= last_pos; c0 += KEY_CHUNK) {
     const int n = std::min(KEY_CHUNK, last_pos + 1 - c0);
     keys.gather(c0, n, last_pos + 1, k_rows, v_rows, s);
@@ -340,38 +437,7 @@ void attend_rows(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
       const int j_hi = std::min(n, qpos - c0 + 1);
       const int j_lo = window > 0 ? std::max(0, qpos - window + 1 - c0) : 0;
       if (j_hi <= j_lo) continue;
-      const float* qr = s.q.data() + r * D;
-      // only the 8-key groups that hold visible keys (causal and window edges skip the rest)
-      const int g0 = j_lo / 8 * 8, g1 = (j_hi + 7) / 8 * 8;
-      v8f vmax = splat8(NEG_INF);
-      for (int j = g0; j < g1; j += 8) {
-        v8f score = dot8(qr, k_rows + j, D) * splat8(a.scale);
-        if (capped)
-          for (int i = 0; i < 8; ++i) score[i] = a.softcap * std::tanh(score[i] / a.softcap);
-        const v8i idx = lane + j;
-        score = (idx >= j_lo) & (idx < j_hi) ? score : splat8(NEG_INF);
-        store8(sc + j, score);
-        vmax = vmax > score ? vmax : score;
-      }
-      const float cmax = std::max(std::max(std::max(vmax[0], vmax[1]), std::max(vmax[2], vmax[3])),
-                                  std::max(std::max(vmax[4], vmax[5]), std::max(vmax[6], vmax[7])));
-      // online softmax: rescale once per chunk, then accumulate p * v
-      const float m_new = std::max(s.m[r], cmax);
-      float* acc = s.acc.data() + r * D;
-      if (s.m[r] != m_new) {
-        const float alpha = s.m[r] == NEG_INF ? 0.f : std::exp(s.m[r] - m_new);
-        s.l[r] *= alpha;
-        scale_row(acc, alpha, D);
-        s.m[r] = m_new;
-      }
-      v8f lsum = splat8(0.f);
-      for (int j = g0; j < g1; j += 8) {
-        const v8f p = exp8(load8(sc + j) - splat8(m_new));
-        store8(sc + j, p);
-        lsum += p;
-      }
-      s.l[r] += hsum8(lsum);
-      accumulate_any(acc, sc, v_rows, j_lo, j_hi, D);
+      attend_row_chunk(chunk, s.q.data() + r * D, j_lo, j_hi, s.m[r], s.l[r], s.acc.data() + r * D);
     }
   }
   T* out = static_cast<T*>(a.out);
@@ -603,27 +669,190 @@ void attend_tiles(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
   }
 }
 
-// Tiles for prompt-chunk units with enough rows, row by row for decodes (memory-bound: the tiles'
-// transposes and padding lanes did not pay there) and small units;
-// the choice depends on the unit alone, so results do not depend on the number of threads.
+// ---- decodes: one token, every kv head ---------------------------------------------------------------
+// The G rows (query heads) of one kv head over keys [0, n) of a chunk, every key visible to every
+// row (a decode): each row's scores and softmax as attend_row_chunk, then P x V for two rows at a
+// time, each value vector loaded once for both and whole 128-byte rows at a time (fused
+// multiply-adds). Keys transposed in registers for the scores, or value slices narrower than 32
+// dims, ran slower with K/V coming from memory, though faster from cache.
+constexpr int VALUE_ROWS = 2;  // rows of a P x V register block
+constexpr int VALUE_DIMS = 4;  // vectors of 8 dims of a P x V register block
+
+// acc[g][d0 .. d0 + 8 DV) += sum over j < n of p[g][j] * v[j][d0 .. d0 + 8 DV), g < RB (p rows
+// KEY_CHUNK apart, acc rows D apart)
+template <int RB, int DV>
+inline void group_values(const float* const* v, const float* p, int n, float* acc, int D, int d0) {
+  v8f a[RB][DV];
+  for (int g = 0; g < RB; ++g)
+    for (int u = 0; u < DV; ++u) a[g][u] = load8(acc + g * D + d0 + 8 * u);
+  for (int j = 0; j < n; ++j) {
+    v8f vv[DV];
+    for (int u = 0; u < DV; ++u) vv[u] = load8(v[j] + d0 + 8 * u);
+    for (int g = 0; g < RB; ++g) {
+      const v8f pg = splat8(p[g * KEY_CHUNK + j]);
+      for (int u = 0; u < DV; ++u) a[g][u] = fma8(pg, vv[u], a[g][u]);
+    }
+  }
+  for (int g = 0; g < RB; ++g)
+    for (int u = 0; u < DV; ++u) store8(acc + g * D + d0 + 8 * u, a[g][u]);
+}
+
+// rows q[0 .. G) (stride D) with their m, l, acc; sc: G * KEY_CHUNK floats of scratch
+void attend_group_chunk(const RowChunk& c, const float* q, int G, int n, float* m, float* l, float* acc, float* sc) {
+  const int g1 = (n + 7) / 8 * 8, D = c.D;
+  for (int g = 0; g < G; ++g) {
+    float* sg = sc + g * KEY_CHUNK;
+    row_softmax(sg, 0, g1, row_scores(c, q + g * D, 0, n, 0, g1, sg), m[g], l[g], acc + g * D, D);
+  }
+  constexpr int width = 8 * VALUE_DIMS;
+  if (D % width != 0) {
+    for (int g = 0; g < G; ++g) accumulate_any(acc + g * D, sc + g * KEY_CHUNK, c.v_rows, 0, n, D);
+    return;
+  }
+  int g = 0;
+  for (; g + VALUE_ROWS <= G; g += VALUE_ROWS)
+    for (int d0 = 0; d0 < D; d0 += width)
+      group_values<VALUE_ROWS, VALUE_DIMS>(c.v_rows, sc + g * KEY_CHUNK, n, acc + g * D, D, d0);
+  for (; g < G; ++g)
+    for (int d0 = 0; d0 < D; d0 += width)
+      group_values<1, VALUE_DIMS>(c.v_rows, sc + g * KEY_CHUNK, n, acc + g * D, D, d0);
+}
+
+// A decode's unit reads each slot's whole row (all kv heads, contiguous) once, so a block is read
+// in order rather than one head's rows at the slot stride, Hkv times over. Row r = query head r
+// (kv head r / G). A long context on few sequences is split into key ranges (plan_units), each
+// unit leaving its softmax state (m, l, unnormalised output) in partials for merge_decode.
 template <typename S>
-void attend_unit(const WorkUnit& w, const AttentionArgs& a, Scratch& s) {
+void attend_decode(const WorkUnit& w, const AttentionArgs& a, Scratch& s, float* partials) {
+  using T = typename S::T;
+  const UnitKeys<S> keys(w, a);
+  const int D = keys.D, G = keys.G, H = static_cast<int>(a.num_heads), Hkv = static_cast<int>(a.num_kv_heads);
+  s.start_rows(H, D, Hkv * D);
+  s.p.resize(static_cast<size_t>(KEY_CHUNK) * G);
+  const T* q = static_cast<const T*>(a.q);
+  for (int r = 0; r < H; ++r) {
+    const T* src = q + w.token0 * a.q_stride_t + r * a.q_stride_h;
+#pragma omp simd
+    for (int d = 0; d < D; ++d) s.q[r * D + d] = S::load(src[d]);
+  }
+  const float* k_slots[KEY_CHUNK];
+  const float* v_slots[KEY_CHUNK];
+  const float* k_rows[KEY_CHUNK];
+  const float* v_rows[KEY_CHUNK];
+  const RowChunk chunk{k_rows, v_rows, D, a.scale, a.softcap};
+  for (int c0 = w.key0; c0 < w.key1; c0 += KEY_CHUNK) {
+    const int n = std::min(KEY_CHUNK, w.key1 - c0);
+    keys.gather_slots(c0, n, w.key1, k_slots, v_slots, s);  // every key visible (see plan_decode)
+    for (int h = 0; h < Hkv; ++h) {
+      for (int j = 0; j < n; ++j) {
+        k_rows[j] = k_slots[j] + h * D;
+        v_rows[j] = v_slots[j] + h * D;
+      }
+      for (int j = n; j < (n + 7) / 8 * 8; ++j) k_rows[j] = k_rows[0];  // padding lanes, masked
+      const int r0 = h * G;
+      float* acc = s.acc.data() + r0 * D;
+      attend_group_chunk(chunk, s.q.data() + r0 * D, G, n, &s.m[r0], &s.l[r0], acc, s.p.data());
+    }
+  }
+  if (w.partial >= 0) {
+    float* part = partials + static_cast<int64_t>(w.partial) * H * (D + 2);  // m [H], l [H], acc [H][D]
+    std::copy(s.m.begin(), s.m.end(), part);
+    std::copy(s.l.begin(), s.l.end(), part + H);
+    std::copy(s.acc.begin(), s.acc.end(), part + 2 * H);
+    return;
+  }
+  T* out = static_cast<T*>(a.out) + static_cast<int64_t>(w.token0) * H * D;
+  for (int r = 0; r < H; ++r) {
+    const float inv = 1.f / s.l[r];
+#pragma omp simd
+    for (int d = 0; d < D; ++d) out[r * D + d] = S::store(s.acc[r * D + d] * inv);
+  }
+}
+
+// A split decode's output from its parts' states, in part order (the same sums on any thread).
+template <typename S>
+void merge_decode(const DecodeMerge& mg, const AttentionArgs& a, const float* partials) {
+  using T = typename S::T;
+  const int D = static_cast<int>(a.head_dim), H = static_cast<int>(a.num_heads);
+  const int64_t part_size = static_cast<int64_t>(H) * (D + 2);
+  const float* first = partials + mg.first_partial * part_size;
+  T* out = static_cast<T*>(a.out) + static_cast<int64_t>(mg.token0) * H * D;
+  std::vector<float> acc(D);
+  for (int r = 0; r < H; ++r) {
+    float m = NEG_INF;
+    for (int p = 0; p < mg.num_parts; ++p) m = std::max(m, first[p * part_size + r]);
+    float l = 0.f;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int p = 0; p < mg.num_parts; ++p) {
+      const float* part = first + p * part_size;
+      const float weight = std::exp(part[r] - m);
+      l += part[H + r] * weight;
+      const float* pacc = part + 2 * H + r * D;
+#pragma omp simd
+      for (int d = 0; d < D; ++d) acc[d] += pacc[d] * weight;
+    }
+    const float inv = 1.f / l;
+#pragma omp simd
+    for (int d = 0; d < D; ++d) out[r * D + d] = S::store(acc[d] * inv);
+  }
+}
+
+// Decodes by attend_decode (plan_units made them units of every kv head), tiles for prompt-chunk
+// units with enough rows, row by row for small units (memory-bound: the tiles' transposes and
+// padding lanes did not pay there); the choice depends on the unit alone, so results do not depend
+// on the number of threads.
+template <typename S>
+void attend_unit(const WorkUnit& w, const AttentionArgs& a, Scratch& s, float* partials) {
+  if (w.decode) return attend_decode<S>(w, a, s, partials);
   const bool tiles = a.head_dim % 8 == 0 &&
                      (a.path == PATH_TILES ||
-                      (a.path == PATH_AUTO && w.num_tokens > 1 &&
+                      ((a.path == PATH_AUTO || a.path == PATH_DECODE) && w.num_tokens > 1 &&
                        w.num_tokens * (a.num_heads / a.num_kv_heads) >= TILE_MIN_ROWS));
   if (tiles) attend_tiles<S>(w, a, s);
   else attend_rows<S>(w, a, s);
 }
 
 template <typename S>
-void paged_attention_impl(const AttentionArgs& a, const std::vector<WorkUnit>& units) {
-  const int64_t num_units = static_cast<int64_t>(units.size());
+void paged_attention_impl(const AttentionArgs& a, const Plan& plan) {
+  const int64_t num_units = static_cast<int64_t>(plan.units.size());
+  const int64_t num_merges = static_cast<int64_t>(plan.merges.size());
+  std::vector<float> partials(static_cast<size_t>(plan.num_partials) * a.num_heads * (a.head_dim + 2));
 #pragma omp parallel if (num_units > 1)
   {
     Scratch scratch;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < num_units; ++i) attend_unit<S>(units[i], a, scratch);
+    for (int64_t i = 0; i < num_units; ++i) attend_unit<S>(plan.units[i], a, scratch, partials.data());
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < num_merges; ++i) merge_decode<S>(plan.merges[i], a, partials.data());
+  }
+}
+
+// Key ranges of a decode: few decodes in a step (batch 1) are split so that the step has at least
+// this many units for the threads. The split depends on the step alone, not on the thread count.
+constexpr int DECODE_MIN_UNITS = 4;
+// PATH_AUTO runs decodes by attend_decode from this GQA group size: the value vectors it loads once
+// for two rows paid there (0.5B shape, group 7), not with groups of 2 when K/V come from memory.
+constexpr int DECODE_MIN_GROUP = 4;
+constexpr int DECODE_MIN_PART_CHUNKS = 2;  // key chunks of a key range at least
+
+// The decode of sequence s (its token token0 at position qpos) as units of every kv head over key
+// ranges of whole KEY_CHUNKs from the window's first key (so every key of a range is visible),
+// want_parts of them or fewer.
+void plan_decode(int s, int token0, int qpos, int window, int want_parts, int64_t num_kv_heads, Plan& plan) {
+  const int lo = window > 0 ? std::max(0, qpos - window + 1) : 0, end = qpos + 1;
+  const int chunks = (end - lo + KEY_CHUNK - 1) / KEY_CHUNK;
+  const int target = std::max(1, std::min(want_parts, chunks / DECODE_MIN_PART_CHUNKS));
+  const int part_chunks = (chunks + target - 1) / target;
+  const int parts = (chunks + part_chunks - 1) / part_chunks;
+  if (parts > 1) plan.merges.push_back({token0, plan.num_partials, parts});
+  for (int p = 0; p < parts; ++p) {
+    const int key0 = lo + p * part_chunks * KEY_CHUNK, key1 = std::min(end, key0 + part_chunks * KEY_CHUNK);
+    WorkUnit w{s, token0, 1, qpos, 0, static_cast<int64_t>(key1 - key0) * num_kv_heads};
+    w.decode = true;
+    w.key0 = key0;
+    w.key1 = key1;
+    w.partial = parts > 1 ? plan.num_partials++ : -1;
+    plan.units.push_back(w);
   }
 }
 
@@ -636,7 +865,8 @@ int tile_tokens(int G) {
 
 // The work units of a step, longest first; false (ValueError set) when the metadata does not
 // describe a valid step (a raw-pointer kernel must not read past the cache or the block tables).
-bool plan_units(const AttentionArgs& a, std::vector<WorkUnit>& units) {
+bool plan_units(const AttentionArgs& a, Plan& plan) {
+  std::vector<WorkUnit>& units = plan.units;
   const int32_t* qs = a.query_start;
   if (qs[0] != 0 || qs[a.num_seqs] != a.num_tokens) {
     PyErr_Format(PyExc_ValueError, "query_start must run from 0 to the %lld tokens, got %d..%d",
@@ -645,6 +875,11 @@ bool plan_units(const AttentionArgs& a, std::vector<WorkUnit>& units) {
   }
   const int64_t max_keys = a.table_stride * a.block_size;
   const int tile = a.path == PATH_ROWS ? QUERY_TILE : tile_tokens(static_cast<int>(a.num_heads / a.num_kv_heads));
+  const bool decodes_apart =
+      a.path == PATH_DECODE || (a.path == PATH_AUTO && a.num_heads / a.num_kv_heads >= DECODE_MIN_GROUP);
+  int num_decodes = 0;
+  for (int s = 0; s < a.num_seqs; ++s) num_decodes += qs[s + 1] - qs[s] == 1;
+  const int want_parts = num_decodes > 0 ? (DECODE_MIN_UNITS + num_decodes - 1) / num_decodes : 1;
   for (int s = 0; s < a.num_seqs; ++s) {
     const int n_q = qs[s + 1] - qs[s], ctx = a.context_lens[s];
     if (n_q < 0 || ctx < n_q || ctx > max_keys) {
@@ -662,6 +897,10 @@ bool plan_units(const AttentionArgs& a, std::vector<WorkUnit>& units) {
       }
     }
     const int first = ctx - n_q;  // new tokens are the last n_q of the context
+    if (n_q == 1 && decodes_apart) {
+      plan_decode(s, qs[s], first, static_cast<int>(a.window), want_parts, a.num_kv_heads, plan);
+      continue;
+    }
     for (int t = 0; t < n_q; t += tile) {
       const int n = std::min(tile, n_q - t);
       const int keys = a.window > 0 ? std::min<int>(first + t + n, a.window + n - 1) : first + t + n;
@@ -686,8 +925,9 @@ PyObject* py_paged_attention(PyObject*, PyObject* const* items, Py_ssize_t count
                   static_cast<int>(in.i64(18)), static_cast<int>(in.i64(20))};
   const int64_t dtype = in.i64(0);
   if (failed() || !check_dtype(dtype)) return nullptr;
-  if (a.path < PATH_AUTO || a.path > PATH_TILES) {
-    PyErr_Format(PyExc_ValueError, "path %d: expected 0 (by shape), 1 (row by row) or 2 (register tiles)", a.path);
+  if (a.path < PATH_AUTO || a.path > PATH_DECODE) {
+    PyErr_Format(PyExc_ValueError, "path %d: expected 0 (by shape), 1 (row by row), 2 (register tiles) or 3 "
+                 "(decodes over every kv head)", a.path);
     return nullptr;
   }
   if (a.num_kv_heads <= 0 || a.num_heads % a.num_kv_heads != 0 || a.head_dim <= 0 || a.block_size <= 0) {
@@ -697,9 +937,9 @@ PyObject* py_paged_attention(PyObject*, PyObject* const* items, Py_ssize_t count
     return nullptr;
   }
   if (a.num_tokens == 0) Py_RETURN_NONE;
-  std::vector<WorkUnit> units;
-  if (!plan_units(a, units)) return nullptr;
-  run_without_gil(dtype, [&](auto s) { paged_attention_impl<decltype(s)>(a, units); });
+  Plan plan;
+  if (!plan_units(a, plan)) return nullptr;
+  run_without_gil(dtype, [&](auto s) { paged_attention_impl<decltype(s)>(a, plan); });
   Py_RETURN_NONE;
 }
 
