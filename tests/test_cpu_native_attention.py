@@ -277,7 +277,7 @@ def test_rms_norm_matches_the_reference(cpu, reference, dtype, with_residual, we
 # ---- threads -----------------------------------------------------------------------------------
 def test_results_are_identical_with_one_and_two_threads(cpu, threads):
     q, kv, meta = attention_case(torch.float32, specs=MIXED * 2, H=4, Hkv=2)
-    x = torch.randn(300, 128)  # enough rows that the norm runs in parallel
+    x = torch.randn(2100, 128)  # above 2**18 elements, so the norm runs in parallel
     rq, rk, rv, positions, cos_sin = rotary_case(torch.float32, T=300)
 
     def run():
