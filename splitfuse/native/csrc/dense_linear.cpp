@@ -13,6 +13,7 @@
 
 #include "lanes.h"
 #include "native.h"
+#include "storage.h"
 
 namespace {
 using namespace splitfuse_native;
@@ -165,14 +166,7 @@ PyObject* dense_linear(PyObject*, PyObject* const* items, Py_ssize_t count) {
   }
   Py_BEGIN_ALLOW_THREADS
   std::vector<float> x32(M * K);
-  const uint16_t* x16 = static_cast<const uint16_t*>(x);
-  if (x_dtype == DT_F32) {
-    std::memcpy(x32.data(), x, M * K * sizeof(float));
-  } else if (x_dtype == DT_BF16) {  // one loop per dtype, so that each vectorizes
-    for (int64_t i = 0; i < M * K; ++i) x32[i] = bf16_to_float(x16[i]);
-  } else {
-    for (int64_t i = 0; i < M * K; ++i) x32[i] = fp16_to_float(x16[i]);
-  }
+  read_values(x, 0, M * K, x_dtype, x32.data());
   p.x = x32.data();
   if (w_dtype == DT_BF16) {
     run_any<DT_BF16>(p, num_threads, vectorized);

@@ -23,6 +23,7 @@
 
 #include "lanes.h"
 #include "native.h"
+#include "storage.h"
 
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -30,19 +31,6 @@
 
 namespace {
 using namespace splitfuse_native;
-
-// n values from p + offset as float32 (the dtype test out of the loop, so that it vectorizes)
-void read_values(const void* p, int64_t offset, int64_t n, int64_t dtype, float* out) {
-  if (dtype == DT_F32) {
-    std::memcpy(out, static_cast<const float*>(p) + offset, n * sizeof(float));
-  } else if (dtype == DT_BF16) {
-    const uint16_t* v = static_cast<const uint16_t*>(p) + offset;
-    for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(v[i]);
-  } else {
-    const uint16_t* v = static_cast<const uint16_t*>(p) + offset;
-    for (int64_t i = 0; i < n; ++i) out[i] = fp16_to_float(v[i]);
-  }
-}
 
 // the sum of n values in 8 partial sums (one dependent chain of additions takes 4864 x 3 cycles)
 float sum_of(const float* v, int64_t n) {
@@ -54,20 +42,6 @@ float sum_of(const float* v, int64_t n) {
   for (; i < n; ++i) sum += v[i];
   for (float lane : lanes) sum += lane;
   return sum;
-}
-
-// n float32 values to p + offset in dtype (the dtype test out of the loop, so that it vectorizes:
-// a decode step writes about 13 thousand outputs per layer)
-void write_values(const float* in, int64_t n, int64_t dtype, void* p, int64_t offset) {
-  if (dtype == DT_F32) {
-    std::memcpy(static_cast<float*>(p) + offset, in, n * sizeof(float));
-  } else if (dtype == DT_BF16) {
-    uint16_t* v = static_cast<uint16_t*>(p) + offset;
-    for (int64_t i = 0; i < n; ++i) v[i] = float_to_bf16(in[i]);
-  } else {
-    uint16_t* v = static_cast<uint16_t*>(p) + offset;
-    for (int64_t i = 0; i < n; ++i) v[i] = float_to_fp16(in[i]);
-  }
 }
 
 // ---- 8 float32 lanes (lanes.h) and the reading of int8/int4 weights into them ----
