@@ -144,14 +144,11 @@ class NativeOps:
         if rows == 0 or weight.shape[0] != N:
             return None
         out = _empty(shape, dtype)
-        if residual is None:
-            self._kernels.rms_norm(code, x.data_ptr(), None, weight.data_ptr(), out.data_ptr(), None, rows, N,
-                                   float(eps), float(weight_offset))
-            return out
-        total = _empty(shape, dtype)
-        self._kernels.rms_norm(code, x.data_ptr(), residual.data_ptr(), weight.data_ptr(), out.data_ptr(),
-                               total.data_ptr(), rows, N, float(eps), float(weight_offset))
-        return out, total
+        total = None if residual is None else _empty(shape, dtype)
+        self._kernels.rms_norm(code, x.data_ptr(), None if residual is None else residual.data_ptr(),
+                               weight.data_ptr(), out.data_ptr(), None if total is None else total.data_ptr(),
+                               rows, N, float(eps), float(weight_offset))
+        return out if residual is None else (out, total)
 
 
 ACTIVATIONS_MODULE = "cpu_activations"
